@@ -1,0 +1,58 @@
+# prunelab — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 5000
+STUDY ?= taylor-cnn-fashionmnist
+SERVER_DIR ?= .mlflow-server
+export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help install server stop-server run test test-fast bench report ui clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: STUDY=$(STUDY) PORT=$(PORT) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI)"
+
+install: $(VENV)/.installed ## create .venv with pinned deps (idempotent); FashionMNIST from Debian when root
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || \
+	  echo "could not install dataset-fashion-mnist: the data will be downloaded instead"; fi
+	touch $@
+
+server: install ## start the MLflow server on 127.0.0.1:$(PORT) (no-op when one answers)
+	$(BIN)/python -m prunelab.server --port $(PORT) --dir $(SERVER_DIR)
+
+stop-server: ## stop the server that `make server` started
+	@if [ -f $(SERVER_DIR)/server.pid ]; then kill $$(cat $(SERVER_DIR)/server.pid) 2>/dev/null || true; rm -f $(SERVER_DIR)/server.pid; fi
+
+run: server ## the default study end to end (STUDY=...), figures in reports/$(STUDY)
+	$(BIN)/mlflow run . -e main -P study=$(STUDY) --env-manager local --experiment-name $(STUDY)
+
+test: install ## the test suite (starts its own server on a free port)
+	$(BIN)/python -m pytest
+
+test-fast: install ## the tests not marked slow
+	$(BIN)/python -m pytest -m 'not slow'
+
+bench: install ## benchmarks: a table of speed ratios measured in one run
+	$(BIN)/python benchmarks/bench.py
+
+report: server ## redraw the README figures of STUDY from the server into resources/figures
+	$(BIN)/prunelab report --study $(STUDY) --out resources/figures/$(STUDY)
+
+ui: server ## print the address of the MLflow UI
+	@echo "MLflow UI: $(MLFLOW_TRACKING_URI)"
+
+clean: stop-server ## remove the server's data, reports and caches (keeps .venv)
+	rm -rf $(SERVER_DIR) reports mlruns .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

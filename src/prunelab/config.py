@@ -1,0 +1,213 @@
+"""Study configuration: frozen dataclasses whose fields carry their own help.
+
+A study preset (YAML under resources/configs) is the single source of defaults;
+command-line overrides are `section.field=value` strings. Every leaf field is
+logged as an MLflow param under its dotted name, so two runs compare field by
+field in the UI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunelab.errors import ConfigError
+
+DEFAULT_STUDY = "taylor-cnn-fashionmnist"
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _help("dataset registry name", "fashionmnist")
+    data_dir: str = _help("folder holding the data set; empty: search the usual places, then download", "")
+    n_train: int = _help("use only the first N training images (0: all)", 0)
+    n_test: int = _help("use only the first N test images (0: all)", 0)
+    val_size: int = _help("hold out N training images for validation / early stopping (0: none)", 0)
+    augment: bool = _help("random crop and flip on training batches", False)
+    image_size: int = _help("resize images to this side length when the data set allows (0: native)", 0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _help("passes over the training data", 5)
+    batch_size: int = _help("images per optimiser step", 128)
+    optimizer: str = _help("adam or sgd", "adam")
+    lr: float = _help("learning rate", 1e-3)
+    momentum: float = _help("SGD momentum", 0.9)
+    weight_decay: float = _help("L2 penalty", 0.0)
+
+    def validate(self, where: str, allow_zero: bool = False) -> None:
+        low = 0 if allow_zero else 1
+        if self.epochs < low:
+            raise ConfigError(f"{where}.epochs must be >= {low}, got {self.epochs}: pass a positive number of epochs")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"{where}.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = _help("filter importance criterion: taylor, l1 or random", "taylor")
+    filters_per_step: int = _help("filters removed per pruning step", 1)
+    target: float = _help("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
+    target_kind: str = _help("what the target counts: params or filters", "params")
+    rank_images: int = _help("training images seen by each ranking pass (0: all)", 10000)
+    finetune_epochs_between: int = _help("fine-tuning epochs after each pruning step but the last", 0)
+    log_models_every: int = _help("log the pruned model every N steps (the last step is always logged)", 1)
+
+    def validate(self) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ConfigError(f"prune.target must be inside (0, 1), got {self.target}: it is the fraction that remains")
+        if self.target_kind not in ("params", "filters"):
+            raise ConfigError(f"prune.target_kind must be 'params' or 'filters', got {self.target_kind!r}")
+        if self.filters_per_step < 1:
+            raise ConfigError(f"prune.filters_per_step must be >= 1, got {self.filters_per_step}")
+        if self.finetune_epochs_between < 0:
+            raise ConfigError(f"prune.finetune_epochs_between must be >= 0, got {self.finetune_epochs_between}")
+        if self.rank_images < 0:
+            raise ConfigError(f"prune.rank_images must be >= 0, got {self.rank_images}")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    study: str = _help("study name; also the MLflow experiment", DEFAULT_STUDY)
+    kind: str = _help("pipeline shape: which stages `main` chains and which report it draws", "filter_pruning")
+    model: str = _help("model registry name", "simple_cnn")
+    trials: int = _help("independent trials (seeds seed .. seed+trials-1)", 5)
+    seed: int = _help("seed of trial 0", 0)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "StudyConfig":
+        if self.trials < 1:
+            raise ConfigError(f"trials must be >= 1, got {self.trials}")
+        for name in ("n_train", "n_test", "val_size"):
+            if getattr(self.data, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self.data, name)}")
+        self.train.validate("train")
+        self.finetune.validate("finetune")
+        self.prune.validate()
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf field under its dotted name (the MLflow params)."""
+        return dict(_flatten(self))
+
+
+def _flatten(obj: Any, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _flatten(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def field_help() -> dict[str, str]:
+    """Dotted field name -> help text (the list behind `prunelab settings`)."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(StudyConfig):
+        section = _SECTIONS.get(f.name)
+        if section is None:
+            out[f.name] = f.metadata.get("help", "")
+        else:
+            out.update({f"{f.name}.{g.name}": g.metadata.get("help", "") for g in dataclasses.fields(section)})
+    return out
+
+
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "finetune": TrainConfig}
+
+
+def configs_dir() -> Path:
+    """Where the study presets live (the repository's resources/configs)."""
+    env = os.environ.get("PRUNELAB_CONFIGS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "resources" / "configs"
+
+
+def available_studies() -> list[str]:
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+
+def load(study: str = DEFAULT_STUDY, overrides: list[str] | str | None = None) -> StudyConfig:
+    """Preset `study` (a name under resources/configs or a YAML path) plus overrides."""
+    path = Path(study)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = configs_dir() / f"{study}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown study {study!r}: choose one of {', '.join(available_studies())} or pass a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"preset {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=3)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    return from_dict(raw).validate()
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict, cls: type = StudyConfig, prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section {prefix.rstrip('.') or 'top level'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {prefix}{unknown[0]}: valid ones are {', '.join(prefix + n for n in fields)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        section = _SECTIONS.get(name) if cls is StudyConfig else None
+        if section is not None:
+            kwargs[name] = from_dict(value or {}, section, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, fields[name], f"{prefix}{name}", cls)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, f: dataclasses.Field, key: str, cls: type) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        return "" if value is None else str(value)
+    else:
+        return value
+    raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")

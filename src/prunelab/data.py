@@ -1,0 +1,205 @@
+"""Data sets as in-memory tensors.
+
+Each loader reads the real files once into uint8 tensors (N, C, H, W); batches
+are cut from those tensors and normalised a whole batch at a time, so no
+per-sample PIL transform sits on the training path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from prunelab.config import DataConfig
+from prunelab.errors import ConfigError, DataError
+
+# Debian's package dataset-fashion-mnist installs the original IDX files here.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def cache_dir() -> Path:
+    """Downloads and decompressed copies go here (never into the repository)."""
+    return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab"))
+
+
+@dataclass
+class ImageData:
+    """A labelled image data set held in memory, with its normalisation."""
+
+    name: str
+    train_x: torch.Tensor  # uint8 (N, C, H, W)
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> float batch, scaled to [0, 1] and standardised per channel."""
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return x.float().div_(255.0).sub_(mean).div_(std)
+
+
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalised (inputs, labels) batches cut from in-memory tensors."""
+    n = len(y)
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    for start in range(0, n, batch_size):
+        if order is None:
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        else:
+            idx = order[start : start + batch_size]
+            xb, yb = x[idx], y[idx]
+        if augment is not None:
+            xb = augment(xb, generator)
+        yield normalise(xb), yb
+
+
+# --------------------------------------------------------------------------- FashionMNIST
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _idx_folder(folder: Path) -> Path | None:
+    """The folder that holds the four IDX files (plain or .gz), if any does."""
+    for candidate in (folder, folder / "FashionMNIST" / "raw", folder / "raw"):
+        if all((candidate / f).is_file() or (candidate / f"{f}.gz").is_file() for f in FASHION_MNIST_FILES):
+            return candidate
+    return None
+
+
+def _torchvision_root(idx_folder: Path) -> Path:
+    """A root in torchvision's layout (ROOT/FashionMNIST/raw/<plain IDX files>).
+
+    torchvision reads only uncompressed IDX files; Debian ships them gzipped, so
+    they are decompressed once into the cache, keyed by the source folder.
+    """
+    if idx_folder.name == "raw" and idx_folder.parent.name == "FashionMNIST" and all(
+        (idx_folder / f).is_file() for f in FASHION_MNIST_FILES
+    ):
+        return idx_folder.parent.parent
+    key = hashlib.sha1(str(idx_folder.resolve()).encode()).hexdigest()[:12]
+    root = cache_dir() / f"fashionmnist-{key}"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_MNIST_FILES:
+        target = raw / name
+        if target.is_file():
+            continue
+        source = idx_folder / name
+        tmp = target.with_suffix(".part")
+        try:
+            if source.is_file():
+                shutil.copyfile(source, tmp)
+            else:
+                with gzip.open(idx_folder / f"{name}.gz", "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        except (OSError, EOFError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot read {source}(.gz): {exc}; the FashionMNIST folder {idx_folder} is corrupt") from None
+        tmp.replace(target)  # only a complete file ever carries the final name
+    return root
+
+
+def _read_fashionmnist(root: Path, download: bool) -> tuple[torch.Tensor, ...]:
+    from torchvision.datasets import FashionMNIST
+
+    train = FashionMNIST(str(root), train=True, download=download)
+    test = FashionMNIST(str(root), train=False, download=download)
+    return train.data.unsqueeze(1), train.targets.long(), test.data.unsqueeze(1), test.targets.long()
+
+
+def load_fashionmnist(cfg: DataConfig) -> ImageData:
+    """FashionMNIST from --data-dir, else Debian's package, else a download."""
+    tried = []
+    folders = [Path(cfg.data_dir)] if cfg.data_dir else [DEBIAN_FASHION_MNIST]
+    for folder in folders:
+        idx = _idx_folder(folder)
+        if idx is None:
+            tried.append(f"no IDX files in {folder}")
+            continue
+        try:
+            tensors = _read_fashionmnist(_torchvision_root(idx), download=False)
+            break
+        except DataError:
+            raise
+        except Exception as exc:  # torchvision raises bare errors on malformed files
+            raise DataError(f"FashionMNIST files in {idx} are corrupt ({type(exc).__name__}: {exc}); replace them or pass another --data-dir") from None
+    else:
+        if cfg.data_dir:
+            raise DataError(
+                f"no FashionMNIST files in {cfg.data_dir}: expected {', '.join(FASHION_MNIST_FILES)} (plain or .gz); "
+                "fix --data-dir, or omit it to use Debian's dataset-fashion-mnist or a download"
+            )
+        try:
+            tensors = _read_fashionmnist(cache_dir() / "download", download=True)
+        except Exception:
+            raise DataError(
+                "FashionMNIST not found: pass --data-dir DIR with its IDX files, "
+                "install Debian's package dataset-fashion-mnist, or go online so torchvision can download it"
+            ) from None
+    train_x, train_y, test_x, test_y = tensors
+    return ImageData("fashionmnist", train_x, train_y, test_x, test_y, (0.2860,), (0.3530,), list(FASHION_CLASSES))
+
+
+# --------------------------------------------------------------------------- registry
+
+DATASETS: dict[str, Callable[[DataConfig], ImageData]] = {
+    "fashionmnist": load_fashionmnist,
+}
+
+
+def get(cfg: DataConfig) -> ImageData:
+    """Load the data set `cfg.dataset` and apply the subset / validation settings."""
+    loader = DATASETS.get(cfg.dataset)
+    if loader is None:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(DATASETS))}")
+    data = loader(cfg)
+    return _subset(data, cfg)
+
+
+def _subset(data: ImageData, cfg: DataConfig) -> ImageData:
+    if cfg.n_train:
+        data.train_x, data.train_y = data.train_x[: cfg.n_train], data.train_y[: cfg.n_train]
+    if cfg.n_test:
+        data.test_x, data.test_y = data.test_x[: cfg.n_test], data.test_y[: cfg.n_test]
+    if cfg.val_size:
+        if cfg.val_size >= len(data.train_y):
+            raise ConfigError(f"data.val_size={cfg.val_size} leaves no training images (only {len(data.train_y)})")
+        # The validation images come off the end so the first n_train stay the same set.
+        data.val_x, data.val_y = data.train_x[-cfg.val_size :], data.train_y[-cfg.val_size :]
+        data.train_x, data.train_y = data.train_x[: -cfg.val_size], data.train_y[: -cfg.val_size]
+    return data

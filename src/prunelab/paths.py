@@ -1,0 +1,21 @@
+"""Every artifact, tag and file name, defined once."""
+
+MODEL = "model"                       # the stage's final model (an MLflow model)
+CHECKPOINT = "checkpoint.pt"          # the same weights as a weights_only checkpoint
+SUMMARY_BEFORE = "summary_before.txt"  # torchinfo summary of the input model
+SUMMARY_AFTER = "summary_after.txt"    # torchinfo summary of the output model
+REPORT_TABLE = "report_table.csv"
+REPORT_DIR = "figures"                # artifact folder of a report run
+
+
+def round_model(k: int) -> str:
+    """The pruned model after pruning round k."""
+    return f"model_round_{k}"
+
+
+# Tags
+TAG_STUDY = "study"
+TAG_STAGE = "stage"
+TAG_TRIAL = "trial"
+TAG_SEED = "seed"
+TAG_MODEL_URI = "prunelab.model_uri"  # URI of the run's final model, for the next stage

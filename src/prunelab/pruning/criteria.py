@@ -1,0 +1,100 @@
+"""Filter importance criteria: one small class each, one `__call__`.
+
+A criterion maps {layer name: conv} to {layer name: scores}, one score per
+output filter, higher = more important. Scores are L2-normalised per layer
+so that layers of different scale rank against each other (Molchanov et al.
+2017, section 2.3).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunelab.errors import ConfigError
+
+
+def l2_normalise(scores: torch.Tensor) -> torch.Tensor:
+    norm = scores.norm(p=2)
+    return scores / norm if norm > 0 else scores
+
+
+class TaylorCriterion:
+    """First-order Taylor expansion of the loss change when a feature map is removed.
+
+    Per feature map k of a layer: |mean over samples and positions of a_k * dL/da_k|,
+    where a_k is the conv's output. For a conv followed by ReLU this equals the
+    same product taken after the ReLU (where the ReLU is off both factors vanish),
+    so hooking the conv output serves either reading of the paper.
+    """
+
+    name = "taylor"
+
+    def __call__(self, model: nn.Module, layers: dict[str, nn.Conv2d],
+                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], total: int | None = None) -> dict[str, torch.Tensor]:
+        sums = {name: torch.zeros(conv.out_channels, dtype=torch.float64) for name, conv in layers.items()}
+        counts = dict.fromkeys(layers, 0)
+        handles = []
+
+        def hook(name):
+            def on_forward(_module, _inputs, output):
+                def on_grad(grad):
+                    # Sum over batch and positions now; divide by the count at the end.
+                    sums[name] += (output.detach() * grad).sum(dim=(0, 2, 3)).double()
+                    counts[name] += output.shape[0] * output.shape[2] * output.shape[3]
+                output.register_hook(on_grad)
+            return on_forward
+
+        for name, conv in layers.items():
+            handles.append(conv.register_forward_hook(hook(name)))
+        was_training = model.training
+        model.eval()  # rank the network as it predicts: no dropout noise in the scores
+        try:
+            for xb, yb in tqdm(batches, total=total, desc="rank", leave=False, disable=None):
+                model.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        return {name: l2_normalise((sums[name] / max(counts[name], 1)).abs().float()) for name in layers}
+
+
+class L1Criterion:
+    """L1 norm of each filter's weights (Li et al. 2017); needs no data."""
+
+    name = "l1"
+
+    def __call__(self, model, layers, batches=None, total=None):
+        return {name: l2_normalise(conv.weight.detach().abs().sum(dim=(1, 2, 3))) for name, conv in layers.items()}
+
+
+class RandomCriterion:
+    """Random scores: the control every criterion must beat."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, model, layers, batches=None, total=None):
+        return {name: torch.rand(conv.out_channels, generator=self.generator) for name, conv in layers.items()}
+
+
+CRITERIA = {c.name: c for c in (TaylorCriterion, L1Criterion, RandomCriterion)}
+
+
+def get(name: str, seed: int = 0):
+    cls = CRITERIA.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown pruning method {name!r}: choose one of {', '.join(sorted(CRITERIA))}")
+    return cls(seed) if cls is RandomCriterion else cls()
+
+
+def needs_data(name: str) -> bool:
+    return name == "taylor"
