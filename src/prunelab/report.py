@@ -42,20 +42,34 @@ def band(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def plot_band(ax, table: pd.DataFrame, label: str, **style) -> None:
-    line, = ax.plot(table["step"], table["mean"], marker="o", label=f"{label} (mean)", **style)
-    ax.fill_between(table["step"], table["min"], table["max"], alpha=0.2, color=line.get_color(),
-                    label=f"{label} (min-max)")
+    """Mean line with min/max error bars and a shaded min-max band."""
+    yerr = [table["mean"] - table["min"], table["max"] - table["mean"]]
+    bars = ax.errorbar(table["step"], table["mean"], yerr=yerr, marker="o", capsize=3, label=f"{label}: mean, min-max", **style)
+    ax.fill_between(table["step"], table["min"], table["max"], alpha=0.15, color=bars.lines[0].get_color())
 
 
-def _stage_runs(cfg: StudyConfig, stage: str) -> dict[int, object]:
-    return latest_per_trial(tracking.find_runs(cfg.study, f"tags.{paths.TAG_STAGE} = '{stage}' and tags.{paths.TAG_STUDY} = '{cfg.study}'"))
+# Settings that change where data comes from, not what a run computes.
+_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed"}
+
+
+def same_settings(run, cfg: StudyConfig) -> bool:
+    """Whether `run` was made with the settings of `cfg` (so a quick test run and a
+    full-scale run of one study never share a figure)."""
+    logged = run.data.params
+    return all(logged.get(k) == str(v) for k, v in cfg.flat().items() if k not in _IGNORED_SETTINGS and k in logged)
+
+
+def stage_runs(cfg: StudyConfig, stage: str) -> dict[int, object]:
+    """The newest finished run per trial of one stage of the study, at these settings."""
+    runs = tracking.find_runs(cfg.study, f"tags.{paths.TAG_STAGE} = '{stage}' and tags.{paths.TAG_STUDY} = '{cfg.study}'")
+    return latest_per_trial([r for r in runs if same_settings(r, cfg)])
 
 
 def filter_pruning_report(cfg: StudyConfig) -> tuple[dict[str, plt.Figure], pd.DataFrame]:
     """Test accuracy / loss per epoch, original vs fine-tuned pruned, and the size table."""
-    train_runs, prune_runs, ft_runs = (_stage_runs(cfg, s) for s in ("train", "prune", "finetune"))
+    train_runs, prune_runs, ft_runs = (stage_runs(cfg, s) for s in ("train", "prune", "finetune"))
     if not train_runs and not ft_runs:
-        raise TrackingError(f"experiment {cfg.study!r} on {tracking.tracking_uri()} has no finished train or finetune runs: "
+        raise TrackingError(f"experiment {cfg.study!r} on {tracking.tracking_uri()} has no finished train or finetune runs at these settings: "
                             f"run the study first (`prunelab run --study {cfg.study}`)")
     curves = {"train": histories(train_runs, ["test_accuracy", "test_loss", "params", "macs"]),
               "finetune": histories(ft_runs, ["test_accuracy", "test_loss", "params", "macs"])}
@@ -64,8 +78,7 @@ def filter_pruning_report(cfg: StudyConfig) -> tuple[dict[str, plt.Figure], pd.D
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for stage, name in (("train", "original"), ("finetune", "pruned + fine-tuned")):
             table = band(curves[stage], metric)
-            table = table[table.step > 0]  # step 0 of a finetune run is "before fine-tuning"
-            if len(table):
+            if len(table):  # a finetune run's epoch 0 is the pruned model before fine-tuning
                 plot_band(ax, table, f"{name}, {int(table['count'].max())} trials")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)

@@ -21,8 +21,9 @@ def common_tags(cfg: StudyConfig, trial: int) -> dict:
 
 def common_params(cfg: StudyConfig, trial: int) -> dict:
     # The same names in every study, so any two runs compare side by side.
-    return {"study": cfg.study, "model": cfg.model, "dataset": cfg.data.dataset, "method": cfg.prune.method,
-            "trial": trial, "seed": cfg.seed + trial, **cfg.flat()}
+    # `seed` is the trial's own seed (the preset's `seed` is that of trial 0).
+    return {**cfg.flat(), "study": cfg.study, "model": cfg.model, "dataset": cfg.data.dataset,
+            "method": cfg.prune.method, "trial": trial, "seed": cfg.seed + trial}
 
 
 def log_size(run: tracking.Run, model: nn.Module, input_shape, step: int, summary_file: str | None = None) -> measure.Size:

@@ -7,6 +7,7 @@ with the same parameters (and the same code commit) is reused, not re-run.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from prunelab import config, paths, tracking
@@ -39,7 +40,8 @@ def already_ran(experiment: str, entry_point: str, params: dict[str, str], commi
     """A finished run of `entry_point` with exactly these params (and commit), if any."""
     for run in tracking.find_runs(experiment, f"tags.`mlflow.project.entryPoint` = '{entry_point}'"):
         logged = run.data.params
-        if any(logged.get(k, "") != str(v) for k, v in params.items()):
+        # `mlflow run` logs each parameter as it put it on the command line (shell-quoted).
+        if any(logged.get(k, "") not in (str(v), shlex.quote(str(v))) for k, v in params.items()):
             continue
         run_commit = run.data.tags.get("mlflow.source.git.commit")
         if commit and run_commit and run_commit != commit:
@@ -88,4 +90,5 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
                 if entry != "train":
                     params["model_uri"] = previous
                 previous = run_step(project, cfg.study, entry, params)
-        return run_step(project, cfg.study, "report", {**base, "out_dir": out_dir or f"reports/{cfg.study}"}, reuse=False)
+        report_params = {"study": study, "overrides": overrides, "out_dir": out_dir or f"reports/{cfg.study}"}
+        return run_step(project, cfg.study, "report", report_params, reuse=False)
