@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class ImageData:
     classes: list[str]
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
+    augment: bool = False  # training batches get random_crop_flip
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -175,10 +177,112 @@ def load_fashionmnist(cfg: DataConfig) -> ImageData:
     return ImageData("fashionmnist", train_x, train_y, test_x, test_y, (0.2860,), (0.3530,), list(FASHION_CLASSES))
 
 
+# --------------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, lists, dicts and strings, and refuses anything else:
+    a CIFAR batch file is data, so it must never get to run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+        data, labels = batch["data"], batch.get("labels", batch.get("fine_labels"))
+        x = torch.as_tensor(data)
+        y = torch.as_tensor(labels, dtype=torch.long)
+    except Exception as exc:
+        raise DataError(f"{path} is not a CIFAR-10 batch ({type(exc).__name__}: {str(exc)[:80]}); "
+                        "replace the folder with the original cifar-10-batches-py") from None
+    if x.dtype != torch.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+        raise DataError(f"{path} has arrays of the wrong shape (data {tuple(x.shape)} {x.dtype}, {len(y)} labels; "
+                        "expected uint8 N x 3072 and N labels): replace the folder with the original cifar-10-batches-py")
+    return x.view(-1, 3, 32, 32), y
+
+
+def _cifar_folder(folder: Path) -> Path | None:
+    for candidate in (folder, folder / "cifar-10-batches-py"):
+        if (candidate / "test_batch").is_file() or (candidate / "data_batch_1").is_file():
+            return candidate
+    return None
+
+
+def read_cifar10_folder(folder: Path) -> tuple[torch.Tensor, ...]:
+    """(train_x, train_y, test_x, test_y) from a folder in the `cifar-10-batches-py` layout.
+
+    No MD5 check: a well-formed folder with fewer rows (a subset) is accepted;
+    a missing batch or a malformed array is refused with a clear error.
+    """
+    missing = [b for b in CIFAR10_BATCHES if not (folder / b).is_file()]
+    if missing:
+        raise DataError(f"CIFAR-10 folder {folder} lacks {', '.join(missing)}: "
+                        "restore the full cifar-10-batches-py folder or pass another --data-dir")
+    parts = [_read_cifar_batch(folder / b) for b in CIFAR10_BATCHES]
+    train_x = torch.cat([x for x, _ in parts[:5]])
+    train_y = torch.cat([y for _, y in parts[:5]])
+    return train_x, train_y, parts[5][0], parts[5][1]
+
+
+def load_cifar10(cfg: DataConfig) -> ImageData:
+    """CIFAR-10 from --data-dir (any cifar-10-batches-py folder), else torchvision's download."""
+    if cfg.data_dir:
+        folder = _cifar_folder(Path(cfg.data_dir))
+        if folder is None:
+            raise DataError(f"no CIFAR-10 batches in {cfg.data_dir}: expected a cifar-10-batches-py folder "
+                            "(data_batch_1..5, test_batch); fix --data-dir or omit it to download")
+    else:
+        root = cache_dir() / "download"
+        folder = root / "cifar-10-batches-py"
+        if not (folder / "test_batch").is_file():
+            try:
+                from torchvision.datasets import CIFAR10
+
+                CIFAR10(str(root), train=False, download=True)
+            except Exception:
+                raise DataError("CIFAR-10 not found: pass --data-dir DIR with a cifar-10-batches-py folder, "
+                                "or go online so torchvision can download it") from None
+    train_x, train_y, test_x, test_y = read_cifar10_folder(folder)
+    # The reference normalisation of the pretrained CIFAR ResNets (ImageNet statistics).
+    return ImageData("cifar10", train_x, train_y, test_x, test_y, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                     list(CIFAR10_CLASSES))
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None, padding: int = 4) -> torch.Tensor:
+    """Batched augmentation on uint8 tensors: random crop after zero padding, and horizontal flip."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    idx_n = torch.arange(n).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+AUGMENTATIONS = {"crop_flip": random_crop_flip}
+
+
 # --------------------------------------------------------------------------- registry
 
 DATASETS: dict[str, Callable[[DataConfig], ImageData]] = {
     "fashionmnist": load_fashionmnist,
+    "cifar10": load_cifar10,
 }
 
 
@@ -192,6 +296,7 @@ def get(cfg: DataConfig) -> ImageData:
 
 
 def _subset(data: ImageData, cfg: DataConfig) -> ImageData:
+    data.augment = cfg.augment
     if cfg.n_train:
         data.train_x, data.train_y = data.train_x[: cfg.n_train], data.train_y[: cfg.n_train]
     if cfg.n_test:

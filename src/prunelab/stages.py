@@ -39,7 +39,8 @@ def train_model(run: tracking.Run, model: nn.Module, data: datasets.ImageData, c
     """Fit and log per-epoch metrics (step = epoch), one batch of metrics per epoch."""
     def on_epoch(result):
         run.log_metrics({f"{prefix}{k}": v for k, v in result.metrics().items()}, step=result.epoch)
-    return fit(model, data, cfg, seed, on_epoch=on_epoch, desc=prefix.rstrip("_") or "train")
+    augment = datasets.random_crop_flip if data.augment else None
+    return fit(model, data, cfg, seed, on_epoch=on_epoch, desc=prefix.rstrip("_") or "train", augment=augment)
 
 
 def load_input_model(ref: str, model_name: str | None = None) -> nn.Module:
