@@ -48,8 +48,9 @@ def plot_band(ax, table: pd.DataFrame, label: str, **style) -> None:
     ax.fill_between(table["step"], table["min"], table["max"], alpha=0.15, color=bars.lines[0].get_color())
 
 
-# Settings that change where data comes from, not what a run computes.
-_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed"}
+# Settings that do not change what a run computes (`study` is the preset name
+# under `mlflow run`, the experiment name otherwise: runs are found by their tag).
+_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed", "study"}
 
 
 def same_settings(run, cfg: StudyConfig) -> bool:
