@@ -47,7 +47,7 @@ def test_train_run(study, client):
     assert "126,698" in open(summary).read()
 
 
-def test_prune_run_follows_the_plan(study, client):
+def test_prune_run_follows_the_plan(study, client, capsys):
     cfg, ids, _ = study
     run = client.get_run(ids["prune"])
     assert run.info.status == "FINISHED"
@@ -70,6 +70,13 @@ def test_prune_run_follows_the_plan(study, client):
     with torch.no_grad():
         acc = (loaded(d.normalise(d.test_x)).argmax(1) == d.test_y).float().mean().item()
     assert acc == pytest.approx(history(client, ids["prune"], "test_accuracy")[-1][1], abs=1e-6)
+    # `prunelab evaluate` scores the same model by URI.
+    from prunelab import cli
+    import json
+
+    assert cli.main(["evaluate", uri, "--dataset", "fashionmnist", "--n-test", "500"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["n"] == 500 and printed["accuracy"] == pytest.approx(acc, abs=1e-6)
     assert "summary_after.txt" in {a.path for a in client.list_artifacts(ids["prune"])}
     # One logged model per round: intermediate rounds plus the final one.
     logged = {m.name for m in client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{ids['prune']}'")}

@@ -112,6 +112,17 @@ def size_table(curves: dict[str, pd.DataFrame], prune_runs: dict) -> pd.DataFram
     return table
 
 
+def markdown_table(table: pd.DataFrame) -> str:
+    """The table as GitHub markdown (what the README shows), numbers rounded for reading."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4f}"
+        return str(v)
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 REPORTS = {
     "filter_pruning": filter_pruning_report,
 }
@@ -126,6 +137,7 @@ def report(cfg: StudyConfig, out_dir: str | Path | None = None) -> str:
             for name, fig in figures.items():
                 fig.savefig(Path(tmp) / name, dpi=120)
             table.to_csv(Path(tmp) / paths.REPORT_TABLE, index=False)
+            (Path(tmp) / paths.REPORT_MARKDOWN).write_text(markdown_table(table))
             for f in sorted(Path(tmp).iterdir()):
                 run.log_file(f, paths.REPORT_DIR)
             if out_dir is not None:

@@ -12,7 +12,7 @@ from prunelab import checkpoints, data as datasets, measure, models, paths, trac
 from prunelab.config import StudyConfig, TrainConfig
 from prunelab.errors import ModelError
 from prunelab.pruning import criteria, schedule, surgery
-from prunelab.train import evaluate, fit
+from prunelab.train import eval_mode, evaluate, fit
 
 
 def common_tags(cfg: StudyConfig, trial: int) -> dict:
@@ -54,8 +54,8 @@ def load_input_model(ref: str, model_name: str | None = None) -> nn.Module:
 
 def check_fits(model: nn.Module, data: datasets.ImageData) -> None:
     try:
-        with torch.no_grad():
-            out = model.eval()(data.normalise(data.test_x[:2]))
+        with torch.no_grad(), eval_mode(model):
+            out = model(data.normalise(data.test_x[:2]))
     except RuntimeError as exc:
         raise ModelError(f"the model does not accept {data.name} images {tuple(data.input_shape)}: "
                          f"{str(exc).splitlines()[0][:120]}") from None

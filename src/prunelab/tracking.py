@@ -159,7 +159,7 @@ def load_model(ref: str):
         if _mlflow_error(exc) or isinstance(exc, OSError):
             raise ModelError(f"cannot load model {ref} from {tracking_uri()}: {str(exc).splitlines()[0][:160]}") from None
         raise
-    return model.eval()
+    return model  # pt2 models come back traced in eval mode
 
 
 def _load_run_checkpoint(run_id: str):
