@@ -111,8 +111,15 @@ def size_table(curves: dict[str, pd.DataFrame], prune_runs: dict) -> pd.DataFram
     return table
 
 
+def _lottery_report(cfg: StudyConfig):
+    from prunelab.report_lottery import lottery_report  # its own module: four figures and a table
+
+    return lottery_report(cfg)
+
+
 REPORTS = {
     "filter_pruning": filter_pruning_report,
+    "lottery_ticket": _lottery_report,
 }
 
 
