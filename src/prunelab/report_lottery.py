@@ -54,9 +54,11 @@ def _shown_rounds(rounds: list[int]) -> list[int]:
     return sorted({rounds[round(i * step)] for i in range(MAX_CURVES)})
 
 
-def _finish(fig, ax, title: str, xlabel: str, ylabel: str, pm_axis: bool = False):
-    if pm_axis:  # the paper's axis: percent remaining, log scale, sparsest on the right
+def _finish(fig, ax, title: str, xlabel: str, ylabel: str, pm_ticks: list[float] | None = None):
+    if pm_ticks:  # the paper's axis: percent remaining, log scale, sparsest on the right, ticks at the Pm levels
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(pm_ticks, [f"{pm:.3g}" for pm in pm_ticks])
         ax.invert_xaxis()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -92,7 +94,8 @@ def lottery_report(cfg: StudyConfig) -> tuple[dict[str, plt.Figure], pd.DataFram
             table = band(df, metric)
             if len(table):
                 plot_band(ax, table, f"{variant}, {int(table['count'].max())} trials")
-        figures[name] = _finish(fig, ax, f"{cfg.study}: {label}", "percent of weights remaining (Pm)", label, pm_axis=True)
+        pms = [pm_percent(runs) for runs in tickets.values()]
+        figures[name] = _finish(fig, ax, f"{cfg.study}: {label}", "percent of weights remaining (Pm)", label, pm_ticks=pms)
     return figures, summary_table(frames)
 
 
