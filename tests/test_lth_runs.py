@@ -129,3 +129,20 @@ def test_cli_refuses_bad_lottery_input_in_one_line(cifar_dir, tracking_uri, clie
 
     assert cli.main(["prune", *args[:-4]]) == 2
     assert "needs --model-uri" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_late_rewinding_rewinds_to_iteration_k(cifar_dir, tracking_uri):
+    """With lottery.rewind_iteration=k, round 0 saves its weights after k steps (not the
+    initialisation) and the next round starts from them at iteration k."""
+    from prunelab import models
+
+    cfg = tiny_cfg(cifar_dir, "late", ["lottery.rewind_iteration=2", "trials=1"])
+    r0 = lottery.round_zero(cfg, 0)
+    r1 = lottery.next_round(cfg, 0, r0)
+    torch.manual_seed(cfg.seed)
+    initial = models.build(cfg.model, (3, 32, 32), 10).state_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = checkpoints.load(_download(r0, paths.REWIND_WEIGHTS, tmp)).state_dict()
+    assert not torch.equal(saved["classifier.1.weight"], initial["classifier.1.weight"])
+    assert [s for s, _ in tracking.metric_history(r1, "test_accuracy")] == [2, 4]
