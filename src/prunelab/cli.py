@@ -86,12 +86,9 @@ def dispatch(args) -> int:
 
         run_study(args.study, " ".join(args.overrides.split() + list(args.sets)), args.data_dir, args.out)
         return 0
-    if args.command == "train":
-        run_id = stages.train(cfg, args.trial)
-    elif args.command == "prune":
-        run_id = stages.prune(cfg, args.trial, args.model_uri or None)
-    elif args.command == "finetune":
-        run_id = stages.finetune(cfg, args.trial, args.model_uri)
+    if args.command in ("train", "prune", "finetune"):
+        stage = stages.by_kind(cfg.kind)[args.command]  # what each entry point means for this kind of study
+        run_id = stage(cfg, args.trial) if args.command == "train" else stage(cfg, args.trial, args.model_uri or None)
     else:
         from prunelab.report import report
 

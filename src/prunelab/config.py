@@ -81,6 +81,34 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class LotteryConfig:
+    rounds: int = _help("pruning rounds after the dense round 0 (round k keeps about (1 - rate)^k of each layer)", 20)
+    iterations: int = _help("training iterations per round (optimiser steps of train.batch_size images)", 20000)
+    eval_every: int = _help("evaluate validation and test loss / accuracy every N iterations", 100)
+    conv_rate: float = _help("fraction of a conv layer's remaining weights pruned per round, in [0, 1)", 0.1)
+    fc_rate: float = _help("fraction of a hidden fully connected layer's remaining weights pruned per round", 0.2)
+    output_rate: float = _help("fraction of the output layer's remaining weights pruned per round", 0.1)
+    strategy: str = _help("which weights go: magnitude (smallest |w| of the trained round) or random (control)", "magnitude")
+    rewind_iteration: int = _help("rewind survivors to their values at this iteration (0: the initialisation)", 0)
+    reinit_control: bool = _help("also train each round's mask from a fresh random initialisation (control)", True)
+
+    def validate(self) -> None:
+        for name in ("conv_rate", "fc_rate", "output_rate"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate < 1.0:
+                raise ConfigError(f"lottery.{name} must be in [0, 1), got {rate}: it is the fraction pruned per round")
+        if self.rounds < 0:
+            raise ConfigError(f"lottery.rounds must be >= 0, got {self.rounds}")
+        if self.iterations < 1 or self.eval_every < 1:
+            raise ConfigError(f"lottery.iterations and lottery.eval_every must be >= 1, got {self.iterations} and {self.eval_every}")
+        if not 0 <= self.rewind_iteration < self.iterations:
+            raise ConfigError(f"lottery.rewind_iteration={self.rewind_iteration} is outside the training length "
+                              f"(0 .. {self.iterations - 1}): rewind to an iteration before lottery.iterations")
+        if self.strategy not in ("magnitude", "random"):
+            raise ConfigError(f"lottery.strategy must be 'magnitude' or 'random', got {self.strategy!r}")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     study: str = _help("study name; also the MLflow experiment", DEFAULT_STUDY)
     kind: str = _help("pipeline shape: which stages `main` chains and which report it draws", "filter_pruning")
@@ -91,6 +119,7 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=TrainConfig)
+    lottery: LotteryConfig = field(default_factory=LotteryConfig)
 
     def validate(self) -> "StudyConfig":
         if self.trials < 1:
@@ -101,6 +130,7 @@ class StudyConfig:
         self.train.validate("train")
         self.finetune.validate("finetune")
         self.prune.validate()
+        self.lottery.validate()
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -129,7 +159,8 @@ def field_help() -> dict[str, str]:
     return out
 
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "finetune": TrainConfig}
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "finetune": TrainConfig,
+             "lottery": LotteryConfig}
 
 
 def configs_dir() -> Path:

@@ -7,6 +7,8 @@ SUMMARY_AFTER = "summary_after.txt"    # torchinfo summary of the output model
 REPORT_TABLE = "report_table.csv"
 REPORT_MARKDOWN = "report_table.md"
 REPORT_DIR = "figures"                # artifact folder of a report run
+MASK = "mask.pt"                      # lottery round: its mask, {weight name: bool tensor}
+REWIND_WEIGHTS = "rewind_weights.pt"  # lottery round: the weights it was rewound to (masked), a checkpoint
 
 
 def round_model(k: int) -> str:

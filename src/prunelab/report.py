@@ -123,8 +123,15 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lottery_report(cfg: StudyConfig):
+    from prunelab.report_lottery import lottery_report  # its own module: four figures and a table
+
+    return lottery_report(cfg)
+
+
 REPORTS = {
     "filter_pruning": filter_pruning_report,
+    "lottery_ticket": _lottery_report,
 }
 
 

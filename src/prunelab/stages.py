@@ -10,7 +10,7 @@ from torch import nn
 
 from prunelab import checkpoints, data as datasets, measure, models, paths, tracking
 from prunelab.config import StudyConfig, TrainConfig
-from prunelab.errors import ModelError
+from prunelab.errors import ConfigError, ModelError
 from prunelab.pruning import criteria, schedule, surgery
 from prunelab.train import eval_mode, evaluate, fit
 
@@ -185,3 +185,16 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
         train_model(run, model, data, cfg.finetune, seed + 10_000)
         run.log_model(model, paths.MODEL, example, final=True)
         return run.run_id
+
+
+# --------------------------------------------------------------------------- by study kind
+
+def by_kind(kind: str) -> dict:
+    """Entry point name -> stage function, for a study kind."""
+    from prunelab import lottery  # builds on this module's helpers, so imported late
+
+    kinds = {"filter_pruning": {"train": train, "prune": prune, "finetune": finetune},
+             "lottery_ticket": lottery.STAGES}
+    if kind not in kinds:
+        raise ConfigError(f"study kind {kind!r} has no stages: choose one of {', '.join(kinds)}")
+    return kinds[kind]

@@ -14,9 +14,21 @@ from pathlib import Path
 from prunelab import config, paths, tracking
 from prunelab.errors import ConfigError, PrunelabError
 
+def chain(*entries: str) -> list[tuple[str, int | None]]:
+    """A linear chain: each step reads the previous step's run."""
+    return [(entry, i - 1 if i else None) for i, entry in enumerate(entries)]
+
+
+def _lottery_steps(cfg):
+    from prunelab import lottery
+
+    return lottery.steps(cfg)
+
+
 STAGES = {
-    # kind -> the per-trial chain; each step's model comes from the previous step's run.
-    "filter_pruning": ("train", "prune", "finetune"),
+    # kind -> cfg -> the per-trial steps: (entry point, index of the earlier step whose run it reads, or None).
+    "filter_pruning": lambda cfg: chain("train", "prune", "finetune"),
+    "lottery_ticket": _lottery_steps,  # one prune step per round, each followed by its re-init control
 }
 
 
@@ -73,9 +85,9 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
     """Every trial's chain, then the report; returns the report run id."""
     cfg = config.load(study, overrides)
     project = project_dir()
-    steps = STAGES.get(cfg.kind)
-    if steps is None:
+    if cfg.kind not in STAGES:
         raise ConfigError(f"study kind {cfg.kind!r} has no pipeline: choose one of {', '.join(STAGES)}")
+    steps = STAGES[cfg.kind](cfg)
     import mlflow
 
     # Each step runs `python -m prunelab ...`: make that `python` this interpreter
@@ -88,11 +100,11 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
         client.set_tags({paths.TAG_STUDY: cfg.study, paths.TAG_STAGE: "main"})
         base = {"study": study, "overrides": overrides, "data_dir": data_dir}
         for trial in range(cfg.trials):
-            previous = ""
-            for entry in steps:
+            run_ids: list[str] = []
+            for entry, source in steps:
                 params = {**base, "trial": str(trial)}
-                if entry != "train":
-                    params["model_uri"] = previous
-                previous = run_step(project, cfg.study, entry, params)
+                if source is not None:
+                    params["model_uri"] = run_ids[source]
+                run_ids.append(run_step(project, cfg.study, entry, params))
         report_params = {"study": study, "overrides": overrides, "out_dir": out_dir or f"reports/{cfg.study}"}
         return run_step(project, cfg.study, "report", report_params, reuse=False)

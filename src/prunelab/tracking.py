@@ -181,6 +181,28 @@ def _load_run_checkpoint(run_id: str):
         return checkpoints.load(local)
 
 
+def get_run(run_id: str):
+    """A run by id, or a one-line error when the server has none."""
+    try:
+        return client().get_run(run_id)
+    except Exception as exc:
+        if _mlflow_error(exc):
+            raise ModelError(f"no run {run_id!r} on the tracking server {tracking_uri()}: check the run id") from None
+        raise
+
+
+def download(run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    """One artifact of a run, downloaded into `dst`."""
+    import mlflow.artifacts
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+    except Exception as exc:
+        if _mlflow_error(exc) or isinstance(exc, OSError):
+            raise ModelError(f"run {run_id} has no artifact {artifact_path}: pass a finished run of this study") from None
+        raise
+
+
 def experiment_id(name: str) -> str | None:
     exp = client().get_experiment_by_name(name)
     return exp.experiment_id if exp else None

@@ -77,19 +77,25 @@ def train_epoch(model, data: ImageData, cfg: TrainConfig, optimizer, generator, 
     it = batches(data.train_x, data.train_y, cfg.batch_size, data.normalise, shuffle=True,
                  generator=generator, augment=augment)
     for xb, yb in tqdm(it, total=steps, desc=desc, leave=False, disable=None):
-        optimizer.zero_grad(set_to_none=True)
-        out = model(xb)
-        loss = nn.functional.cross_entropy(out, yb)
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step()
+        loss, hits = train_step(model, optimizer, xb, yb, after_step)
         # Accumulate on tensors: .item() every step would force a sync per batch.
-        with torch.no_grad():
-            loss_sum += loss.detach() * len(yb)
-            correct += (out.argmax(1) == yb).sum()
+        loss_sum += loss * len(yb)
+        correct += hits
         seen += len(yb)
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+
+
+def train_step(model, optimizer, xb, yb, after_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch; returns (mean loss, correct count) as tensors."""
+    optimizer.zero_grad(set_to_none=True)
+    out = model(xb)
+    loss = nn.functional.cross_entropy(out, yb)
+    loss.backward()
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    with torch.no_grad():
+        return loss.detach(), (out.argmax(1) == yb).sum()
 
 
 def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
@@ -109,3 +115,67 @@ def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
         if on_epoch is not None:
             on_epoch(result)
     return history
+
+
+# --------------------------------------------------------------------------- iteration-based training
+
+@dataclass
+class EvalResult:
+    iteration: int
+    train_loss: float  # mean over the iterations since the previous evaluation (nan at the start)
+    val_loss: float
+    val_accuracy: float
+    test_loss: float
+    test_accuracy: float
+
+    def metrics(self) -> dict[str, float]:
+        out = asdict(self)
+        out.pop("iteration")
+        return {k: v for k, v in out.items() if v == v}  # drop nan (no training yet, or no validation set)
+
+
+def endless_batches(data: ImageData, batch_size: int, generator: torch.Generator, augment=None):
+    """Training batches for ever, reshuffled at every pass over the data."""
+    while True:
+        yield from batches(data.train_x, data.train_y, batch_size, data.normalise, shuffle=True,
+                           generator=generator, augment=augment)
+
+
+def fit_iterations(model: nn.Module, data: ImageData, cfg: TrainConfig, iterations: int, eval_every: int, seed: int,
+                   start: int = 0, on_eval: Callable[[EvalResult], None] | None = None, desc: str = "train",
+                   after_step: Callable[[], None] | None = None, augment=None) -> list[EvalResult]:
+    """Train from iteration `start` to `iterations`, evaluating validation and test sets at
+    `start`, every `eval_every` iterations and at the end (the lottery-ticket schedule)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = make_optimizer(model, cfg)
+    stream = endless_batches(data, cfg.batch_size, generator, augment)
+    history: list[EvalResult] = []
+    loss_sum, steps = torch.zeros(()), 0
+
+    def evaluate_now(iteration: int) -> None:
+        nonlocal loss_sum, steps
+        nan = float("nan")
+        val = evaluate(model, data.val_x, data.val_y, data.normalise) if data.val_x is not None else {"loss": nan, "accuracy": nan}
+        test = evaluate(model, data.test_x, data.test_y, data.normalise)
+        result = EvalResult(iteration, loss_sum.item() / steps if steps else nan, val["loss"], val["accuracy"],
+                            test["loss"], test["accuracy"])
+        loss_sum, steps = torch.zeros(()), 0
+        history.append(result)
+        if on_eval is not None:
+            on_eval(result)
+
+    model.train()
+    evaluate_now(start)
+    for iteration in tqdm(range(start + 1, iterations + 1), desc=desc, leave=False, disable=None):
+        xb, yb = next(stream)
+        loss, _ = train_step(model, optimizer, xb, yb, after_step)
+        loss_sum += loss
+        steps += 1
+        if iteration % eval_every == 0 or iteration == iterations:
+            evaluate_now(iteration)
+    return history
+
+
+def early_stop(history: list[EvalResult]) -> EvalResult:
+    """The evaluation with the lowest validation loss (the paper's early-stopping point)."""
+    return min(history, key=lambda r: r.val_loss)

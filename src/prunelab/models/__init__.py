@@ -12,10 +12,16 @@ import inspect
 from torch import nn
 
 from prunelab.errors import ConfigError
+from prunelab.models.conv import Conv2, Conv4, Conv6
+from prunelab.models.lenet import LeNet300100
 from prunelab.models.simple_cnn import SimpleCNN
 
 MODELS: dict[str, type[nn.Module]] = {
     "simple_cnn": SimpleCNN,
+    "conv2": Conv2,
+    "conv4": Conv4,
+    "conv6": Conv6,
+    "lenet_300_100": LeNet300100,
 }
 
 
