@@ -66,6 +66,7 @@ class PruneConfig:
     rank_images: int = _help("training images seen by each ranking pass (0: all)", 10000)
     finetune_epochs_between: int = _help("fine-tuning epochs after each pruning step but the last", 0)
     log_models_every: int = _help("log the pruned model every N steps (the last step is always logged)", 1)
+    rank_batch_size: int = _help("images per forward/backward pass of a ranking pass", 256)
 
     def validate(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -78,6 +79,22 @@ class PruneConfig:
             raise ConfigError(f"prune.finetune_epochs_between must be >= 0, got {self.finetune_epochs_between}")
         if self.rank_images < 0:
             raise ConfigError(f"prune.rank_images must be >= 0, got {self.rank_images}")
+        if self.rank_batch_size < 1:
+            raise ConfigError(f"prune.rank_batch_size must be >= 1, got {self.rank_batch_size}")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    pretrained: bool = _help("start from torchvision's ImageNet weights (or transfer.weights); false: random features", True)
+    weights: str = _help("local state-dict file of the pretrained network (e.g. torchvision's vgg16-397923af.pth)", "")
+    head_width: int = _help("width of the head's two hidden Linear layers", 4096)
+    feature_batch_size: int = _help("images per forward pass when the frozen features are computed once", 64)
+
+    def validate(self) -> None:
+        if self.head_width < 1:
+            raise ConfigError(f"transfer.head_width must be >= 1, got {self.head_width}")
+        if self.feature_batch_size < 1:
+            raise ConfigError(f"transfer.feature_batch_size must be >= 1, got {self.feature_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,7 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=TrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def validate(self) -> "StudyConfig":
         if self.trials < 1:
@@ -101,6 +119,7 @@ class StudyConfig:
         self.train.validate("train")
         self.finetune.validate("finetune")
         self.prune.validate()
+        self.transfer.validate()
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -129,7 +148,8 @@ def field_help() -> dict[str, str]:
     return out
 
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "finetune": TrainConfig}
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "finetune": TrainConfig,
+             "transfer": TransferConfig}
 
 
 def configs_dir() -> Path:

@@ -111,8 +111,15 @@ def size_table(curves: dict[str, pd.DataFrame], prune_runs: dict) -> pd.DataFram
     return table
 
 
+def _transfer_pruning_report(cfg: StudyConfig):
+    from prunelab.report_transfer import transfer_pruning_report  # it builds on this module
+
+    return transfer_pruning_report(cfg)
+
+
 REPORTS = {
     "filter_pruning": filter_pruning_report,
+    "transfer_pruning": _transfer_pruning_report,
 }
 
 

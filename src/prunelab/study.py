@@ -16,6 +16,7 @@ from prunelab.errors import ConfigError, PrunelabError
 STAGES = {
     # kind -> the per-trial chain; each step's model comes from the previous step's run.
     "filter_pruning": ("train", "prune", "finetune"),
+    "transfer_pruning": ("train", "prune", "finetune"),  # train = transfer on cached features
 }
 
 

@@ -13,9 +13,11 @@ from torch import nn
 
 from prunelab.errors import ConfigError
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.models.vgg import VGG16Transfer
 
 MODELS: dict[str, type[nn.Module]] = {
     "simple_cnn": SimpleCNN,
+    "vgg16": VGG16Transfer,
 }
 
 
