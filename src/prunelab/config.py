@@ -67,6 +67,7 @@ class PruneConfig:
     finetune_epochs_between: int = _help("fine-tuning epochs after each pruning step but the last", 0)
     log_models_every: int = _help("log the pruned model every N steps (the last step is always logged)", 1)
     rank_batch_size: int = _help("images per forward/backward pass of a ranking pass", 256)
+    latency_repeats: int = _help("timed CPU forward passes behind each step's latency_ms (median; 0: not measured)", 30)
 
     def validate(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -79,6 +80,8 @@ class PruneConfig:
             raise ConfigError(f"prune.finetune_epochs_between must be >= 0, got {self.finetune_epochs_between}")
         if self.rank_images < 0:
             raise ConfigError(f"prune.rank_images must be >= 0, got {self.rank_images}")
+        if self.latency_repeats < 0:
+            raise ConfigError(f"prune.latency_repeats must be >= 0, got {self.latency_repeats}")
         if self.rank_batch_size < 1:
             raise ConfigError(f"prune.rank_batch_size must be >= 1, got {self.rank_batch_size}")
 

@@ -130,8 +130,10 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
             test = evaluate(model, data.test_x, data.test_y, data.normalise)
             widths = _filters(model)
             metrics = {"params": size.params, "macs": size.macs, "fraction_remaining": size.params / params0,
-                       "filters": sum(widths.values()), "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                       "latency_ms": measure.latency_ms(model, data.input_shape)}
+                       "filters": sum(widths.values()), "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+            if pc.latency_repeats:
+                metrics["latency_ms"] = measure.latency_ms(model, data.input_shape, repeats=pc.latency_repeats,
+                                                           warmup=min(5, pc.latency_repeats))
             metrics.update({f"filters_left.{n}": w for n, w in widths.items()})
             run.log_metrics(metrics, step=k)
 

@@ -28,7 +28,11 @@ def train(cfg: StudyConfig, trial: int = 0) -> str:
         run.log_params({**common_params(cfg, trial), "weights_source": source})
         skipped = getattr(data, "skipped", 0)
         log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
-        run.log_metrics({"skipped_images": skipped, "latency_ms": measure.latency_ms(model, data.input_shape)}, step=0)
+        run.log_metrics({"skipped_images": skipped}, step=0)
+        if cfg.prune.latency_repeats:
+            latency = measure.latency_ms(model, data.input_shape, repeats=cfg.prune.latency_repeats,
+                                         warmup=min(5, cfg.prune.latency_repeats))
+            run.log_metrics({"latency_ms": latency}, step=0)
 
         def on_epoch(result):
             run.log_metrics(result.metrics(), step=result.epoch)
