@@ -61,8 +61,8 @@ def _accuracy_figure(cfg: StudyConfig, steps: pd.DataFrame, final: pd.DataFrame,
             plot_band(ax, table, f"{label}, {trials} trials")
     accs = _last(final, "test_accuracy")
     if len(accs):
-        last_step = steps[steps.metric == "fraction_remaining"]["step"].max()
-        x = x_of_step[last_step]
+        # Trials may stop at different steps: place the final models at their own mean size.
+        x = 100 * (1 - _last(steps, "fraction_remaining").mean())
         ax.errorbar([x], [accs.mean()], yerr=[[accs.mean() - accs.min()], [accs.max() - accs.mean()]], fmt="*",
                     markersize=12, capsize=4, color="black", label=f"after the final fine-tuning, {len(accs)} trials")
     ax.set_xlabel("parameters removed (% of the whole model)")
@@ -78,14 +78,14 @@ def _filters_figure(cfg: StudyConfig, steps: pd.DataFrame, layers: list[str], tr
     names = [k.removeprefix("filters_left.") for k in layers]
     start = [_first(steps, k).mean() for k in layers]
     end = [_last(steps, k) for k in layers]
-    fig, ax = plt.subplots(figsize=(8, 4.4))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     pos = range(len(layers))
     ax.bar(pos, start, color="none", edgecolor="gray", label="before pruning")
     means = [e.mean() for e in end]
     err = [[m - e.min() for m, e in zip(means, end)], [e.max() - m for m, e in zip(means, end)]]
     ax.bar(pos, means, yerr=err, capsize=3, color="tab:blue", alpha=0.8, label=f"left at the end: mean, min-max of {trials} trials")
     ax.set_xticks(list(pos))
-    ax.set_xticklabels([f"conv{i + 1}\n{n}" for i, n in enumerate(names)], fontsize=7)
+    ax.set_xticklabels([f"conv{i + 1} ({n})" for i, n in enumerate(names)], fontsize=7, rotation=40, ha="right")
     ax.set_ylabel("filters")
     ax.set_title(f"{cfg.study}: filters per conv layer")
     ax.legend(fontsize=8)
