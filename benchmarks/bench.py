@@ -28,7 +28,7 @@ class Row:
     detail: str  # the timings behind the ratio
 
     def passed(self) -> bool:
-        op, value = self.target.split()[0], float(self.target.split()[1].rstrip("x%"))
+        op, value = self.target.split()[0], float(self.target.split()[1].rstrip("x%s"))
         return self.ratio >= value if op == ">=" else self.ratio <= value
 
 

@@ -8,7 +8,6 @@ to it over HTTP.
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -36,9 +35,7 @@ def tracking_uri(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
-    if process is not None:
-        os.killpg(process.pid, signal.SIGTERM)  # the server and its workers
-        process.wait(timeout=30)
+    server.stop(process)
 
 
 @pytest.fixture(scope="session")

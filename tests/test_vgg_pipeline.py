@@ -104,12 +104,11 @@ def test_report_draws_from_the_server(study, client, tmp_path):
 
 
 def test_target_that_empties_a_layer_fails_before_any_step(study, client):
-    """A filter target below one filter per layer is a one-line ConfigError and the run ends FAILED."""
+    """A filter target below one filter per layer is a one-line ConfigError raised before any run starts."""
     cfg, train_id, _, _ = study
     bad = config.load("taylor-vgg16-dogscats", QUICK + ["study=test-vgg-pipeline-bad", f"data.data_dir={cfg.data.data_dir}",
                                                         "prune.target=0.002"])
     with pytest.raises(ConfigError) as err:
         transfer_stages.prune(bad, 0, train_id)
     assert "removing every filter of a layer" in str(err.value) and "\n" not in str(err.value)
-    runs = tracking.find_runs("test-vgg-pipeline-bad", finished_only=False)
-    assert [r.info.status for r in runs] == ["FAILED"]
+    assert tracking.find_runs("test-vgg-pipeline-bad", finished_only=False) == []

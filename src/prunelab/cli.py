@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -92,7 +93,10 @@ def dispatch(args) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
+    from prunelab import stages
+
     cfg = _config(args)  # bad settings fail before any connection
+    stages.check_names(cfg)
     tracking.connect(args.tracking_uri)
     if args.command == "run":
         from prunelab.study import run_study
@@ -101,8 +105,7 @@ def dispatch(args) -> int:
         return 0
     import importlib
 
-    stages = importlib.import_module(KIND_STAGES.get(cfg.kind, "prunelab.stages"))
-
+    stages = importlib.import_module(KIND_STAGES.get(cfg.kind, "prunelab.stages"))  # this kind's stages
     if args.command == "train":
         run_id = stages.train(cfg, args.trial)
     elif args.command == "prune":
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Quiet MLflow's own chatter; our one-line messages say what matters.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not args.debug:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         return dispatch(args)
     except PrunelabError as exc:

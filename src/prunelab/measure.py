@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torchinfo import summary
 
+from prunelab.train import eval_mode
+
 
 @dataclass
 class Size:
@@ -20,25 +22,22 @@ class Size:
 
 def size(model: nn.Module, input_shape: tuple[int, ...]) -> Size:
     """Parameters, multiply-accumulates of one forward pass (batch 1), and the summary text."""
-    was_training = model.training
-    stats = summary(model, input_size=(1, *input_shape), verbose=0, device="cpu",
-                    col_names=("output_size", "num_params", "mult_adds"))
-    model.train(was_training)
+    with eval_mode(model):
+        stats = summary(model, input_size=(1, *input_shape), verbose=0, device="cpu",
+                        col_names=("output_size", "num_params", "mult_adds"))
     return Size(int(stats.total_params), int(stats.total_mult_adds), str(stats))
 
 
 @torch.no_grad()
 def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, repeats: int = 30, warmup: int = 5) -> float:
     """Median wall time of one CPU forward pass, in milliseconds."""
-    was_training = model.training
-    model.eval()
     x = torch.randn(batch, *input_shape)
-    for _ in range(warmup):
-        model(x)
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    model.train(was_training)
+    with eval_mode(model):
+        for _ in range(warmup):
+            model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000

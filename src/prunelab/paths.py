@@ -5,6 +5,7 @@ CHECKPOINT = "checkpoint.pt"          # the same weights as a weights_only check
 SUMMARY_BEFORE = "summary_before.txt"  # torchinfo summary of the input model
 SUMMARY_AFTER = "summary_after.txt"    # torchinfo summary of the output model
 REPORT_TABLE = "report_table.csv"
+REPORT_MARKDOWN = "report_table.md"
 REPORT_DIR = "figures"                # artifact folder of a report run
 
 

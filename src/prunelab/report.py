@@ -48,8 +48,9 @@ def plot_band(ax, table: pd.DataFrame, label: str, **style) -> None:
     ax.fill_between(table["step"], table["min"], table["max"], alpha=0.15, color=bars.lines[0].get_color())
 
 
-# Settings that change where data comes from, not what a run computes.
-_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed"}
+# Settings that do not change what a run computes (`study` is the preset name
+# under `mlflow run`, the experiment name otherwise: runs are found by their tag).
+_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed", "study"}
 
 
 def same_settings(run, cfg: StudyConfig) -> bool:
@@ -117,6 +118,17 @@ def _transfer_pruning_report(cfg: StudyConfig):
     return transfer_pruning_report(cfg)
 
 
+def markdown_table(table: pd.DataFrame) -> str:
+    """The table as GitHub markdown (what the README shows), numbers rounded for reading."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4f}"
+        return str(v)
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 REPORTS = {
     "filter_pruning": filter_pruning_report,
     "transfer_pruning": _transfer_pruning_report,
@@ -132,6 +144,7 @@ def report(cfg: StudyConfig, out_dir: str | Path | None = None) -> str:
             for name, fig in figures.items():
                 fig.savefig(Path(tmp) / name, dpi=120)
             table.to_csv(Path(tmp) / paths.REPORT_TABLE, index=False)
+            (Path(tmp) / paths.REPORT_MARKDOWN).write_text(markdown_table(table))
             for f in sorted(Path(tmp).iterdir()):
                 run.log_file(f, paths.REPORT_DIR)
             if out_dir is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,9 +55,20 @@ def start(port: int, folder: str | Path, wait: float = 120.0, workers: int = 1) 
         if process.poll() is not None:
             break
         time.sleep(0.5)
-    process.kill()
+    stop(process)
     tail = (folder / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
     raise RuntimeError(f"the MLflow server on port {port} did not come up: {' | '.join(tail)}")
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    """Stop a server that `start` launched, with its worker processes (its own process group)."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ from prunelab import checkpoints, data as datasets, measure, models, paths, trac
 from prunelab.config import StudyConfig, TrainConfig
 from prunelab.errors import ModelError
 from prunelab.pruning import criteria, schedule, surgery
-from prunelab.train import evaluate, fit
+from prunelab.train import eval_mode, evaluate, fit
 
 
 def common_tags(cfg: StudyConfig, trial: int) -> dict:
@@ -54,13 +54,23 @@ def load_input_model(ref: str, model_name: str | None = None) -> nn.Module:
 
 def check_fits(model: nn.Module, data: datasets.ImageData) -> None:
     try:
-        with torch.no_grad():
-            out = model.eval()(data.normalise(data.test_x[:2]))
+        with torch.no_grad(), eval_mode(model):
+            out = model(data.normalise(data.test_x[:2]))
     except RuntimeError as exc:
         raise ModelError(f"the model does not accept {data.name} images {tuple(data.input_shape)}: "
                          f"{str(exc).splitlines()[0][:120]}") from None
     if out.shape[-1] != data.num_classes:
         raise ModelError(f"the model predicts {out.shape[-1]} classes, {data.name} has {data.num_classes}")
+
+
+def check_names(cfg: StudyConfig) -> None:
+    """Fail on an unknown model, dataset or method before loading anything."""
+    from prunelab.errors import ConfigError
+
+    for what, name, registry in (("model", cfg.model, models.MODELS), ("dataset", cfg.data.dataset, datasets.DATASETS),
+                                 ("pruning method", cfg.prune.method, criteria.CRITERIA)):
+        if name not in registry:
+            raise ConfigError(f"unknown {what} {name!r}: choose one of {', '.join(sorted(registry))}")
 
 
 # --------------------------------------------------------------------------- train
@@ -102,18 +112,20 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
     seed = cfg.seed + trial
     data = datasets.get(cfg.data)
     criterion = criteria.get(pc.method, seed)
-    model = load_input_model(model_ref, cfg.model) if model_ref else None
+    if model_ref:
+        model = load_input_model(model_ref, cfg.model)
+    else:
+        torch.manual_seed(seed)
+        model = models.build(cfg.model, data.input_shape, data.num_classes)
+    check_fits(model, data)
+    example = data.normalise(data.test_x[:2])
+    # Refuse an unreachable target before a run starts or a model trains.
+    smallest, layer = _smallest_fraction(model, pc.target_kind, example)
+    schedule.check_reachable(pc.target, pc.target_kind, smallest, layer)
     with tracking.run(cfg.study, "prune", common_tags(cfg, trial), f"prune-t{trial}") as run:
         run.log_params({**common_params(cfg, trial), "input_model": model_ref or "trained in this run"})
-        if model is None:
-            torch.manual_seed(seed)
-            model = models.build(cfg.model, data.input_shape, data.num_classes)
-            train_model(run, model, data, cfg.train, seed, prefix="train_")
-        check_fits(model, data)
-        example = data.normalise(data.test_x[:2])
-        smallest, layer = _smallest_fraction(model, pc.target_kind, example)
-        schedule.check_reachable(pc.target, pc.target_kind, smallest, layer)
-
+        if not model_ref:
+            train_model(run, model, data, cfg.train, seed, prefix="pretrain_")
         params0, filters0 = models.count_params(model), sum(_filters(model).values())
         size0 = measure.size(model, data.input_shape)
         run.log_text(size0.summary, paths.SUMMARY_BEFORE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from prunelab import config, paths, tracking
@@ -78,6 +79,9 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
         raise ConfigError(f"study kind {cfg.kind!r} has no pipeline: choose one of {', '.join(STAGES)}")
     import mlflow
 
+    # Each step runs `python -m prunelab ...`: make that `python` this interpreter
+    # even when the virtual environment was not activated.
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(cfg.study)
     with mlflow.start_run(run_name="main") as main_run:

@@ -159,10 +159,7 @@ def load_model(ref: str):
         if _mlflow_error(exc) or isinstance(exc, OSError):
             raise ModelError(f"cannot load model {ref} from {tracking_uri()}: {str(exc).splitlines()[0][:160]}") from None
         raise
-    try:
-        return model.eval()
-    except NotImplementedError:
-        return model  # a 'pt2' model is a graph traced in eval mode; it refuses .eval() but needs none
+    return model  # pt2 models come back traced in eval mode
 
 
 def _load_run_checkpoint(run_id: str):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, asdict
 from typing import Callable
@@ -37,17 +38,32 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Evaluation mode for the block, then the mode it had. Modules traced by
+    torch.export (MLflow's pt2 models) are fixed in eval mode and refuse
+    .eval() and .train(): they are left as they are."""
+    was_training = model.training
+    try:
+        model.eval()
+    except NotImplementedError:
+        yield model
+        return
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalise, batch_size: int = 1000) -> dict[str, float]:
     """Mean cross-entropy and accuracy of `model` on (x, y)."""
-    was_training = model.training
-    model.eval()
     loss_sum, correct = 0.0, 0
-    for xb, yb in batches(x, y, batch_size, normalise):
-        out = model(xb)
-        loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
-    model.train(was_training)
+    with eval_mode(model):
+        for xb, yb in batches(x, y, batch_size, normalise):
+            out = model(xb)
+            loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
+            correct += (out.argmax(1) == yb).sum().item()
     n = len(y)
     return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": n}
 

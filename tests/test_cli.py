@@ -1,0 +1,110 @@
+"""Bad input: one line saying what was wrong and what to do, exit 2, no traceback,
+no run left RUNNING. Most cases call the real CLI entry function in-process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prunelab import checkpoints, cli, server
+from prunelab.models.simple_cnn import SimpleCNN
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prunelab: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+TINY = "data.n_train=600 data.n_test=200 train.epochs=1 finetune.epochs=1 prune.rank_images=200"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--set", "model=resnet999"], ["unknown model 'resnet999'", "simple_cnn"]),
+    (["--set", "data.dataset=mnist3d"], ["unknown dataset 'mnist3d'", "fashionmnist"]),
+    (["--set", "prune.method=magic"], ["unknown pruning method 'magic'", "taylor"]),
+    (["--set", "prune.target=1.2"], ["prune.target must be inside (0, 1)"]),
+    (["--set", "train.epochs=0"], ["train.epochs must be >= 1"]),
+    (["--set", "finetune.epochs=-3"], ["finetune.epochs must be >= 1"]),
+])
+def test_bad_settings(capsys, args, needles):
+    """Refused before any server contact or data loading."""
+    code, _, err = run_cli(capsys, "train", "--tracking-uri", "http://127.0.0.1:9", *args)
+    one_line_error(code, err, *needles)
+
+
+def test_unreachable_server_names_uri_and_make_server(capsys, fashion_dir):
+    uri = f"http://127.0.0.1:{server.free_port()}"
+    code, _, err = run_cli(capsys, "train", "--tracking-uri", uri)
+    one_line_error(code, err, uri, "make server")
+
+
+def test_missing_data_folder(capsys, tracking_uri, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data-dir", str(tmp_path / "absent"))
+    one_line_error(code, err, "no FashionMNIST files", "--data-dir")
+
+
+def test_unknown_run_id_and_model_uri(capsys, tracking_uri, fashion_dir):
+    code, _, err = run_cli(capsys, "finetune", "--overrides", TINY, "--model-uri", "0" * 32)
+    one_line_error(code, err, "no run 00000000")
+    code, _, err = run_cli(capsys, "finetune", "--overrides", TINY, "--model-uri", "models:/m-doesnotexist")
+    one_line_error(code, err, "cannot load model models:/m-doesnotexist")
+
+
+def test_checkpoint_that_would_unpickle_code(capsys, tmp_path, fashion_dir):
+    evil = tmp_path / "evil.pt"
+    torch.save(SimpleCNN(), evil)  # a whole pickled module: loading it would run code
+    code, _, err = run_cli(capsys, "evaluate", str(evil), "--dataset", "fashionmnist", "--model", "simple_cnn")
+    one_line_error(code, err, "not a plain weights file")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is no checkpoint")
+    code, _, err = run_cli(capsys, "evaluate", str(junk), "--dataset", "fashionmnist", "--model", "simple_cnn")
+    one_line_error(code, err, "junk.pt")
+
+
+def test_evaluate_prints_one_json_line(capsys, tmp_path, fashion_dir):
+    """A weights file with its own architecture, and a bare state dict with --model."""
+    import json
+
+    torch.manual_seed(0)
+    model = SimpleCNN(channels=[5, 9])
+    checkpoints.save(model, tmp_path / "pruned.pt")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    results = []
+    for f in ("pruned.pt", "bare.pt"):
+        code, out, _ = run_cli(capsys, "evaluate", str(tmp_path / f), "--dataset", "fashionmnist", "--model", "simple_cnn", "--n-test", "300")
+        assert code == 0
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0] == results[1] and results[0]["n"] == 300 and 0 <= results[0]["accuracy"] <= 1
+
+
+def test_unreachable_target_is_refused_before_any_run(capsys, tracking_uri, client, fashion_dir):
+    code, _, err = run_cli(capsys, "prune", "--overrides", TINY + " study=test-cli-target prune.target=0.01")
+    one_line_error(code, err, "without removing every filter of a layer")
+    exp = client.get_experiment_by_name("test-cli-target")
+    assert exp is None or client.search_runs([exp.experiment_id]) == []
+
+
+def test_report_without_runs(capsys, tracking_uri):
+    code, _, err = run_cli(capsys, "report", "--set", "study=test-never-ran")
+    one_line_error(code, err, "no finished train or finetune runs", "test-never-ran")
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    """The installed console entry point, as a user runs it."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{server.free_port()}"}
+    proc = subprocess.run([sys.executable, "-m", "prunelab", "prune", "--set", "prune.target=0"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "prunelab: error: prune.target must be inside (0, 1), got 0.0: it is the fraction that remains"

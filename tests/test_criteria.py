@@ -1,0 +1,81 @@
+"""The Taylor criterion against a hand-computed case and an independent computation."""
+
+import math
+
+import torch
+from torch import nn
+
+from prunelab.data import batches
+from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.pruning.criteria import L1Criterion, TaylorCriterion
+
+
+class OneConv(nn.Module):
+    """x -> 1x1 conv (weights 1, 2, no bias) -> flatten -> linear [[1, 1], [0, 0]]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_hand_computed_case():
+    """a = (1, 2); logits (3, 0), label 0: dL/da_k = -(1 - sigmoid(3)) for both maps,
+    so the raw scores are (1, 2) * (1 - sigmoid(3)), normalised to (1, 2) / sqrt(5)."""
+    model = OneConv()
+    x, y = torch.ones(1, 1, 1, 1), torch.tensor([0])
+    scores = TaylorCriterion()(model, {"conv": model.conv}, [(x, y)])["conv"]
+    assert torch.allclose(scores, torch.tensor([1 / math.sqrt(5), 2 / math.sqrt(5)]), atol=1e-6)
+
+
+def test_mean_is_taken_before_the_absolute_value():
+    """Two samples whose products have opposite signs partly cancel (|mean|, not mean |.|)."""
+    model = OneConv()
+    x = torch.ones(2, 1, 1, 1)
+    y = torch.tensor([0, 1])  # grads -(1 - s) and s with s = sigmoid(3)
+    s = torch.sigmoid(torch.tensor(3.0)).item()
+    raw = torch.tensor([1.0, 2.0]) * abs((-(1 - s) + s) / 2)
+    scores = TaylorCriterion()(model, {"conv": model.conv}, [(x, y)])["conv"]
+    assert torch.allclose(scores, raw / raw.norm(), atol=1e-6)
+
+
+def test_matches_an_independent_computation_over_several_batches():
+    """Hooks and accumulation over unequal batches equal a direct autograd computation."""
+    torch.manual_seed(0)
+    model = SimpleCNN()
+    x = torch.randint(0, 256, (70, 1, 28, 28), dtype=torch.uint8)
+    y = torch.randint(0, 10, (70,))
+    norm = lambda t: t.float() / 255  # noqa: E731
+    layers = model.prunable_convs()
+    got = TaylorCriterion()(model, layers, batches(x, y, 32, norm))  # batches of 32, 32, 6
+
+    # Direct: keep both conv outputs, one backward over the summed per-batch losses.
+    expected = {name: torch.zeros(conv.out_channels, dtype=torch.float64) for name, conv in layers.items()}
+    count = 0
+    for xb, yb in batches(x, y, 32, norm):
+        a1 = model.features[0](xb)
+        a2 = model.features[2](model.features[1](a1))
+        a1.retain_grad()
+        a2.retain_grad()
+        nn.functional.cross_entropy(model.classifier(model.features[3](a2)), yb).backward()
+        expected["features.0"] += (a1 * a1.grad).sum(dim=(0, 2, 3)).double()
+        expected["features.2"] += (a2 * a2.grad).sum(dim=(0, 2, 3)).double()
+        count += len(yb) * 28 * 28
+    for name in layers:
+        raw = (expected[name] / count).abs().float()
+        assert torch.allclose(got[name], raw / raw.norm(), atol=1e-5)
+
+
+def test_l1_scores_follow_filter_norms():
+    model = SimpleCNN()
+    with torch.no_grad():
+        model.features[0].weight.zero_()
+        model.features[0].weight[3] = 1.0
+    scores = L1Criterion()(model, model.prunable_convs())["features.0"]
+    assert scores.argmax().item() == 3 and scores.sum().item() == 1.0

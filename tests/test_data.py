@@ -1,0 +1,83 @@
+"""The real loaders on the real files: FashionMNIST (Debian's copy) and the CIFAR-10 subset."""
+
+import gzip
+import shutil
+
+import numpy as np
+import pickle
+import pytest
+import torch
+
+from prunelab import config, data
+from prunelab.errors import DataError
+
+
+def test_fashionmnist_from_debian_package(fashion_dir):
+    d = data.get(config.DataConfig(dataset="fashionmnist"))
+    assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
+    assert d.train_x.dtype == torch.uint8 and d.num_classes == 10
+    assert torch.bincount(d.test_y).tolist() == [1000] * 10  # the real test set is balanced
+
+
+def test_data_dir_with_gz_files_and_subset(fashion_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
+    for f in fashion_dir.glob("*.gz"):
+        shutil.copy(f, tmp_path / f.name)
+    d = data.get(config.DataConfig(dataset="fashionmnist", data_dir=str(tmp_path), n_train=1000, n_test=100, val_size=100))
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (900, 100, 100)
+    x, _ = next(data.batches(d.train_x, d.train_y, 900, d.normalise))
+    assert abs(x.mean().item()) < 0.2 and 0.8 < x.std().item() < 1.2  # batched normalisation
+
+
+def test_missing_folder_names_every_option(tmp_path):
+    with pytest.raises(DataError) as err:
+        data.get(config.DataConfig(dataset="fashionmnist", data_dir=str(tmp_path / "nothing")))
+    msg = str(err.value)
+    assert "--data-dir" in msg and "dataset-fashion-mnist" in msg and "download" in msg and "\n" not in msg
+
+
+def test_corrupt_fashionmnist_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
+    for name in data.FASHION_MNIST_FILES:
+        with gzip.open(tmp_path / f"{name}.gz", "wb") as f:
+            f.write(b"not an idx file")
+    with pytest.raises(DataError, match="corrupt"):
+        data.get(config.DataConfig(dataset="fashionmnist", data_dir=str(tmp_path)))
+
+
+def test_cifar10_subset_reads_despite_other_md5(cifar_dir):
+    d = data.get(config.DataConfig(dataset="cifar10", data_dir=str(cifar_dir)))
+    assert d.train_x.shape == (4660, 3, 32, 32) and d.test_x.shape == (846, 3, 32, 32)
+    assert d.classes[0] == "airplane" and int(d.train_y.max()) == 9
+
+
+def _copy_cifar(cifar_dir, tmp_path):
+    target = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar_dir / "cifar-10-batches-py", target)
+    return target
+
+
+def test_cifar10_missing_batch(cifar_dir, tmp_path):
+    folder = _copy_cifar(cifar_dir, tmp_path)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="lacks data_batch_3"):
+        data.get(config.DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def test_cifar10_wrong_shapes_and_code_are_refused(cifar_dir, tmp_path):
+    folder = _copy_cifar(cifar_dir, tmp_path)
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({"data": np.zeros((5, 100), dtype=np.uint8), "labels": [0] * 5}, f)
+    with pytest.raises(DataError, match="wrong shape"):
+        data.get(config.DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({"data": data.ImageData, "labels": []}, f)  # a class reference: code, not data
+    with pytest.raises(DataError, match="not a CIFAR-10 batch"):
+        data.get(config.DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def test_crop_flip_is_batched_and_keeps_content(cifar_dir):
+    d = data.get(config.DataConfig(dataset="cifar10", data_dir=str(cifar_dir), n_train=64))
+    out = data.random_crop_flip(d.train_x, torch.Generator().manual_seed(0), padding=0)
+    same = [torch.equal(o, x) or torch.equal(o, x.flip(-1)) for o, x in zip(out, d.train_x)]
+    assert all(same) and 0 < sum(torch.equal(o, x) for o, x in zip(out, d.train_x)) < 64

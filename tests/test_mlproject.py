@@ -1,0 +1,71 @@
+"""The MLproject entry points as users run them: `mlflow run . -e ...` against the real server."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "data.n_train=600 data.n_test=200 train.epochs=1 finetune.epochs=1 prune.rank_images=200 trials=1"
+
+
+def mlflow_run(tracking_uri, entry, experiment, **params):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
+           "--experiment-name", experiment]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+def runs_of(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
+
+
+def test_prune_entry_point_hands_over_its_run(tracking_uri, client, fashion_dir):
+    """`mlflow run -e prune` with no model trains one, prunes, and logs into the run MLflow made."""
+    proc = mlflow_run(tracking_uri, "prune", "test-ep-prune", study="taylor-cnn-fashionmnist",
+                      overrides=TINY + " study=test-ep-prune")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = runs_of(client, "test-ep-prune")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.project.entryPoint"] == "prune" and run.data.tags["stage"] == "prune"
+    assert run.data.metrics["fraction_remaining"] <= 0.6
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain_test_accuracy")] == [1]
+
+
+def test_failing_entry_point_leaves_no_running_run(tracking_uri, client, fashion_dir):
+    proc = mlflow_run(tracking_uri, "prune", "test-ep-fail", overrides=TINY + " study=test-ep-fail prune.target=0.01")
+    assert proc.returncode != 0
+    assert "prunelab: error: prune.target=0.01 params cannot be reached" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [r.info.status for r in runs_of(client, "test-ep-fail")] == ["FAILED"]
+
+
+def test_main_chains_the_stages_and_reuses_finished_steps(tracking_uri, client, fashion_dir, tmp_path):
+    study = "test-ep-main"
+    params = dict(study="taylor-cnn-fashionmnist", overrides=TINY + f" study={study}", out_dir=str(tmp_path))
+    first = mlflow_run(tracking_uri, "main", study, **params)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = runs_of(client, study)
+    stages = [r.data.tags.get("stage") for r in runs]
+    assert stages == ["main", "train", "prune", "finetune", "report"]
+    main_id = runs[0].info.run_id
+    assert all(r.data.tags.get("mlflow.parentRunId") == main_id for r in runs[1:])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert (tmp_path / "test_accuracy.png").is_file()
+    # The prune step took the train step's model, the finetune step the prune step's.
+    train, prune, finetune = runs[1:4]
+    assert prune.data.params["model_uri"] == train.info.run_id
+    assert finetune.data.params["model_uri"] == prune.info.run_id
+
+    second = mlflow_run(tracking_uri, "main", study, **params)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("prunelab: reusing finished") == 3
+    assert [r.data.tags.get("stage") for r in runs_of(client, study)] == stages + ["main", "report"]
