@@ -94,7 +94,8 @@ def test_report_draws_from_the_server(study, client, tmp_path):
     """The report finds the runs, draws both figures and a before/after table whose numbers are the logged ones."""
     cfg, _, prune_id, finetune_id = study
     report_id = report(cfg, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"accuracy_vs_params_removed.png", "filters_left.png", paths.REPORT_TABLE}
+    assert {p.name for p in tmp_path.iterdir()} == {"accuracy_vs_params_removed.png", "filters_left.png", paths.REPORT_TABLE,
+                                                    paths.REPORT_MARKDOWN}
     table = pd.read_csv(tmp_path / paths.REPORT_TABLE)
     assert list(table["model"]) == ["before pruning (transfer only)", "pruned, before fine-tuning", "pruned + fine-tuned"]
     assert table["params"].tolist()[:2] == [history(prune_id, "params")[0][1], history(prune_id, "params")[-1][1]]
