@@ -10,7 +10,7 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server run test test-fast bench report ui clean
+.PHONY: help install server stop-server run test test-fast bench report ui clean vgg-quick
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,13 @@ bench: install ## benchmarks: a table of speed ratios measured in one run
 
 report: server ## redraw the README figures of STUDY from the server into resources/figures
 	$(BIN)/prunelab report --study $(STUDY) --out resources/figures/$(STUDY)
+
+# The VGG16 dogs-vs-cats study at CPU scale (32 px, random features: no weights offline).
+VGG_QUICK ?= data.image_size=32 data.n_train=120 data.n_test=100 trials=2 transfer.pretrained=false train.epochs=3 train.optimizer=adam train.lr=0.0001 prune.filters_per_step=512 prune.finetune_epochs_between=1 prune.rank_images=120 prune.latency_repeats=10 finetune.epochs=2
+
+vgg-quick: server ## VGG16 transfer + Taylor pruning at CPU scale; needs DATA_DIR=<folder with train/ and test/>
+	@test -n "$(DATA_DIR)" || { echo "pass DATA_DIR=<folder with train/<class>/ and test/<class>/>"; exit 2; }
+	$(BIN)/mlflow run . -e main -P study=taylor-vgg16-dogscats -P data_dir=$(abspath $(DATA_DIR)) -P "overrides=$(VGG_QUICK)" -P out_dir=resources/figures/taylor-vgg16-dogscats --env-manager local --experiment-name taylor-vgg16-dogscats
 
 ui: server ## print the address of the MLflow UI
 	@echo "MLflow UI: $(MLFLOW_TRACKING_URI)"

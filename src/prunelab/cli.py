@@ -24,6 +24,20 @@ def _common(p: argparse.ArgumentParser, trial: bool = True) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
     if trial:
         p.add_argument("--trial", type=int, default=0, help="trial number; its seed is seed + trial (default: 0)")
+    p.add_argument("--weights", default="", help="local pretrained state-dict file (same as transfer.weights=PATH)")
+    p.add_argument("--no-pretrained", action="store_true", help="random initial features (same as transfer.pretrained=false)")
+
+
+# A study kind whose stages differ from filter_pruning's names the module that holds its
+# train / prune / finetune functions.
+def _flag_overrides(args) -> list[str]:
+    """Settings given as flags, as overrides (so `mlflow run` can pass them as -P overrides=... too)."""
+    out = []
+    if getattr(args, "weights", ""):
+        out.append(f"transfer.weights={os.path.abspath(args.weights)}")  # stages may run in another folder
+    if getattr(args, "no_pretrained", False):
+        out.append("transfer.pretrained=false")
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
 def _config(args):
     from prunelab import config
 
-    overrides = args.overrides.split() + list(args.sets)
+    overrides = args.overrides.split() + list(args.sets) + _flag_overrides(args)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     return config.load(args.study, overrides)
@@ -84,7 +98,7 @@ def dispatch(args) -> int:
     if args.command == "run":
         from prunelab.study import run_study
 
-        run_study(args.study, " ".join(args.overrides.split() + list(args.sets)), args.data_dir, args.out)
+        run_study(args.study, " ".join(args.overrides.split() + list(args.sets) + _flag_overrides(args)), args.data_dir, args.out)
         return 0
     if args.command in ("train", "prune", "finetune"):
         stage = stages.by_kind(cfg.kind)[args.command]  # what each entry point means for this kind of study

@@ -66,6 +66,8 @@ class PruneConfig:
     rank_images: int = _help("training images seen by each ranking pass (0: all)", 10000)
     finetune_epochs_between: int = _help("fine-tuning epochs after each pruning step but the last", 0)
     log_models_every: int = _help("log the pruned model every N steps (the last step is always logged)", 1)
+    rank_batch_size: int = _help("images per forward/backward pass of a ranking pass", 256)
+    latency_repeats: int = _help("timed CPU forward passes behind each step's latency_ms (median; 0: not measured)", 30)
 
     def validate(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -78,6 +80,24 @@ class PruneConfig:
             raise ConfigError(f"prune.finetune_epochs_between must be >= 0, got {self.finetune_epochs_between}")
         if self.rank_images < 0:
             raise ConfigError(f"prune.rank_images must be >= 0, got {self.rank_images}")
+        if self.latency_repeats < 0:
+            raise ConfigError(f"prune.latency_repeats must be >= 0, got {self.latency_repeats}")
+        if self.rank_batch_size < 1:
+            raise ConfigError(f"prune.rank_batch_size must be >= 1, got {self.rank_batch_size}")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    pretrained: bool = _help("start from torchvision's ImageNet weights (or transfer.weights); false: random features", True)
+    weights: str = _help("local state-dict file of the pretrained network (e.g. torchvision's vgg16-397923af.pth)", "")
+    head_width: int = _help("width of the head's two hidden Linear layers", 4096)
+    feature_batch_size: int = _help("images per forward pass when the frozen features are computed once", 64)
+
+    def validate(self) -> None:
+        if self.head_width < 1:
+            raise ConfigError(f"transfer.head_width must be >= 1, got {self.head_width}")
+        if self.feature_batch_size < 1:
+            raise ConfigError(f"transfer.feature_batch_size must be >= 1, got {self.feature_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,7 @@ class StudyConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=TrainConfig)
     lottery: LotteryConfig = field(default_factory=LotteryConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def validate(self) -> "StudyConfig":
         if self.trials < 1:
@@ -131,6 +152,7 @@ class StudyConfig:
         self.finetune.validate("finetune")
         self.prune.validate()
         self.lottery.validate()
+        self.transfer.validate()
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -160,7 +182,8 @@ def field_help() -> dict[str, str]:
 
 
 _SECTIONS = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "finetune": TrainConfig,
-             "lottery": LotteryConfig}
+             "lottery": LotteryConfig,
+             "transfer": TransferConfig}
 
 
 def configs_dir() -> Path:

@@ -280,9 +280,12 @@ AUGMENTATIONS = {"crop_flip": random_crop_flip}
 
 # --------------------------------------------------------------------------- registry
 
+from prunelab.imagefolder import load_imagefolder  # noqa: E402  (it builds on ImageData above)
+
 DATASETS: dict[str, Callable[[DataConfig], ImageData]] = {
     "fashionmnist": load_fashionmnist,
     "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
 }
 
 

@@ -112,6 +112,12 @@ def size_table(curves: dict[str, pd.DataFrame], prune_runs: dict) -> pd.DataFram
     return table
 
 
+def _transfer_pruning_report(cfg: StudyConfig):
+    from prunelab.report_transfer import transfer_pruning_report  # it builds on this module
+
+    return transfer_pruning_report(cfg)
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """The table as GitHub markdown (what the README shows), numbers rounded for reading."""
     def cell(v):
@@ -132,6 +138,7 @@ def _lottery_report(cfg: StudyConfig):
 REPORTS = {
     "filter_pruning": filter_pruning_report,
     "lottery_ticket": _lottery_report,
+    "transfer_pruning": _transfer_pruning_report,
 }
 
 

@@ -143,6 +143,9 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
             widths = _filters(model)
             metrics = {"params": size.params, "macs": size.macs, "fraction_remaining": size.params / params0,
                        "filters": sum(widths.values()), "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+            if pc.latency_repeats:
+                metrics["latency_ms"] = measure.latency_ms(model, data.input_shape, repeats=pc.latency_repeats,
+                                                           warmup=min(5, pc.latency_repeats))
             metrics.update({f"filters_left.{n}": w for n, w in widths.items()})
             run.log_metrics(metrics, step=k)
 
@@ -150,15 +153,19 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         k = 0
         while remaining() > pc.target:
             k += 1
-            batches = datasets.batches(rank_x, rank_y, 256, data.normalise)
-            scores = criterion(model, model.prunable_convs(), batches, total=(len(rank_y) + 255) // 256)
+            rb = pc.rank_batch_size
+            batches = datasets.batches(rank_x, rank_y, rb, data.normalise)
+            scores = criterion(model, model.prunable_convs(), batches, total=(len(rank_y) + rb - 1) // rb)
             plan = schedule.plan_step(scores, pc.filters_per_step)
             surgery.remove_filters(model, plan, example)
             log_round(k)
             done = remaining() <= pc.target
             if not done and pc.finetune_epochs_between:
                 between = TrainConfig(**{**cfg.finetune.__dict__, "epochs": pc.finetune_epochs_between})
-                fit(model, data, between, seed + 1000 * k, desc=f"finetune round {k}")
+                augment = datasets.random_crop_flip if data.augment else None
+                last = fit(model, data, between, seed + 1000 * k, desc=f"finetune round {k}", augment=augment)[-1]
+                # Step k's accuracy after retraining, beside its accuracy right after the removal.
+                run.log_metrics({"retrained_test_loss": last.test_loss, "retrained_test_accuracy": last.test_accuracy}, step=k)
             if not done and k % pc.log_models_every == 0:
                 run.log_model(model, paths.round_model(k), example)
         size = measure.size(model, data.input_shape)
@@ -191,10 +198,12 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
 
 def by_kind(kind: str) -> dict:
     """Entry point name -> stage function, for a study kind."""
-    from prunelab import lottery  # builds on this module's helpers, so imported late
+    # Imported late: both build on this module's helpers.
+    from prunelab import lottery, transfer_stages
 
     kinds = {"filter_pruning": {"train": train, "prune": prune, "finetune": finetune},
-             "lottery_ticket": lottery.STAGES}
+             "lottery_ticket": lottery.STAGES,
+             "transfer_pruning": {"train": transfer_stages.train, "prune": prune, "finetune": finetune}}
     if kind not in kinds:
         raise ConfigError(f"study kind {kind!r} has no stages: choose one of {', '.join(kinds)}")
     return kinds[kind]

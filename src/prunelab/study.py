@@ -29,6 +29,7 @@ STAGES = {
     # kind -> cfg -> the per-trial steps: (entry point, index of the earlier step whose run it reads, or None).
     "filter_pruning": lambda cfg: chain("train", "prune", "finetune"),
     "lottery_ticket": _lottery_steps,  # one prune step per round, each followed by its re-init control
+    "transfer_pruning": lambda cfg: chain("train", "prune", "finetune"),  # train = transfer on cached features
 }
 
 

@@ -15,6 +15,7 @@ from prunelab.errors import ConfigError
 from prunelab.models.conv import Conv2, Conv4, Conv6
 from prunelab.models.lenet import LeNet300100
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.models.vgg import VGG16Transfer
 
 MODELS: dict[str, type[nn.Module]] = {
     "simple_cnn": SimpleCNN,
@@ -22,6 +23,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "conv4": Conv4,
     "conv6": Conv6,
     "lenet_300_100": LeNet300100,
+    "vgg16": VGG16Transfer,
 }
 
 

@@ -1,0 +1,115 @@
+"""The transfer_pruning study through the real tracking server: transfer, iterative
+Taylor pruning of VGG16's convs, fine-tuning, the report, and a bad target."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from prunelab import config, data, paths, tracking, transfer_stages
+from prunelab.errors import ConfigError
+from prunelab.report import report
+
+STEP = 100  # filters removed per step
+QUICK = ["data.image_size=32", "data.n_train=64", "data.n_test=32", "data.augment=false", "trials=1",
+         "transfer.pretrained=false", "transfer.head_width=32", "transfer.feature_batch_size=32",
+         "train.epochs=2", "train.optimizer=adam", "train.lr=0.001", "finetune.epochs=1", "finetune.batch_size=32",
+         f"prune.filters_per_step={STEP}", "prune.target_kind=filters", "prune.target=0.96",
+         "prune.finetune_epochs_between=1", "prune.rank_images=32", "prune.rank_batch_size=32",
+         "prune.latency_repeats=3"]
+
+pytestmark = pytest.mark.slow  # three stages of a VGG16 and five model uploads: about a minute on 2 cores
+
+
+@pytest.fixture(scope="module")
+def study(dogs_cats_dir, tracking_uri, tmp_path_factory):
+    """One trial of the study at test scale: train -> prune (two steps) -> finetune."""
+    import os
+
+    os.environ.setdefault("PRUNELAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    cfg = config.load("taylor-vgg16-dogscats", QUICK + ["study=test-vgg-pipeline", f"data.data_dir={dogs_cats_dir}"])
+    train_id = transfer_stages.train(cfg, 0)
+    prune_id = transfer_stages.prune(cfg, 0, train_id)
+    finetune_id = transfer_stages.finetune(cfg, 0, prune_id)
+    return cfg, train_id, prune_id, finetune_id
+
+
+def history(run_id, key):
+    return tracking.metric_history(run_id, key)
+
+
+def test_transfer_run_logs_size_latency_and_the_head_curve(study, client):
+    """The train run carries the weights' source, the whole model's size, latency and per-epoch accuracy."""
+    cfg, train_id, _, _ = study
+    run = client.get_run(train_id)
+    assert run.data.params["weights_source"] == "random"
+    assert run.data.tags[paths.TAG_STAGE] == "train"
+    assert history(train_id, "params")[0][1] == 14_714_688 + (25088 * 32 + 32) + (32 * 32 + 32) + (32 * 2 + 2)
+    assert [s for s, _ in history(train_id, "test_accuracy")] == [1, 2]
+    assert history(train_id, "latency_ms")[0][1] > 0 and history(train_id, "skipped_images")[0][1] == 0
+
+
+def test_each_step_removes_exactly_the_asked_number_of_filters(study, client):
+    """filters drops by prune.filters_per_step per step, the per-layer counts add up, the head's
+    input shrinks with the last conv, and accuracy is logged before and after retraining."""
+    cfg, _, prune_id, _ = study
+    filters = [v for _, v in history(prune_id, "filters")]
+    assert filters[0] == 4224 and len(filters) == 3  # 4224 -> 4124 -> 4024 <= 0.96 * 4224
+    assert [a - b for a, b in zip(filters, filters[1:])] == [STEP, STEP]
+    layers = [k for k in client.get_run(prune_id).data.metrics if k.startswith("filters_left.")]
+    assert len(layers) == 13
+    for step, total in enumerate(filters):
+        assert sum(dict(history(prune_id, k))[step] for k in layers) == total
+    params = [v for _, v in history(prune_id, "params")]
+    assert params[0] > params[1] > params[2]
+    assert [s for s, _ in history(prune_id, "test_accuracy")] == [0, 1, 2]
+    assert [s for s, _ in history(prune_id, "retrained_test_accuracy")] == [1]  # the last step is fine-tuned later
+    assert [s for s, _ in history(prune_id, "latency_ms")] == [0, 1, 2]
+
+
+def test_pruned_model_reloads_from_mlflow_by_uri_and_classifies(study, client, dogs_cats_dir):
+    """The final pruned model loads by its runs:/ URI (no prunelab code needed) and scores the test
+    images exactly as the prune run logged."""
+    cfg, _, prune_id, _ = study
+    uri = client.get_run(prune_id).data.tags[paths.TAG_MODEL_URI]
+    assert uri.startswith(("runs:/", "models:/"))
+    model = tracking.load_model(uri)
+    images = data.get(cfg.data)
+    out = model(images.normalise(images.test_x[:4]))
+    assert out.shape == (4, 2)
+    with torch.no_grad():
+        predicted = torch.cat([model(images.normalise(images.test_x[i : i + 16])) for i in range(0, len(images.test_y), 16)])
+    accuracy = (predicted.argmax(1) == images.test_y).float().mean().item()
+    assert accuracy == pytest.approx(history(prune_id, "test_accuracy")[-1][1], abs=1e-6)
+    checkpoint_model = tracking.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
+    widths = checkpoint_model.spec()["widths"]
+    assert sum(widths) == 4024
+    assert checkpoint_model.classifier[1].in_features == widths[-1] * 49
+    with torch.no_grad():
+        torch.testing.assert_close(checkpoint_model(images.normalise(images.test_x[:4])), out, rtol=1e-4, atol=1e-5)
+
+
+def test_report_draws_from_the_server(study, client, tmp_path):
+    """The report finds the runs, draws both figures and a before/after table whose numbers are the logged ones."""
+    cfg, _, prune_id, finetune_id = study
+    report_id = report(cfg, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"accuracy_vs_params_removed.png", "filters_left.png", paths.REPORT_TABLE,
+                                                    paths.REPORT_MARKDOWN}
+    table = pd.read_csv(tmp_path / paths.REPORT_TABLE)
+    assert list(table["model"]) == ["before pruning (transfer only)", "pruned, before fine-tuning", "pruned + fine-tuned"]
+    assert table["params"].tolist()[:2] == [history(prune_id, "params")[0][1], history(prune_id, "params")[-1][1]]
+    assert table["test_accuracy_mean"].iloc[2] == pytest.approx(history(finetune_id, "test_accuracy")[-1][1])
+    artifacts = {a.path for a in client.list_artifacts(report_id, paths.REPORT_DIR)}
+    assert f"{paths.REPORT_DIR}/filters_left.png" in artifacts
+
+
+def test_target_that_empties_a_layer_fails_before_any_step(study, client):
+    """A filter target below one filter per layer is a one-line ConfigError raised before any run starts."""
+    cfg, train_id, _, _ = study
+    bad = config.load("taylor-vgg16-dogscats", QUICK + ["study=test-vgg-pipeline-bad", f"data.data_dir={cfg.data.data_dir}",
+                                                        "prune.target=0.002"])
+    with pytest.raises(ConfigError) as err:
+        transfer_stages.prune(bad, 0, train_id)
+    assert "removing every filter of a layer" in str(err.value) and "\n" not in str(err.value)
+    assert tracking.find_runs("test-vgg-pipeline-bad", finished_only=False) == []
