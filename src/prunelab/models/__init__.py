@@ -12,10 +12,12 @@ import inspect
 from torch import nn
 
 from prunelab.errors import ConfigError
+from prunelab.models.resnet_cifar import DEPTHS as RESNET_CIFAR
 from prunelab.models.simple_cnn import SimpleCNN
 
 MODELS: dict[str, type[nn.Module]] = {
     "simple_cnn": SimpleCNN,
+    **RESNET_CIFAR,  # resnet20/32/44/56/110/1202 for CIFAR
 }
 
 
