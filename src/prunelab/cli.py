@@ -87,7 +87,7 @@ def dispatch(args) -> int:
     if args.command == "train":
         run_id = stages.train(cfg, args.trial)
     elif args.command == "prune":
-        run_id = stages.prune(cfg, args.trial, args.model_uri or None)
+        run_id = stages.for_kind(cfg.kind, "prune")(cfg, args.trial, args.model_uri or None)
     elif args.command == "finetune":
         run_id = stages.finetune(cfg, args.trial, args.model_uri)
     else:

@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 from prunelab import paths, tracking  # noqa: E402
 from prunelab.config import StudyConfig  # noqa: E402
 from prunelab.errors import TrackingError  # noqa: E402
+from prunelab.report_kmeans import kmeans_report  # noqa: E402
 
 
 def latest_per_trial(runs: list) -> dict[int, object]:
@@ -113,6 +114,7 @@ def size_table(curves: dict[str, pd.DataFrame], prune_runs: dict) -> pd.DataFram
 
 REPORTS = {
     "filter_pruning": filter_pruning_report,
+    "kmeans_clustering": kmeans_report,
 }
 
 

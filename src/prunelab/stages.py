@@ -173,3 +173,14 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
         train_model(run, model, data, cfg.finetune, seed + 10_000)
         run.log_model(model, paths.MODEL, example, final=True)
         return run.run_id
+
+
+# --------------------------------------------------------------------------- by study kind
+
+def for_kind(kind: str, name: str):
+    """Stage function `name` for a study kind: a kind with its own shape
+    overrides some stages (a dict in its own module); the rest are the above."""
+    from prunelab import kmeans_stages
+
+    own = {"kmeans_clustering": kmeans_stages.STAGES}.get(kind, {})
+    return own.get(name) or globals()[name]

@@ -16,6 +16,8 @@ from prunelab.errors import ConfigError, PrunelabError
 STAGES = {
     # kind -> the per-trial chain; each step's model comes from the previous step's run.
     "filter_pruning": ("train", "prune", "finetune"),
+    # pretrained weights in, one sweep process per k-means seed (its points are child runs)
+    "kmeans_clustering": ("prune",),
 }
 
 
