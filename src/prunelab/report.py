@@ -50,7 +50,7 @@ def plot_band(ax, table: pd.DataFrame, label: str, **style) -> None:
 
 
 # Settings that change where data comes from, not what a run computes.
-_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed"}
+_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed", "kmeans.weights"}
 
 
 def same_settings(run, cfg: StudyConfig) -> bool:
