@@ -84,7 +84,9 @@ def test_mlflow_run_main_chains_sweeps_and_report(tracking_uri, client, cifar_di
     """`mlflow run . -e main` on the k-means preset runs one sweep per seed, then the report."""
     study = "test-kmeans-main"
     overrides = " ".join(tiny(study, resnet20_file, ["trials=2", "kmeans.merge_keep=[0.5]", "kmeans.layer_pruned=[15]"]))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO / "src"),
+    # MLflow exports the active experiment/run of this process; `mlflow run` must choose its own.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env = {**inherited, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO / "src"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "main", "--env-manager", "local",
            "--experiment-name", study, "-P", "study=kmeans-resnet20-cifar10", "-P", f"overrides={overrides}",
