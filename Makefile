@@ -10,7 +10,7 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server run test test-fast bench report ui clean vgg-quick
+.PHONY: help install server stop-server run test test-fast bench report ui clean vgg-quick kmeans
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,14 @@ test-fast: install ## the tests not marked slow
 
 bench: install ## benchmarks: a table of speed ratios measured in one run
 	$(BIN)/python benchmarks/bench.py
+
+# The k-means study starts from the reference ResNet20 weights; point these at your copies.
+CIFAR_DIR ?= ../shared/data/cifar10-subset
+RESNET20 ?= ../shared/models/resnet20-12fca82f.th
+kmeans: server ## k-means filter clustering of the pretrained ResNet20 (CIFAR_DIR=..., RESNET20=...)
+	$(BIN)/mlflow run . -e main -P study=kmeans-resnet20-cifar10 -P data_dir=$(abspath $(CIFAR_DIR)) \
+	  -P overrides="kmeans.weights=$(abspath $(RESNET20))" -P out_dir=resources/figures/kmeans-resnet20-cifar10 \
+	  --env-manager local --experiment-name kmeans-resnet20-cifar10
 
 report: server ## redraw the README figures of STUDY from the server into resources/figures
 	$(BIN)/prunelab report --study $(STUDY) --out resources/figures/$(STUDY)

@@ -97,7 +97,7 @@ def test_report_draws_five_trial_bands(five_trials, tmp_path, client):
 
     run_id = report(cfg, tmp_path / "out")
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, paths.REPORT_DIR)}
-    assert logged == set(figures) | {paths.REPORT_TABLE}
+    assert logged == set(figures) | {paths.REPORT_TABLE, paths.REPORT_MARKDOWN}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(logged)
 
 

@@ -14,8 +14,10 @@ TINY = "data.n_train=600 data.n_test=200 train.epochs=1 finetune.epochs=1 prune.
 
 
 def mlflow_run(tracking_uri, entry, experiment, **params):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # As from a fresh shell: an experiment or run chosen earlier in this test process
+    # (MLflow exports MLFLOW_EXPERIMENT_ID on set_experiment) must not leak into `mlflow run`.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
            "--experiment-name", experiment]
     for k, v in params.items():

@@ -129,6 +129,45 @@ class LotteryConfig:
 
 
 @dataclass(frozen=True)
+class KMeansConfig:
+    """k-means filter clustering (kind kmeans_clustering): sweeps and real merging."""
+
+    weights: str = _help("pretrained weights file the sweeps start from (e.g. a reference resnet20 .th checkpoint)", "")
+    distance: str = _help("k-means distance between flattened filters: euclidean or cosine", "euclidean")
+    importance: str = _help("how a cluster's members make its centroid: none (plain mean) or l1 (mean weighted by L1 norm)", "none")
+    n_init: int = _help("k-means restarts (scikit-learn n_init); the best inertia wins", 10)
+    stages: tuple = _help("stages of the per-stage sweep (all convs of each at once)", ("layer1", "layer2", "layer3"))
+    stage_pruned: tuple = _help("clusters pruned away (C - K) in the per-stage sweep; values >= a stage's width are skipped there",
+                                (0, 2, 4, 8, 12, 15, 24, 32, 48, 63))
+    layers: tuple = _help("convs of the per-layer sweep, in network order (empty: every conv)", ())
+    layer_pruned: tuple = _help("clusters pruned away (C - K) in the per-layer sweep; values >= a layer's width are skipped there",
+                                (0, 4, 8, 12, 15, 24, 32, 48, 63))
+    merge_keep: tuple = _help("merging: fractions of each block-internal conv's channels kept (one merge run each)", (1.0, 0.75, 0.5, 0.25))
+    latency_batch: int = _help("batch size of the CPU latency measurement", 16)
+    latency_repeats: int = _help("timed forward passes of the latency measurement (the median counts)", 30)
+
+    def validate(self) -> None:
+        if self.distance not in ("euclidean", "cosine"):
+            raise ConfigError(f"kmeans.distance must be 'euclidean' or 'cosine', got {self.distance!r}")
+        if self.importance not in ("none", "l1"):
+            raise ConfigError(f"kmeans.importance must be 'none' or 'l1', got {self.importance!r}")
+        if self.n_init < 1:
+            raise ConfigError(f"kmeans.n_init must be >= 1, got {self.n_init}")
+        for name in ("stage_pruned", "layer_pruned"):
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+                raise ConfigError(f"kmeans.{name} must be a list of counts >= 0 (e.g. [0, 4, 8]), got {values!r}")
+        for name in ("stages", "layers"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ConfigError(f"kmeans.{name} must be a list of names, got {getattr(self, name)!r}")
+        keep = self.merge_keep
+        if not isinstance(keep, (list, tuple)) or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in keep):
+            raise ConfigError(f"kmeans.merge_keep must be a list of fractions in (0, 1], got {keep!r}")
+        if self.latency_batch < 1 or self.latency_repeats < 1:
+            raise ConfigError("kmeans.latency_batch and kmeans.latency_repeats must be >= 1")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     study: str = _help("study name; also the MLflow experiment", DEFAULT_STUDY)
     kind: str = _help("pipeline shape: which stages `main` chains and which report it draws", "filter_pruning")
@@ -141,6 +180,7 @@ class StudyConfig:
     finetune: TrainConfig = field(default_factory=TrainConfig)
     lottery: LotteryConfig = field(default_factory=LotteryConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
 
     def validate(self) -> "StudyConfig":
         if self.trials < 1:
@@ -153,6 +193,7 @@ class StudyConfig:
         self.prune.validate()
         self.lottery.validate()
         self.transfer.validate()
+        self.kmeans.validate()
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -183,7 +224,8 @@ def field_help() -> dict[str, str]:
 
 _SECTIONS = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "finetune": TrainConfig,
              "lottery": LotteryConfig,
-             "transfer": TransferConfig}
+             "transfer": TransferConfig,
+             "kmeans": KMeansConfig}
 
 
 def configs_dir() -> Path:

@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 from prunelab import paths, tracking  # noqa: E402
 from prunelab.config import StudyConfig  # noqa: E402
 from prunelab.errors import TrackingError  # noqa: E402
+from prunelab.report_kmeans import kmeans_report  # noqa: E402
 
 
 def latest_per_trial(runs: list) -> dict[int, object]:
@@ -49,8 +50,9 @@ def plot_band(ax, table: pd.DataFrame, label: str, **style) -> None:
 
 
 # Settings that do not change what a run computes (`study` is the preset name
-# under `mlflow run`, the experiment name otherwise: runs are found by their tag).
-_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed", "study"}
+# under `mlflow run`, the experiment name otherwise: runs are found by their tag;
+# a weights path says where the same weights were read from).
+_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed", "study", "kmeans.weights"}
 
 
 def same_settings(run, cfg: StudyConfig) -> bool:
@@ -139,6 +141,7 @@ REPORTS = {
     "filter_pruning": filter_pruning_report,
     "lottery_ticket": _lottery_report,
     "transfer_pruning": _transfer_pruning_report,
+    "kmeans_clustering": kmeans_report,
 }
 
 

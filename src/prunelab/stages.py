@@ -199,11 +199,12 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
 def by_kind(kind: str) -> dict:
     """Entry point name -> stage function, for a study kind."""
     # Imported late: both build on this module's helpers.
-    from prunelab import lottery, transfer_stages
+    from prunelab import kmeans_stages, lottery, transfer_stages
 
     kinds = {"filter_pruning": {"train": train, "prune": prune, "finetune": finetune},
              "lottery_ticket": lottery.STAGES,
-             "transfer_pruning": {"train": transfer_stages.train, "prune": prune, "finetune": finetune}}
+             "transfer_pruning": {"train": transfer_stages.train, "prune": prune, "finetune": finetune},
+             "kmeans_clustering": {"train": train, "finetune": finetune, **kmeans_stages.STAGES}}
     if kind not in kinds:
         raise ConfigError(f"study kind {kind!r} has no stages: choose one of {', '.join(kinds)}")
     return kinds[kind]

@@ -30,6 +30,8 @@ STAGES = {
     "filter_pruning": lambda cfg: chain("train", "prune", "finetune"),
     "lottery_ticket": _lottery_steps,  # one prune step per round, each followed by its re-init control
     "transfer_pruning": lambda cfg: chain("train", "prune", "finetune"),  # train = transfer on cached features
+    # pretrained weights in, one sweep process per k-means seed (its points are child runs)
+    "kmeans_clustering": lambda cfg: chain("prune"),
 }
 
 

@@ -7,6 +7,7 @@ server costs tens of milliseconds, so never one call per value).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -131,6 +132,40 @@ def run(experiment: str, stage: str, tags: dict[str, Any], run_name: str | None 
             yield handle
         finally:
             handle.flush()
+
+
+@functools.lru_cache(maxsize=16)
+def _experiment_of(run_id: str) -> str:
+    return client().get_run(run_id).info.experiment_id
+
+
+def log_child_run(parent: Run, run_name: str, tags: dict[str, Any], params: dict[str, Any],
+                  metrics: dict[str, float], step: int = 0, files: list[Path] | None = None) -> str:
+    """One finished child run of `parent`, written in three calls (create, one
+    batch, terminate): for sweeps with many points, where a process per point
+    would cost seconds each. Its values are computed before it is created, so a
+    failure never leaves a half-written run behind."""
+    from mlflow.entities import Metric, Param
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    c = parent._client
+    experiment_id = _experiment_of(parent.run_id)
+    all_tags = {MLFLOW_PARENT_RUN_ID: parent.run_id, **tags}
+    child = c.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    run_id = child.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # the server takes at most 100 params per batch
+            c.log_batch(run_id, params=items[i : i + 100],
+                        metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()] if i == 0 else [])
+        for f in files or []:
+            c.log_artifact(run_id, str(f))
+        c.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        c.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
 
 
 # --------------------------------------------------------------------------- reading back

@@ -14,6 +14,7 @@ from torch import nn
 from prunelab.errors import ConfigError
 from prunelab.models.conv import Conv2, Conv4, Conv6
 from prunelab.models.lenet import LeNet300100
+from prunelab.models.resnet_cifar import DEPTHS as RESNET_CIFAR
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.models.vgg import VGG16Transfer
 
@@ -24,6 +25,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "conv6": Conv6,
     "lenet_300_100": LeNet300100,
     "vgg16": VGG16Transfer,
+    **RESNET_CIFAR,  # resnet20/32/44/56/110/1202 for CIFAR
 }
 
 

@@ -1,0 +1,100 @@
+"""The k-means study against a real MLflow server: one child run per sweep
+point, merge runs with a reloadable smaller model, the report, and `mlflow run`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunelab import checkpoints, config, kmeans_stages, report, tracking
+from prunelab.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(study: str, weights: Path, extra: list[str] = ()) -> list[str]:
+    """The study at test scale: 100 test images, a few points of each sweep."""
+    return [f"study={study}", f"kmeans.weights={weights}", "data.n_test=100", "kmeans.stages=[layer1]",
+            "kmeans.stage_pruned=[0,8,16]", "kmeans.layers=[conv1,layer3.0.conv1]", "kmeans.layer_pruned=[0,15]",
+            "kmeans.merge_keep=[1.0,0.5]", "kmeans.latency_repeats=3", "kmeans.latency_batch=4", "kmeans.n_init=2",
+            *extra]
+
+
+@pytest.mark.slow
+def test_sweep_logs_one_child_run_per_point(tracking_uri, client, cifar_dir, resnet20_file, tmp_path):
+    """Each sweep point is a finished child run with the shared tags and params; K = C scores
+    as the original; merge runs log smaller params/MACs and a checkpoint that reloads; the report draws both figures."""
+    cfg = config.load("kmeans-resnet20-cifar10", tiny("test-kmeans-sweep", resnet20_file, [f"data.data_dir={cifar_dir}"]))
+    parent_id = kmeans_stages.sweep(cfg, trial=1)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["stage"] == "prune"
+    children = tracking.find_runs(cfg.study, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    points = sorted((r.data.params["sweep"], r.data.params["target"], r.data.params.get("clusters_pruned", r.data.params.get("keep")))
+                    for r in children)
+    # stage_pruned 16 is skipped for layer1 (16 filters: K would be 0)
+    assert points == sorted([("stage", "layer1", "0"), ("stage", "layer1", "8"), ("layer", "conv1", "0"),
+                             ("layer", "conv1", "15"), ("layer", "layer3.0.conv1", "0"), ("layer", "layer3.0.conv1", "15"),
+                             ("merge", "blocks", "1.0"), ("merge", "blocks", "0.5")])
+    base = parent.data.metrics["test_accuracy"]
+    for r in children:
+        assert r.info.status == "FINISHED"
+        assert {r.data.tags[k] for k in ("study", "trial", "seed", "stage")} == {cfg.study, "1", "1", "prune"}
+        assert r.data.params["model"] == "resnet20" and r.data.params["method"] == "kmeans"
+        if r.data.params.get("clusters_pruned") == "0":
+            assert r.data.metrics["test_accuracy"] == base
+    # the parent carries each target's series with step = clusters pruned
+    series = tracking.metric_history(parent_id, "test_accuracy.layer.layer3.0.conv1")
+    assert [s for s, _ in series] == [0, 15]
+
+    merges = {r.data.params["keep"]: r for r in children if r.data.params["sweep"] == "merge"}
+    full, half = merges["1.0"].data.metrics, merges["0.5"].data.metrics
+    assert full["params"] == full["params_before"] and full["max_abs_diff_original"] < 1e-3
+    assert half["params"] < 0.55 * half["params_before"] and half["macs"] < 0.55 * half["macs_before"]
+    assert half["max_abs_diff_centroid"] < 1e-3 and half["latency_ms"] > 0
+    local = client.download_artifacts(merges["0.5"].info.run_id, "checkpoint.pt", str(tmp_path))
+    assert checkpoints.load(local).spec()["mid_widths"] == [8, 8, 8, 16, 16, 16, 32, 32, 32]
+
+    report_id = report.report(cfg, tmp_path / "figures")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "accuracy_vs_clusters_pruned_per_layer.png", "accuracy_vs_clusters_pruned_per_stage.png", "report_table.csv"]
+    logged = {a.path for a in client.list_artifacts(report_id, "figures")}
+    assert "figures/accuracy_vs_clusters_pruned_per_stage.png" in logged
+
+
+def test_bad_names_fail_before_any_run(tracking_uri, client, cifar_dir, resnet20_file):
+    """An unknown layer or stage, or missing weights, fails in one line and leaves no run behind."""
+    study = "test-kmeans-bad-names"
+    for extra, text in ((["kmeans.layers=[layer1.0.conv3]"], "valid ones are conv1, layer1.0.conv1"),
+                        (["kmeans.stages=[layer4]"], "valid ones are layer1, layer2, layer3")):
+        cfg = config.load("kmeans-resnet20-cifar10", tiny(study, resnet20_file, [f"data.data_dir={cifar_dir}", *extra]))
+        with pytest.raises(ConfigError, match=text):
+            kmeans_stages.sweep(cfg)
+    cfg = config.load("kmeans-resnet20-cifar10", tiny(study, "", [f"data.data_dir={cifar_dir}"]))
+    with pytest.raises(ConfigError, match="kmeans.weights"):
+        kmeans_stages.sweep(cfg)
+    assert tracking.find_runs(study, finished_only=False) == []
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_chains_sweeps_and_report(tracking_uri, client, cifar_dir, resnet20_file, tmp_path):
+    """`mlflow run . -e main` on the k-means preset runs one sweep per seed, then the report."""
+    study = "test-kmeans-main"
+    overrides = " ".join(tiny(study, resnet20_file, ["trials=2", "kmeans.merge_keep=[0.5]", "kmeans.layer_pruned=[15]"]))
+    # MLflow exports the active experiment/run of this process; `mlflow run` must choose its own.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env = {**inherited, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO / "src"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "main", "--env-manager", "local",
+           "--experiment-name", study, "-P", "study=kmeans-resnet20-cifar10", "-P", f"overrides={overrides}",
+           "-P", f"data_dir={cifar_dir}", "-P", f"out_dir={tmp_path / 'out'}"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parents = tracking.find_runs(study, "tags.`mlflow.project.entryPoint` = 'prune'")
+    assert sorted(r.data.tags["trial"] for r in parents) == ["0", "1"]
+    children = tracking.find_runs(study, "tags.sweep = 'layer'")
+    assert len(children) == 2 * 2  # two convs at 15 clusters pruned, two seeds
+    assert (tmp_path / "out" / "accuracy_vs_clusters_pruned_per_stage.png").is_file()
