@@ -60,7 +60,7 @@ def test_sweep_logs_one_child_run_per_point(tracking_uri, client, cifar_dir, res
 
     report_id = report.report(cfg, tmp_path / "figures")
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "accuracy_vs_clusters_pruned_per_layer.png", "accuracy_vs_clusters_pruned_per_stage.png", "report_table.csv"]
+        "accuracy_vs_clusters_pruned_per_layer.png", "accuracy_vs_clusters_pruned_per_stage.png", "report_table.csv", "report_table.md"]
     logged = {a.path for a in client.list_artifacts(report_id, "figures")}
     assert "figures/accuracy_vs_clusters_pruned_per_stage.png" in logged
 

@@ -64,11 +64,11 @@ def check_fits(model: nn.Module, data: datasets.ImageData) -> None:
 
 
 def check_names(cfg: StudyConfig) -> None:
-    """Fail on an unknown model, dataset or method before loading anything."""
-    from prunelab.errors import ConfigError
-
-    for what, name, registry in (("model", cfg.model, models.MODELS), ("dataset", cfg.data.dataset, datasets.DATASETS),
-                                 ("pruning method", cfg.prune.method, criteria.CRITERIA)):
+    """Fail on an unknown model, dataset or method (or study kind) before loading anything."""
+    checks = [("model", cfg.model, models.MODELS), ("dataset", cfg.data.dataset, datasets.DATASETS)]
+    if by_kind(cfg.kind).get("prune") is prune:  # kinds with their own pruning read other settings
+        checks.append(("pruning method", cfg.prune.method, criteria.CRITERIA))
+    for what, name, registry in checks:
         if name not in registry:
             raise ConfigError(f"unknown {what} {name!r}: choose one of {', '.join(sorted(registry))}")
 
