@@ -10,7 +10,7 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server run test test-fast bench report ui clean vgg-quick kmeans
+.PHONY: help install server stop-server run test test-fast bench report ui clean lth kmeans vgg-quick
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ bench: install ## benchmarks: a table of speed ratios measured in one run
 # The k-means study starts from the reference ResNet20 weights; point these at your copies.
 CIFAR_DIR ?= ../shared/data/cifar10-subset
 RESNET20 ?= ../shared/models/resnet20-12fca82f.th
+lth: server ## lottery tickets, Conv-2 on CIFAR-10 at CPU scale (CIFAR_DIR=...)
+	$(BIN)/mlflow run . -e main -P study=lth-conv2-cifar10-quick -P data_dir=$(abspath $(CIFAR_DIR)) \
+	  -P out_dir=resources/figures/lth-conv2-cifar10-quick --env-manager local --experiment-name lth-conv2-cifar10-quick
+
 kmeans: server ## k-means filter clustering of the pretrained ResNet20 (CIFAR_DIR=..., RESNET20=...)
 	$(BIN)/mlflow run . -e main -P study=kmeans-resnet20-cifar10 -P data_dir=$(abspath $(CIFAR_DIR)) \
 	  -P overrides="kmeans.weights=$(abspath $(RESNET20))" -P out_dir=resources/figures/kmeans-resnet20-cifar10 \
@@ -59,10 +63,11 @@ report: server ## redraw the README figures of STUDY from the server into resour
 	$(BIN)/prunelab report --study $(STUDY) --out resources/figures/$(STUDY)
 
 # The VGG16 dogs-vs-cats study at CPU scale (32 px, random features: no weights offline).
+DATA_DIR ?= ../shared/data/dogs-vs-cats
 VGG_QUICK ?= data.image_size=32 data.n_train=120 data.n_test=100 trials=2 transfer.pretrained=false train.epochs=3 train.optimizer=adam train.lr=0.0001 prune.filters_per_step=512 prune.finetune_epochs_between=1 prune.rank_images=120 prune.latency_repeats=10 finetune.epochs=2
 
 vgg-quick: server ## VGG16 transfer + Taylor pruning at CPU scale; needs DATA_DIR=<folder with train/ and test/>
-	@test -n "$(DATA_DIR)" || { echo "pass DATA_DIR=<folder with train/<class>/ and test/<class>/>"; exit 2; }
+	@test -d "$(DATA_DIR)" || { echo "no folder DATA_DIR=$(DATA_DIR): pass DATA_DIR=<folder with train/<class>/ and test/<class>/>"; exit 2; }
 	$(BIN)/mlflow run . -e main -P study=taylor-vgg16-dogscats -P data_dir=$(abspath $(DATA_DIR)) -P "overrides=$(VGG_QUICK)" -P out_dir=resources/figures/taylor-vgg16-dogscats --env-manager local --experiment-name taylor-vgg16-dogscats
 
 ui: server ## print the address of the MLflow UI

@@ -21,7 +21,7 @@ from prunelab.pruning import surgery
 
 DOGS_VS_CATS = Path(os.environ.get("PRUNELAB_DOGS_VS_CATS", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dogs-vs-cats"))
 REPEATS = 20
-EPOCHS = 3  # the ratio grows with the epochs: the cache pays for the convolutions once
+EPOCHS = 5  # the ratio grows with the epochs: the cache pays for the convolutions once
 
 
 def _data() -> data.ImageData:
