@@ -1,7 +1,7 @@
 """Lottery tickets: the cost of keeping pruned weights at zero.
 
 One Conv-2 training step (Adam, batch 60 of 32x32 images) dense, and the same
-step followed by `Mask.apply` with a round-5 mask (what `lottery._train_round`
+step followed by `Mask.applier`'s re-zeroing with a round-5 mask (what `lottery._train_round`
 passes as `after_step`). Timed alternately, best of several, so both see the
 same machine load. The inputs are random tensors: only the timing matters here.
 """
@@ -35,7 +35,7 @@ def rows() -> list[Row]:
                 train_step(model, optimizer, x, y, after_step)
         return run
 
-    dense, masked = steps(None), steps(lambda: mask.apply(model))
+    dense, masked = steps(None), steps(mask.applier(model))
     dense()  # warm-up: allocator and Adam state
     times = {"dense": [], "masked": []}
     for _ in range(REPEATS):  # alternate, so a burst of load hits both

@@ -67,8 +67,10 @@ def _train_round(run: tracking.Run, cfg: StudyConfig, data: datasets.ImageData, 
     snapshot: dict = {}
     done = [start]
 
+    zero_pruned = mask.applier(model)
+
     def after_step() -> None:
-        mask.apply(model)
+        zero_pruned()
         done[0] += 1
         if done[0] == snapshot_at:
             snapshot.update({n: t.detach().clone() for n, t in model.state_dict().items()})

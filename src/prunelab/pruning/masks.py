@@ -69,6 +69,18 @@ class Mask(dict):
         for name, keep in self.items():
             params[name].mul_(keep)
 
+    def applier(self, model: nn.Module):
+        """`apply` for the training loop's every step: the weights and float copies of
+        the masks are looked up once, and one fused multiply zeroes them all."""
+        params = dict(model.named_parameters())
+        weights = [params[name] for name in self]
+        keeps = [keep.to(params[name].dtype) for name, keep in self.items()]
+
+        @torch.no_grad()
+        def apply() -> None:
+            torch._foreach_mul_(weights, keeps)
+        return apply
+
     # ---- sparsity report
     def remaining(self) -> dict[str, int]:
         return {name: int(v.sum()) for name, v in self.items()}
