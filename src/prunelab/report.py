@@ -42,6 +42,17 @@ def band(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return sub.groupby("step")["value"].agg(["mean", "min", "max", "count"]).reset_index()
 
 
+def finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: float | None = None) -> plt.Figure:
+    """Labels, grid, legend and layout: the same finish on every report's figures."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    return fig
+
+
 def plot_band(ax, table: pd.DataFrame, label: str, **style) -> None:
     """Mean line with min/max error bars and a shaded min-max band."""
     yerr = [table["mean"] - table["min"], table["max"] - table["mean"]]
@@ -83,13 +94,7 @@ def filter_pruning_report(cfg: StudyConfig) -> tuple[dict[str, plt.Figure], pd.D
             table = band(curves[stage], metric)
             if len(table):  # a finetune run's epoch 0 is the pruned model before fine-tuning
                 plot_band(ax, table, f"{name}, {int(table['count'].max())} trials")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.set_title(f"{cfg.study}: {label}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        figures[f"{metric}.png"] = fig
+        figures[f"{metric}.png"] = finish(fig, ax, "epoch", label, f"{cfg.study}: {label}")
     return figures, size_table(curves, prune_runs)
 
 

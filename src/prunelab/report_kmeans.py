@@ -54,19 +54,13 @@ def _trials(rows: pd.DataFrame) -> int:
 
 
 def figure_stages(cfg: StudyConfig, table: pd.DataFrame) -> plt.Figure:
-    from prunelab.report import plot_band
+    from prunelab.report import finish, plot_band
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for stage in sorted(table["target"].unique()):
         rows = table[table.target == stage]
         plot_band(ax, _band(rows), f"{stage} (all convs), {_trials(rows)} seeds")
-    ax.set_xlabel("clusters pruned away per conv (C - K)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{cfg.study}: k-means per stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "clusters pruned away per conv (C - K)", "test accuracy", f"{cfg.study}: k-means per stage", 8)
 
 
 def _stage_of(layer: str) -> str:

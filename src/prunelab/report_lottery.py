@@ -15,7 +15,7 @@ from prunelab import paths, tracking
 from prunelab.config import StudyConfig
 from prunelab.errors import TrackingError
 from prunelab.lottery import STAGE_REINIT, STAGE_TICKET, STAGE_TICKET_ROUND_0
-from prunelab.report import band, histories, plot_band, same_settings
+from prunelab.report import band, finish, histories, plot_band, same_settings
 
 MAX_CURVES = 6  # more Pm curves than this on one axis are unreadable; evenly spaced rounds are drawn
 
@@ -60,13 +60,7 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, pm_ticks: list[float]
         ax.minorticks_off()
         ax.set_xticks(pm_ticks, [f"{pm:.3g}" for pm in pm_ticks])
         ax.invert_xaxis()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, xlabel, ylabel, title, 8)
 
 
 def lottery_report(cfg: StudyConfig) -> tuple[dict[str, plt.Figure], pd.DataFrame]:

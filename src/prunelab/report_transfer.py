@@ -15,7 +15,7 @@ import pandas as pd
 from prunelab import tracking
 from prunelab.config import StudyConfig
 from prunelab.errors import TrackingError
-from prunelab.report import band, histories, plot_band, stage_runs
+from prunelab.report import band, finish, histories, plot_band, stage_runs
 
 STEP_METRICS = ["params", "macs", "latency_ms", "fraction_remaining", "filters", "test_accuracy", "test_loss",
                 "retrained_test_accuracy", "retrained_test_loss"]
@@ -65,13 +65,7 @@ def _accuracy_figure(cfg: StudyConfig, steps: pd.DataFrame, final: pd.DataFrame,
         x = 100 * (1 - _last(steps, "fraction_remaining").mean())
         ax.errorbar([x], [accs.mean()], yerr=[[accs.mean() - accs.min()], [accs.max() - accs.mean()]], fmt="*",
                     markersize=12, capsize=4, color="black", label=f"after the final fine-tuning, {len(accs)} trials")
-    ax.set_xlabel("parameters removed (% of the whole model)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{cfg.study}: accuracy while pruning")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "parameters removed (% of the whole model)", "test accuracy", f"{cfg.study}: accuracy while pruning", 8)
 
 
 def _filters_figure(cfg: StudyConfig, steps: pd.DataFrame, layers: list[str], trials: int) -> plt.Figure:
