@@ -57,8 +57,12 @@ def eval_mode(model: nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalise, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalise, batch_size: int | None = None) -> dict[str, float]:
     """Mean cross-entropy and accuracy of `model` on (x, y)."""
+    if batch_size is None:
+        # 1,000 small images a batch, fewer large ones: at 224 px a batch of 1,000
+        # would need tens of GB for VGG16's first activations.
+        batch_size = max(1, min(1000, 2**22 // max(1, x[0].numel())))
     loss_sum, correct = 0.0, 0
     with eval_mode(model):
         for xb, yb in batches(x, y, batch_size, normalise):
