@@ -28,11 +28,10 @@ def _common(p: argparse.ArgumentParser, trial: bool = True) -> None:
     p.add_argument("--no-pretrained", action="store_true", help="random initial features (same as transfer.pretrained=false)")
 
 
-# A study kind whose stages differ from filter_pruning's names the module that holds its
-# train / prune / finetune functions.
-def _flag_overrides(args) -> list[str]:
-    """Settings given as flags, as overrides (so `mlflow run` can pass them as -P overrides=... too)."""
-    out = []
+def _overrides(args) -> list[str]:
+    """--overrides, --set and the setting flags, as one list of KEY=VALUE (flags become
+    overrides so that `mlflow run` can pass them as -P overrides=... too)."""
+    out = args.overrides.split() + list(args.sets)
     if getattr(args, "weights", ""):
         out.append(f"transfer.weights={os.path.abspath(args.weights)}")  # stages may run in another folder
     if getattr(args, "no_pretrained", False):
@@ -73,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
 def _config(args):
     from prunelab import config
 
-    overrides = args.overrides.split() + list(args.sets) + _flag_overrides(args)
+    overrides = _overrides(args)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     return config.load(args.study, overrides)
@@ -98,7 +97,7 @@ def dispatch(args) -> int:
     if args.command == "run":
         from prunelab.study import run_study
 
-        run_study(args.study, " ".join(args.overrides.split() + list(args.sets) + _flag_overrides(args)), args.data_dir, args.out)
+        run_study(args.study, " ".join(_overrides(args)), args.data_dir, args.out)
         return 0
     if args.command in ("train", "prune", "finetune"):
         stage = stages.by_kind(cfg.kind)[args.command]  # what each entry point means for this kind of study

@@ -16,7 +16,6 @@ process start per point.
 from __future__ import annotations
 
 import copy
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def merge(run: tracking.Run, model: nn.Module, data: datasets.ImageData, cfg: St
         with torch.no_grad():
             merged_out, centroid_out = merged(probe), centroid_net(probe)
         after = measure.size(merged, shape)
-        latency_before, latency_after = paired_latency_ms(model, merged, shape, km.latency_batch, km.latency_repeats)
+        latency_before, latency_after = measure.paired_latency_ms(model, merged, shape, km.latency_batch, km.latency_repeats)
         result = evaluate(merged, data.test_x, data.test_y, data.normalise)
         metrics = {
             "test_accuracy": result["accuracy"], "test_loss": result["loss"], "test_accuracy_before": base["accuracy"],
@@ -141,22 +140,6 @@ def merge(run: tracking.Run, model: nn.Module, data: datasets.ImageData, cfg: St
                 params={**params, "sweep": "merge", "target": "blocks", "keep": keep,
                         "mid_widths": ",".join(str(w) for w in widths.values())},
                 metrics=metrics, files=[weights, summary])
-
-
-def paired_latency_ms(a: nn.Module, b: nn.Module, shape, batch: int, repeats: int, chunk: int = 5) -> tuple[float, float]:
-    """Median single-thread CPU latency of two networks timed in alternating
-    chunks, so both see the same machine load: on a shared CPU the load drifts
-    by tens of %, and multi-threaded kernels then stall on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times_a, times_b = [], []
-        for _ in range(max(1, (repeats + chunk - 1) // chunk)):
-            times_a.append(measure.latency_ms(a, shape, batch, repeats=chunk, warmup=1))
-            times_b.append(measure.latency_ms(b, shape, batch, repeats=chunk, warmup=1))
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times_a), statistics.median(times_b)
 
 
 STAGES = {"prune": sweep}

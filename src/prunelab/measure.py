@@ -41,3 +41,19 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, r
             model(x)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
+
+
+def paired_latency_ms(a: nn.Module, b: nn.Module, shape, batch: int, repeats: int, chunk: int = 5) -> tuple[float, float]:
+    """Median single-thread CPU latency of two networks timed in alternating
+    chunks, so both see the same machine load: on a shared CPU the load drifts
+    by tens of %, and multi-threaded kernels then stall on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times_a, times_b = [], []
+        for _ in range(max(1, (repeats + chunk - 1) // chunk)):
+            times_a.append(latency_ms(a, shape, batch, repeats=chunk, warmup=1))
+            times_b.append(latency_ms(b, shape, batch, repeats=chunk, warmup=1))
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times_a), statistics.median(times_b)

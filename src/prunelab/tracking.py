@@ -198,22 +198,14 @@ def load_model(ref: str):
 
 
 def _load_run_checkpoint(run_id: str):
-    import mlflow.artifacts
-
     from prunelab import checkpoints
 
-    try:
-        run_ = client().get_run(run_id)
-    except Exception as exc:
-        if _mlflow_error(exc):
-            raise ModelError(f"no run {run_id} on the tracking server {tracking_uri()}: check the run id") from None
-        raise
+    run_ = get_run(run_id)
     if paths.TAG_MODEL_URI not in run_.data.tags:
         raise ModelError(f"run {run_id} logged no final model (stage {run_.data.tags.get(paths.TAG_STAGE, '?')}, "
                          f"status {run_.info.status}): pass a finished train, prune or finetune run")
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=paths.CHECKPOINT, dst_path=tmp)
-        return checkpoints.load(local)
+        return checkpoints.load(download(run_id, paths.CHECKPOINT, tmp))
 
 
 def get_run(run_id: str):
@@ -222,7 +214,7 @@ def get_run(run_id: str):
         return client().get_run(run_id)
     except Exception as exc:
         if _mlflow_error(exc):
-            raise ModelError(f"no run {run_id!r} on the tracking server {tracking_uri()}: check the run id") from None
+            raise ModelError(f"no run {run_id} on the tracking server {tracking_uri()}: check the run id") from None
         raise
 
 
