@@ -11,14 +11,16 @@ import torch
 from torch import nn
 
 from bench import Row
-from prunelab import config, data, measure, models, server, tracking
+from prunelab import config, data, measure, server, studies, tracking
+from prunelab.data import fashionmnist
+from prunelab.data.base import ImageData
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.train import fit, train_epoch
 
 N_TRAIN = 12_000  # a fifth of FashionMNIST: long enough to time, short enough for 2 cores
 
 
-def _data() -> data.ImageData:
+def _data() -> ImageData:
     return data.get(config.DataConfig(dataset="fashionmnist", n_train=N_TRAIN, n_test=2000))
 
 
@@ -54,7 +56,7 @@ def _dataloader_epoch(cfg):
     from torchvision import transforms
     from torchvision.datasets import FashionMNIST
 
-    root = data._torchvision_root(data._idx_folder(data.DEBIAN_FASHION_MNIST))
+    root = fashionmnist._torchvision_root(fashionmnist._idx_folder(fashionmnist.DEBIAN_FASHION_MNIST))
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
     ds = Subset(FashionMNIST(str(root), train=True, transform=tf), range(N_TRAIN))
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0)
@@ -102,7 +104,7 @@ def tracking_rows() -> list[Row]:
     noise of two 40-second trainings; the final model's upload is its own row."""
     import tempfile
 
-    cfg = config.StudyConfig()
+    cfg = studies.load_config()
     d = data.get(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
         uri, process = server.start(server.free_port(), tmp)

@@ -1,7 +1,7 @@
 """Lottery tickets: the cost of keeping pruned weights at zero.
 
 One Conv-2 training step (Adam, batch 60 of 32x32 images) dense, and the same
-step followed by `Mask.applier`'s re-zeroing with a round-5 mask (what `lottery._train_round`
+step followed by `Mask.applier`'s re-zeroing with a round-5 mask (what `lottery_ticket._train_round`
 passes as `after_step`). Timed alternately, best of several, so both see the
 same machine load. The inputs are random tensors: only the timing matters here.
 """
@@ -12,7 +12,8 @@ import torch
 
 from bench import Row, best_of
 from prunelab import models
-from prunelab.config import LotteryConfig, TrainConfig
+from prunelab.config import TrainConfig
+from prunelab.studies.lottery_ticket import LotteryConfig
 from prunelab.pruning import masks
 from prunelab.train import make_optimizer, train_step
 

@@ -15,6 +15,7 @@ import torch
 
 from bench import Row, best_of
 from prunelab import config, data, transfer
+from prunelab.data.base import ImageData
 from prunelab.config import TrainConfig
 from prunelab.models.vgg import VGG16Transfer
 from prunelab.pruning import surgery
@@ -24,7 +25,7 @@ REPEATS = 20
 EPOCHS = 5  # the ratio grows with the epochs: the cache pays for the convolutions once
 
 
-def _data() -> data.ImageData:
+def _data() -> ImageData:
     return data.get(config.DataConfig(dataset="imagefolder", data_dir=str(DOGS_VS_CATS), image_size=32,
                                       n_train=128, n_test=64))
 

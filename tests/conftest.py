@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from prunelab import config, data, server
+from prunelab import server, studies
+from prunelab.data.fashionmnist import DEBIAN_FASHION_MNIST
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -53,7 +54,7 @@ def _require(path: Path, what: str) -> Path:
 
 @pytest.fixture(scope="session")
 def fashion_dir() -> Path:
-    return _require(data.DEBIAN_FASHION_MNIST, "FashionMNIST (Debian's dataset-fashion-mnist; `make install` installs it)")
+    return _require(DEBIAN_FASHION_MNIST, "FashionMNIST (Debian's dataset-fashion-mnist; `make install` installs it)")
 
 
 @pytest.fixture(scope="session")
@@ -80,4 +81,4 @@ TINY_FASHION = ["data.n_train=1500", "data.n_test=500", "train.epochs=1", "finet
 def tiny_cfg(fashion_dir, request):
     """The default study at test scale, in an experiment of its own (named after the test)."""
     name = f"test-{request.node.name}".replace("[", "-").replace("]", "")[:60]
-    return config.load(overrides=TINY_FASHION + [f"study={name}"])
+    return studies.load_config(overrides=TINY_FASHION + [f"study={name}"])

@@ -2,20 +2,20 @@
 
 import pytest
 
-from prunelab import config
+from prunelab import studies
 from prunelab.errors import ConfigError
 
 
 def test_default_preset_is_the_study_shape():
     """The default preset trains 5 epochs, prunes by Taylor to <= 60 % params, fine-tunes 5 epochs, 5 trials."""
-    cfg = config.load()
+    cfg = studies.load_config()
     assert (cfg.study, cfg.model, cfg.data.dataset) == ("taylor-cnn-fashionmnist", "simple_cnn", "fashionmnist")
     assert (cfg.train.epochs, cfg.finetune.epochs, cfg.trials) == (5, 5, 5)
     assert (cfg.prune.method, cfg.prune.target_kind, cfg.prune.target) == ("taylor", "params", 0.6)
 
 
 def test_overrides_are_typed_and_flattened():
-    cfg = config.load(overrides="train.epochs=2 prune.target=0.5 data.augment=true")
+    cfg = studies.load_config(overrides="train.epochs=2 prune.target=0.5 data.augment=true")
     assert cfg.train.epochs == 2 and cfg.prune.target == 0.5 and cfg.data.augment is True
     flat = cfg.flat()
     assert flat["train.epochs"] == 2 and flat["prune.method"] == "taylor" and "finetune.lr" in flat
@@ -33,15 +33,15 @@ def test_overrides_are_typed_and_flattened():
 ])
 def test_bad_settings_fail_with_one_line(override, message):
     with pytest.raises(ConfigError) as err:
-        config.load(overrides=[override])
+        studies.load_config(overrides=[override])
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_study_lists_the_presets():
     with pytest.raises(ConfigError, match="taylor-cnn-fashionmnist"):
-        config.load("no-such-study")
+        studies.load_config("no-such-study")
 
 
 def test_every_setting_has_help():
-    helps = config.field_help()
+    helps = studies.field_help()
     assert "prune.filters_per_step" in helps and all(helps.values())

@@ -1,3 +1,4 @@
 from prunelab.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # `python -m prunelab`; importing this module runs nothing
+    raise SystemExit(main())

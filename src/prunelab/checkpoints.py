@@ -1,17 +1,15 @@
-"""Weights files that carry their own architecture.
+"""Weights files that carry their own architecture, and plain state-dict files.
 
 A checkpoint is a plain dict of tensors and primitives (so it loads with
 `torch.load(weights_only=True)`): the model's registry name, its `spec()` and
 its state dict. Foreign files (a bare state dict, or {'state_dict': ...} with
 the `module.` prefix of nn.DataParallel) load too when the architecture is
-named.
+named. Nothing here ever unpickles code.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 
 from prunelab import models
 from prunelab.errors import ModelError
+from prunelab.files import atomic_path
 
 FORMAT = "prunelab-checkpoint-v1"
 
@@ -26,26 +25,36 @@ FORMAT = "prunelab-checkpoint-v1"
 def save(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     payload = {"format": FORMAT, "model": models.name_of(model), "spec": model.spec(), "state_dict": model.state_dict()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
+    with atomic_path(path) as tmp:  # never a half-written checkpoint under the real name
+        torch.save(payload, tmp)
     return path
 
 
-def load(path: str | Path, model_name: str | None = None) -> nn.Module:
+def read(path: str | Path, hint: str = "save a state dict with torch.save(model.state_dict(), path)"):
+    """The payload of a weights file, loaded with weights_only=True (no code runs)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"no weights file at {path}: check the path")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelError(
-            f"{path} is not a plain weights file (it would unpickle code or is not a checkpoint: {str(exc).splitlines()[0][:120]}); "
-            "save a state dict with torch.save(model.state_dict(), path)"
-        ) from None
+            f"{path} is not a plain weights file (it would unpickle code or is not a checkpoint: "
+            f"{str(exc).splitlines()[0][:120]}); {hint}") from None
     except Exception as exc:
         raise ModelError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}); check the file") from None
+
+
+def state_dict_of(payload, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a payload (bare, or under 'state_dict'), without any `module.` prefix."""
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} holds no state dict: expected a dict of tensors or {{'state_dict': ...}}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load(path: str | Path, model_name: str | None = None) -> nn.Module:
+    payload = read(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         name = payload["model"]
         if model_name and model_name != name:
@@ -54,18 +63,12 @@ def load(path: str | Path, model_name: str | None = None) -> nn.Module:
         return _load_state(model, payload["state_dict"], path, name)
     if not model_name:
         raise ModelError(f"{path} does not say which architecture it holds: pass --model NAME ({', '.join(sorted(models.MODELS))})")
-    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path} holds no state dict: expected a dict of tensors or {{'state_dict': ...}}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    cls = models.MODELS.get(model_name)
-    if cls is None:
-        models.get(model_name)  # raises the listing error
-    spec = cls.spec_from_state_dict(state) if hasattr(cls, "spec_from_state_dict") else {}
-    return _load_state(models.get(model_name, **spec), state, path, model_name)
+    state = state_dict_of(payload, path)
+    cls = models.model_class(model_name)
+    return _load_state(cls(**cls.spec_from_state_dict(state)), state, path, model_name)
 
 
-def _load_state(model: nn.Module, state: dict, path: Path, name: str) -> nn.Module:
+def _load_state(model: nn.Module, state: dict, path: str | Path, name: str) -> nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

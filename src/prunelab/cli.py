@@ -12,8 +12,14 @@ import logging
 import os
 import sys
 
-from prunelab.config import DEFAULT_STUDY
+from pathlib import Path
+
+from prunelab import data, studies, tracking
+from prunelab.config import DEFAULT_STUDY, DataConfig
 from prunelab.errors import PrunelabError
+from prunelab.studies.common import check_fits
+from prunelab.study import run_study
+from prunelab.train import evaluate
 
 
 def _common(p: argparse.ArgumentParser, trial: bool = True) -> None:
@@ -24,8 +30,10 @@ def _common(p: argparse.ArgumentParser, trial: bool = True) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
     if trial:
         p.add_argument("--trial", type=int, default=0, help="trial number; its seed is seed + trial (default: 0)")
-    p.add_argument("--weights", default="", help="local pretrained state-dict file (same as transfer.weights=PATH)")
-    p.add_argument("--no-pretrained", action="store_true", help="random initial features (same as transfer.pretrained=false)")
+    p.add_argument("--weights", default="", help="transfer_pruning studies: local pretrained state-dict file "
+                   "(same as transfer.weights=PATH; other kinds refuse it)")
+    p.add_argument("--no-pretrained", action="store_true", help="transfer_pruning studies: random initial features "
+                   "(same as transfer.pretrained=false)")
 
 
 def _overrides(args) -> list[str]:
@@ -70,58 +78,39 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from prunelab import config
-
     overrides = _overrides(args)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    return config.load(args.study, overrides)
+    return studies.load_config(args.study, overrides)  # bad settings fail before any connection
 
 
 def dispatch(args) -> int:
-    from prunelab import tracking
-
     if args.command == "settings":
-        from prunelab.config import field_help
-
-        for key, text in field_help().items():
+        for key, text in studies.field_help().items():
             print(f"{key:34s} {text}")
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
-    from prunelab import stages
-
-    cfg = _config(args)  # bad settings fail before any connection
-    stages.check_names(cfg)
+    cfg = _config(args)
     tracking.connect(args.tracking_uri)
     if args.command == "run":
-        from prunelab.study import run_study
-
         run_study(args.study, " ".join(_overrides(args)), args.data_dir, args.out)
         return 0
-    if args.command in ("train", "prune", "finetune"):
-        stage = stages.by_kind(cfg.kind)[args.command]  # what each entry point means for this kind of study
-        run_id = stage(cfg, args.trial) if args.command == "train" else stage(cfg, args.trial, args.model_uri or None)
-    else:
-        from prunelab.report import report
-
-        run_id = report(cfg, args.out or f"reports/{cfg.study}")
+    if args.command == "report":
+        run_id = studies.report(cfg, args.out or f"reports/{cfg.study}")
+    else:  # what each entry point means depends on the study's kind
+        run_id = studies.get(cfg.kind).run(args.command, cfg, args.trial, getattr(args, "model_uri", None) or None)
     print(f"prunelab: {args.command} run {run_id} finished", flush=True)
     return 0
 
 
 def _evaluate(args) -> int:
-    from pathlib import Path
-
-    from prunelab import config, data, stages, tracking
-    from prunelab.train import evaluate
-
-    cfg = config.DataConfig(dataset=args.dataset, data_dir=args.data_dir, n_test=max(args.n_test, 0))
+    cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, n_test=max(args.n_test, 0))
     if not Path(args.model).is_file():
         tracking.connect(args.tracking_uri)
-    model = stages.load_input_model(args.model, args.model_name)
+    model = tracking.load_model(args.model, args.model_name)
     dataset = data.get(cfg)
-    stages.check_fits(model, dataset)
+    check_fits(model, dataset)
     result = evaluate(model, dataset.test_x, dataset.test_y, dataset.normalise)
     print(json.dumps({"loss": round(result["loss"], 6), "accuracy": round(result["accuracy"], 6), "n": result["n"]}))
     return 0

@@ -1,199 +1,111 @@
 """Study configuration: frozen dataclasses whose fields carry their own help.
 
 A study preset (YAML under resources/configs) is the single source of defaults;
-command-line overrides are `section.field=value` strings. Every leaf field is
-logged as an MLflow param under its dotted name, so two runs compare field by
-field in the UI.
+command-line overrides are `section.field=value` strings. The settings every
+kind shares live here (`StudyConfig`: the study, its model and trials, `data`
+and `train`); each study kind adds its own sections (its module under
+`prunelab.studies` declares them), so a run logs the shared settings and its
+own kind's, nothing else. Every leaf field is logged as an MLflow param under
+its dotted name, so two runs compare field by field in the UI.
+
+Ranges are checked here; names (models, optimisers, criteria, ...) are checked
+by the study kind against the registries themselves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from prunelab.errors import ConfigError
 
 DEFAULT_STUDY = "taylor-cnn-fashionmnist"
+DEFAULT_KIND = "filter_pruning"
 
 
-def _help(text: str, default: Any) -> Any:
+def setting(text: str, default: Any) -> Any:
+    """A field with its help text (shown by `prunelab settings`)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple")
     return field(default=default, metadata={"help": text})
+
+
+def section(cls: type) -> Any:
+    """A nested settings section (a dataclass with defaults for every field)."""
+    return field(default_factory=cls)
+
+
+def check_range(where: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False, hint: str = "") -> None:
+    """One-line error unless low <= value <= high (or strict where open); NaN never passes."""
+    ok = not (isinstance(value, float) and math.isnan(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        bound = f"in {lo}, {hi}" if low is not None and high is not None else (
+            f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
+        raise ConfigError(f"{where} must be {bound}, got {value}" + (f": {hint}" if hint else ""))
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _help("dataset registry name", "fashionmnist")
-    data_dir: str = _help("folder holding the data set; empty: search the usual places, then download", "")
-    n_train: int = _help("use only the first N training images (0: all)", 0)
-    n_test: int = _help("use only the first N test images (0: all)", 0)
-    val_size: int = _help("hold out N training images for validation / early stopping (0: none)", 0)
-    augment: bool = _help("random crop and flip on training batches", False)
-    image_size: int = _help("resize images to this side length when the data set allows (0: native)", 0)
+    dataset: str = setting("dataset registry name", "fashionmnist")
+    data_dir: str = setting("folder holding the data set; empty: search the usual places, then download", "")
+    n_train: int = setting("use only the first N training images (0: all)", 0)
+    n_test: int = setting("use only the first N test images (0: all)", 0)
+    val_size: int = setting("hold out N training images for validation / early stopping (0: none)", 0)
+    augment: bool = setting("random crop and flip on training batches", False)
+    image_size: int = setting("resize images to this side length when the data set allows (0: native)", 0)
+
+    def validate(self, where: str = "data") -> None:
+        for name in ("n_train", "n_test", "val_size"):
+            check_range(f"{where}.{name}", getattr(self, name), 0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _help("passes over the training data", 5)
-    batch_size: int = _help("images per optimiser step", 128)
-    optimizer: str = _help("adam or sgd", "adam")
-    lr: float = _help("learning rate", 1e-3)
-    momentum: float = _help("SGD momentum", 0.9)
-    weight_decay: float = _help("L2 penalty", 0.0)
+    epochs: int = setting("passes over the training data", 5)
+    batch_size: int = setting("images per optimiser step", 128)
+    optimizer: str = setting("adam or sgd", "adam")
+    lr: float = setting("learning rate", 1e-3)
+    momentum: float = setting("SGD momentum", 0.9)
+    weight_decay: float = setting("L2 penalty", 0.0)
 
-    def validate(self, where: str, allow_zero: bool = False) -> None:
-        low = 0 if allow_zero else 1
-        if self.epochs < low:
-            raise ConfigError(f"{where}.epochs must be >= {low}, got {self.epochs}: pass a positive number of epochs")
-        if self.batch_size < 1:
-            raise ConfigError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"{where}.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    method: str = _help("filter importance criterion: taylor, l1 or random", "taylor")
-    filters_per_step: int = _help("filters removed per pruning step", 1)
-    target: float = _help("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
-    target_kind: str = _help("what the target counts: params or filters", "params")
-    rank_images: int = _help("training images seen by each ranking pass (0: all)", 10000)
-    finetune_epochs_between: int = _help("fine-tuning epochs after each pruning step but the last", 0)
-    log_models_every: int = _help("log the pruned model every N steps (the last step is always logged)", 1)
-    rank_batch_size: int = _help("images per forward/backward pass of a ranking pass", 256)
-    latency_repeats: int = _help("timed CPU forward passes behind each step's latency_ms (median; 0: not measured)", 30)
-
-    def validate(self) -> None:
-        if not 0.0 < self.target < 1.0:
-            raise ConfigError(f"prune.target must be inside (0, 1), got {self.target}: it is the fraction that remains")
-        if self.target_kind not in ("params", "filters"):
-            raise ConfigError(f"prune.target_kind must be 'params' or 'filters', got {self.target_kind!r}")
-        if self.filters_per_step < 1:
-            raise ConfigError(f"prune.filters_per_step must be >= 1, got {self.filters_per_step}")
-        if self.finetune_epochs_between < 0:
-            raise ConfigError(f"prune.finetune_epochs_between must be >= 0, got {self.finetune_epochs_between}")
-        if self.rank_images < 0:
-            raise ConfigError(f"prune.rank_images must be >= 0, got {self.rank_images}")
-        if self.latency_repeats < 0:
-            raise ConfigError(f"prune.latency_repeats must be >= 0, got {self.latency_repeats}")
-        if self.rank_batch_size < 1:
-            raise ConfigError(f"prune.rank_batch_size must be >= 1, got {self.rank_batch_size}")
-
-
-@dataclass(frozen=True)
-class TransferConfig:
-    pretrained: bool = _help("start from torchvision's ImageNet weights (or transfer.weights); false: random features", True)
-    weights: str = _help("local state-dict file of the pretrained network (e.g. torchvision's vgg16-397923af.pth)", "")
-    head_width: int = _help("width of the head's two hidden Linear layers", 4096)
-    feature_batch_size: int = _help("images per forward pass when the frozen features are computed once", 64)
-
-    def validate(self) -> None:
-        if self.head_width < 1:
-            raise ConfigError(f"transfer.head_width must be >= 1, got {self.head_width}")
-        if self.feature_batch_size < 1:
-            raise ConfigError(f"transfer.feature_batch_size must be >= 1, got {self.feature_batch_size}")
-
-
-@dataclass(frozen=True)
-class LotteryConfig:
-    rounds: int = _help("pruning rounds after the dense round 0 (round k keeps about (1 - rate)^k of each layer)", 20)
-    iterations: int = _help("training iterations per round (optimiser steps of train.batch_size images)", 20000)
-    eval_every: int = _help("evaluate validation and test loss / accuracy every N iterations", 100)
-    conv_rate: float = _help("fraction of a conv layer's remaining weights pruned per round, in [0, 1)", 0.1)
-    fc_rate: float = _help("fraction of a hidden fully connected layer's remaining weights pruned per round", 0.2)
-    output_rate: float = _help("fraction of the output layer's remaining weights pruned per round", 0.1)
-    strategy: str = _help("which weights go: magnitude (smallest |w| of the trained round) or random (control)", "magnitude")
-    rewind_iteration: int = _help("rewind survivors to their values at this iteration (0: the initialisation)", 0)
-    reinit_control: bool = _help("also train each round's mask from a fresh random initialisation (control)", True)
-
-    def validate(self) -> None:
-        for name in ("conv_rate", "fc_rate", "output_rate"):
-            rate = getattr(self, name)
-            if not 0.0 <= rate < 1.0:
-                raise ConfigError(f"lottery.{name} must be in [0, 1), got {rate}: it is the fraction pruned per round")
-        if self.rounds < 0:
-            raise ConfigError(f"lottery.rounds must be >= 0, got {self.rounds}")
-        if self.iterations < 1 or self.eval_every < 1:
-            raise ConfigError(f"lottery.iterations and lottery.eval_every must be >= 1, got {self.iterations} and {self.eval_every}")
-        if not 0 <= self.rewind_iteration < self.iterations:
-            raise ConfigError(f"lottery.rewind_iteration={self.rewind_iteration} is outside the training length "
-                              f"(0 .. {self.iterations - 1}): rewind to an iteration before lottery.iterations")
-        if self.strategy not in ("magnitude", "random"):
-            raise ConfigError(f"lottery.strategy must be 'magnitude' or 'random', got {self.strategy!r}")
-
-
-@dataclass(frozen=True)
-class KMeansConfig:
-    """k-means filter clustering (kind kmeans_clustering): sweeps and real merging."""
-
-    weights: str = _help("pretrained weights file the sweeps start from (e.g. a reference resnet20 .th checkpoint)", "")
-    distance: str = _help("k-means distance between flattened filters: euclidean or cosine", "euclidean")
-    importance: str = _help("how a cluster's members make its centroid: none (plain mean) or l1 (mean weighted by L1 norm)", "none")
-    n_init: int = _help("k-means restarts (scikit-learn n_init); the best inertia wins", 10)
-    stages: tuple = _help("stages of the per-stage sweep (all convs of each at once)", ("layer1", "layer2", "layer3"))
-    stage_pruned: tuple = _help("clusters pruned away (C - K) in the per-stage sweep; values >= a stage's width are skipped there",
-                                (0, 2, 4, 8, 12, 15, 24, 32, 48, 63))
-    layers: tuple = _help("convs of the per-layer sweep, in network order (empty: every conv)", ())
-    layer_pruned: tuple = _help("clusters pruned away (C - K) in the per-layer sweep; values >= a layer's width are skipped there",
-                                (0, 4, 8, 12, 15, 24, 32, 48, 63))
-    merge_keep: tuple = _help("merging: fractions of each block-internal conv's channels kept (one merge run each)", (1.0, 0.75, 0.5, 0.25))
-    latency_batch: int = _help("batch size of the CPU latency measurement", 16)
-    latency_repeats: int = _help("timed forward passes of the latency measurement (the median counts)", 30)
-
-    def validate(self) -> None:
-        if self.distance not in ("euclidean", "cosine"):
-            raise ConfigError(f"kmeans.distance must be 'euclidean' or 'cosine', got {self.distance!r}")
-        if self.importance not in ("none", "l1"):
-            raise ConfigError(f"kmeans.importance must be 'none' or 'l1', got {self.importance!r}")
-        if self.n_init < 1:
-            raise ConfigError(f"kmeans.n_init must be >= 1, got {self.n_init}")
-        for name in ("stage_pruned", "layer_pruned"):
-            values = getattr(self, name)
-            if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-                raise ConfigError(f"kmeans.{name} must be a list of counts >= 0 (e.g. [0, 4, 8]), got {values!r}")
-        for name in ("stages", "layers"):
-            if not isinstance(getattr(self, name), (list, tuple)):
-                raise ConfigError(f"kmeans.{name} must be a list of names, got {getattr(self, name)!r}")
-        keep = self.merge_keep
-        if not isinstance(keep, (list, tuple)) or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in keep):
-            raise ConfigError(f"kmeans.merge_keep must be a list of fractions in (0, 1], got {keep!r}")
-        if self.latency_batch < 1 or self.latency_repeats < 1:
-            raise ConfigError("kmeans.latency_batch and kmeans.latency_repeats must be >= 1")
+    def validate(self, where: str = "train") -> None:
+        check_range(f"{where}.epochs", self.epochs, 1, hint="pass a positive number of epochs")
+        check_range(f"{where}.batch_size", self.batch_size, 1)
+        check_range(f"{where}.lr", self.lr, 0, low_open=True)
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    study: str = _help("study name; also the MLflow experiment", DEFAULT_STUDY)
-    kind: str = _help("pipeline shape: which stages `main` chains and which report it draws", "filter_pruning")
-    model: str = _help("model registry name", "simple_cnn")
-    trials: int = _help("independent trials (seeds seed .. seed+trials-1)", 5)
-    seed: int = _help("seed of trial 0", 0)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    finetune: TrainConfig = field(default_factory=TrainConfig)
-    lottery: LotteryConfig = field(default_factory=LotteryConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
-    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    """The settings every study kind shares; a kind's own sections are added by `for_kind`."""
+
+    study: str = setting("study name; also the MLflow experiment", DEFAULT_STUDY)
+    kind: str = setting("study kind (prunelab.studies): which stages `main` chains and which report it draws", DEFAULT_KIND)
+    model: str = setting("model registry name", "simple_cnn")
+    trials: int = setting("independent trials (seeds seed .. seed+trials-1)", 5)
+    seed: int = setting("seed of trial 0", 0)
+    data: DataConfig = section(DataConfig)
+    train: TrainConfig = section(TrainConfig)
 
     def validate(self) -> "StudyConfig":
-        if self.trials < 1:
-            raise ConfigError(f"trials must be >= 1, got {self.trials}")
-        for name in ("n_train", "n_test", "val_size"):
-            if getattr(self.data, name) < 0:
-                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self.data, name)}")
-        self.train.validate("train")
-        self.finetune.validate("finetune")
-        self.prune.validate()
-        self.lottery.validate()
-        self.transfer.validate()
-        self.kmeans.validate()
+        check_range("trials", self.trials, 1)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -210,22 +122,31 @@ def _flatten(obj: Any, prefix: str = ""):
             yield f"{prefix}{f.name}", value
 
 
-def field_help() -> dict[str, str]:
+@functools.lru_cache(maxsize=None)
+def for_kind(kind: str, sections: tuple[tuple[str, type], ...]) -> type[StudyConfig]:
+    """StudyConfig plus the kind's own sections (name -> section dataclass)."""
+    clash = [name for name, _ in sections if name in {f.name for f in dataclasses.fields(StudyConfig)}]
+    if clash:
+        raise TypeError(f"study kind {kind}: section {clash[0]!r} is a shared setting")
+    return dataclasses.make_dataclass(
+        f"StudyConfig[{kind}]", [(name, cls, section(cls)) for name, cls in sections],
+        bases=(StudyConfig,), frozen=True)
+
+
+def field_help(cls: type = StudyConfig, prefix: str = "") -> dict[str, str]:
     """Dotted field name -> help text (the list behind `prunelab settings`)."""
     out: dict[str, str] = {}
-    for f in dataclasses.fields(StudyConfig):
-        section = _SECTIONS.get(f.name)
-        if section is None:
-            out[f.name] = f.metadata.get("help", "")
+    for f in dataclasses.fields(cls):
+        if _section_class(f) is not None:
+            out.update(field_help(_section_class(f), f"{prefix}{f.name}."))
         else:
-            out.update({f"{f.name}.{g.name}": g.metadata.get("help", "") for g in dataclasses.fields(section)})
+            out[f"{prefix}{f.name}"] = f.metadata.get("help", "")
     return out
 
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "finetune": TrainConfig,
-             "lottery": LotteryConfig,
-             "transfer": TransferConfig,
-             "kmeans": KMeansConfig}
+def _section_class(f: dataclasses.Field) -> type | None:
+    factory = f.default_factory
+    return factory if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory) else None
 
 
 def configs_dir() -> Path:
@@ -240,8 +161,26 @@ def available_studies() -> list[str]:
     return sorted(p.stem for p in configs_dir().glob("*.yaml"))
 
 
-def load(study: str = DEFAULT_STUDY, overrides: list[str] | str | None = None) -> StudyConfig:
-    """Preset `study` (a name under resources/configs or a YAML path) plus overrides."""
+SectionsOf = Callable[[str], dict[str, type]]
+
+
+def load(study: str, overrides: list[str] | str | None, sections_of: SectionsOf) -> StudyConfig:
+    """Preset `study` (a name under resources/configs or a YAML path) plus overrides,
+    with the sections `sections_of(kind)` declares for the study's kind."""
+    raw = read_preset(study)
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=3)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    kind = raw.get("kind", DEFAULT_KIND)
+    cls = for_kind(str(kind), tuple(sections_of(str(kind)).items()))
+    return from_dict(raw, cls, kind=str(kind)).validate()
+
+
+def read_preset(study: str) -> dict:
     path = Path(study)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = configs_dir() / f"{study}.yaml"
@@ -251,14 +190,9 @@ def load(study: str = DEFAULT_STUDY, overrides: list[str] | str | None = None) -
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"preset {path} is not valid YAML: {exc}".splitlines()[0]) from None
-    if isinstance(overrides, str):
-        overrides = overrides.split()
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=3)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
-    return from_dict(raw).validate()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {path} is not a mapping of settings (study: ..., data: {{...}}): check the file")
+    return raw
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -271,26 +205,27 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(raw: dict, cls: type = StudyConfig, prefix: str = "") -> Any:
+def from_dict(raw: dict, cls: type, prefix: str = "", kind: str = "") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"section {prefix.rstrip('.') or 'top level'} must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
+        whose = f" for a {kind} study" if kind else ""
         raise ConfigError(
-            f"unknown setting {prefix}{unknown[0]}: valid ones are {', '.join(prefix + n for n in fields)}"
+            f"unknown setting {prefix}{unknown[0]}{whose}: valid ones are {', '.join(prefix + n for n in fields)}"
         )
     kwargs = {}
     for name, value in raw.items():
-        section = _SECTIONS.get(name) if cls is StudyConfig else None
-        if section is not None:
-            kwargs[name] = from_dict(value or {}, section, f"{prefix}{name}.")
+        nested = _section_class(fields[name])
+        if nested is not None:
+            kwargs[name] = from_dict(value or {}, nested, f"{prefix}{name}.", kind)
         else:
-            kwargs[name] = _coerce(value, fields[name], f"{prefix}{name}", cls)
+            kwargs[name] = _coerce(value, fields[name], f"{prefix}{name}")
     return cls(**kwargs)
 
 
-def _coerce(value: Any, f: dataclasses.Field, key: str, cls: type) -> Any:
+def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
     default = f.default if f.default is not dataclasses.MISSING else None
     kind = type(default)
     if kind is bool:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 
 def healthy(uri: str, timeout: float = 2.0) -> bool:
+    """Whether a server answers `/health` at `uri` within `timeout` seconds."""
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
             return response.status == 200
-    except OSError:
+    except (OSError, ValueError):  # refused, timed out, or not a URL
         return False
 
 

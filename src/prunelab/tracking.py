@@ -1,4 +1,5 @@
-"""The only module that talks to MLflow: connect, log, load, find runs.
+"""The only module that imports mlflow: connect, log, load models, find runs,
+and run or reuse the steps of a study.
 
 Metrics are buffered and sent with `log_batch` (a synchronous call to a
 server costs tens of milliseconds, so never one call per value).
@@ -9,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shlex
+import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
-from prunelab import paths
-from prunelab.errors import ModelError, TrackingError
+from prunelab import checkpoints, paths
+from prunelab.errors import ConfigError, ModelError, PrunelabError, TrackingError
+from prunelab.server import healthy
 
 DEFAULT_URI = "http://127.0.0.1:5000"
 # Pinned so a logged model reinstalls the versions that trained it; listing them
@@ -35,12 +37,7 @@ def connect(uri: str | None = None, timeout: float = 5.0) -> str:
 
     uri = uri or tracking_uri()
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-                ok = response.status == 200
-        except (urllib.error.URLError, OSError, ValueError):
-            ok = False
-        if not ok:
+        if not healthy(uri, timeout):
             raise TrackingError(f"no MLflow tracking server answers at {uri}: start one with `make server` "
                                 "or point MLFLOW_TRACKING_URI at a running one")
     os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow.run) inherit it
@@ -104,8 +101,6 @@ class Run:
         reloads without any of prunelab's code and unpickles nothing; the final
         model also goes out as a weights-only checkpoint, which the next stage reads."""
         import mlflow.pytorch
-
-        from prunelab import checkpoints
 
         was_training = model.training
         info = mlflow.pytorch.log_model(model.eval(), name=name, input_example=example.numpy(),
@@ -180,8 +175,10 @@ def _is_run_id(ref: str) -> bool:
     return len(ref) == 32 and all(c in "0123456789abcdef" for c in ref)
 
 
-def load_model(ref: str):
-    """The nn.Module behind a run id (its weights-only checkpoint) or a model URI, on the CPU."""
+def load_model(ref: str, model_name: str | None = None):
+    """The nn.Module behind a weights file, a run id (its weights-only checkpoint) or a model URI, on the CPU."""
+    if Path(ref).suffix in (".pt", ".pth", ".th", ".tar") or Path(ref).is_file():
+        return checkpoints.load(ref, model_name)
     if _is_run_id(ref):
         return _load_run_checkpoint(ref)
     if not ref.startswith(("runs:/", "models:/")):
@@ -198,8 +195,6 @@ def load_model(ref: str):
 
 
 def _load_run_checkpoint(run_id: str):
-    from prunelab import checkpoints
-
     run_ = get_run(run_id)
     if paths.TAG_MODEL_URI not in run_.data.tags:
         raise ModelError(f"run {run_id} logged no final model (stage {run_.data.tags.get(paths.TAG_STAGE, '?')}, "
@@ -255,3 +250,73 @@ def find_runs(experiment: str, filter_string: str = "", finished_only: bool = Tr
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one metric, by step."""
     return sorted((m.step, m.value) for m in client().get_metric_history(run_id, key))
+
+
+# --------------------------------------------------------------------------- running and reusing steps
+
+@contextlib.contextmanager
+def main_run(experiment: str, tags: dict[str, Any]) -> Iterator[Run]:
+    """The parent run of a whole study; steps started while it is active are its children."""
+    import mlflow
+
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="main") as active:
+        handle = Run(active.info.run_id)
+        handle.set_tags(tags)
+        yield handle
+
+
+def project_dir() -> Path:
+    """The folder holding MLproject: the working directory under `mlflow run`, else the repository."""
+    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (candidate / "MLproject").is_file():
+            return candidate
+    raise ConfigError("no MLproject found: run the study from the prunelab repository")
+
+
+def _git_commit(project: Path) -> str | None:
+    try:
+        import git
+
+        return git.Repo(project, search_parent_directories=True).head.commit.hexsha
+    except Exception:
+        return None
+
+
+def already_ran(experiment: str, entry_point: str, params: dict[str, str], commit: str | None):
+    """A finished run of `entry_point` with exactly these params (and commit), if any."""
+    for found in find_runs(experiment, f"tags.`mlflow.project.entryPoint` = '{entry_point}'"):
+        logged = found.data.params
+        # `mlflow run` logs each parameter as it put it on the command line (shell-quoted).
+        if any(logged.get(k, "") not in (str(v), shlex.quote(str(v))) for k, v in params.items()):
+            continue
+        run_commit = found.data.tags.get("mlflow.source.git.commit")
+        if commit and run_commit and run_commit != commit:
+            continue
+        return found
+    return None
+
+
+def run_step(experiment: str, entry_point: str, params: dict[str, str], reuse: bool = True) -> str:
+    """Run one MLproject entry point (or reuse a finished run of it with the same
+    params and code commit); returns its run id."""
+    import mlflow.projects
+
+    project = project_dir()
+    commit = _git_commit(project)
+    if reuse:
+        found = already_ran(experiment, entry_point, params, commit)
+        if found is not None:
+            print(f"prunelab: reusing finished {entry_point} run {found.info.run_id}", flush=True)
+            return found.info.run_id
+    # Each step runs `python -m prunelab ...`: make that `python` this interpreter
+    # even when the virtual environment was not activated.
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    try:
+        submitted = mlflow.projects.run(str(project), entry_point=entry_point, parameters=params,
+                                        env_manager="local", experiment_name=experiment, synchronous=True)
+    except Exception as exc:
+        raise PrunelabError(f"step {entry_point} ({params}) failed: {str(exc).splitlines()[0]}; "
+                            "its own error is printed above") from None
+    return submitted.run_id

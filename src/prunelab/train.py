@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunelab.config import TrainConfig
-from prunelab.data import ImageData, batches
+from prunelab.data.base import ImageData, batches
 
 
 @dataclass
@@ -31,12 +31,20 @@ class EpochResult:
         return out
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def _sgd(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _adam(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     # The fused kernel updates every tensor in one pass: ~10 % faster epochs on CPU here.
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+OPTIMIZERS = {"adam": _adam, "sgd": _sgd}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], cfg)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ convolutions once, not once per epoch. Never imports mlflow.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunelab.config import TrainConfig, TransferConfig
-from prunelab.data import ImageData, batches
+from prunelab import checkpoints
+from prunelab.config import TrainConfig
+from prunelab.data.base import ImageData, batches
 from prunelab.errors import ModelError
 from prunelab.models.vgg import VGG16Transfer
 from prunelab.train import EpochResult, fit
@@ -26,13 +26,15 @@ NO_WEIGHTS_HINT = ("pass --weights PATH (or transfer.weights=PATH) with a local 
                    "torchvision's vgg16-397923af.pth, or --no-pretrained (transfer.pretrained=false) to start from random features")
 
 
-def build(cfg: TransferConfig, data: ImageData) -> tuple[VGG16Transfer, str]:
-    """A fresh VGG16 with a new head, its features loaded as `cfg` says; returns (model, where the weights came from)."""
+def build(data: ImageData, weights: str, pretrained: bool, head_width: int) -> tuple[VGG16Transfer, str]:
+    """A fresh VGG16 with a new head; its features come from the state-dict file
+    `weights`, else torchvision's ImageNet weights when `pretrained`, else stay
+    random. Returns (model, where the weights came from)."""
     channels, side = data.input_shape[0], data.input_shape[-1]
-    model = VGG16Transfer(in_channels=channels, num_classes=data.num_classes, hidden=cfg.head_width, image_size=side)
-    if cfg.weights:
-        state, source = read_state_dict(cfg.weights), cfg.weights
-    elif cfg.pretrained:
+    model = VGG16Transfer(in_channels=channels, num_classes=data.num_classes, hidden=head_width, image_size=side)
+    if weights:
+        state, source = read_state_dict(weights), weights
+    elif pretrained:
         state, source = _torchvision_weights(), "torchvision:VGG16_Weights.IMAGENET1K_V1"
     else:
         return model, "random"
@@ -52,20 +54,9 @@ def _torchvision_weights() -> dict:
 
 def read_state_dict(path: str | Path) -> dict:
     """A plain state dict (or {'state_dict': ...}) from a file, loaded with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise ModelError(f"no weights file at {path}: {NO_WEIGHTS_HINT}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelError(f"{path} is not a plain weights file (it would unpickle code): save a state dict with "
-                         "torch.save(model.state_dict(), path)") from None
-    except Exception as exc:
-        raise ModelError(f"{path} is not a PyTorch weights file ({type(exc).__name__}): check the file") from None
-    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path} holds no state dict: expected a dict of tensors or {{'state_dict': ...}}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return checkpoints.state_dict_of(checkpoints.read(path), path)
 
 
 def load_features(model: VGG16Transfer, state: dict, source: str) -> None:

@@ -1,8 +1,9 @@
 """Model registry: name -> nn.Module class.
 
-Every model class takes its widths as constructor arguments and has `spec()`
-returning them, so a pruned network is rebuilt from (name, spec) alone, and
-`prunable_convs()` naming the convs whose filters may be removed.
+Every model class follows `base.Model`: it takes its widths as constructor
+arguments and `spec()` returns them, so a pruned network is rebuilt from
+(name, spec) alone. What else a model offers (prunable convs, stages, blocks)
+is declared in `base.py`.
 """
 
 from __future__ import annotations
@@ -29,19 +30,21 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def get(name: str, **kwargs) -> nn.Module:
+def model_class(name: str) -> type[nn.Module]:
     cls = MODELS.get(name)
     if cls is None:
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
-    return cls(**kwargs)
+    return cls
+
+
+def get(name: str, **kwargs) -> nn.Module:
+    return model_class(name)(**kwargs)
 
 
 def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A fresh `name` sized for the data: passes whichever of in_channels,
     num_classes and image_size its constructor takes."""
-    cls = MODELS.get(name)
-    if cls is None:
-        get(name)  # raises the listing error
+    cls = model_class(name)
     wanted = inspect.signature(cls).parameters
     offered = {"in_channels": input_shape[0], "num_classes": num_classes, "image_size": input_shape[-1]}
     return cls(**{k: v for k, v in offered.items() if k in wanted})

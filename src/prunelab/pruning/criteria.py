@@ -94,7 +94,3 @@ def get(name: str, seed: int = 0):
     if cls is None:
         raise ConfigError(f"unknown pruning method {name!r}: choose one of {', '.join(sorted(CRITERIA))}")
     return cls(seed) if cls is RandomCriterion else cls()
-
-
-def needs_data(name: str) -> bool:
-    return name == "taylor"

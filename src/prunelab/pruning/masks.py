@@ -10,13 +10,21 @@ iterating is calling it again and masks only ever shrink.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-from prunelab.config import LotteryConfig
 from prunelab.errors import ConfigError, ModelError
+
+
+class Rates(Protocol):
+    """The pruning settings a strategy reads (the lottery-ticket kind's `lottery` section)."""
+
+    conv_rate: float    # fraction of a conv layer's surviving weights pruned per round
+    fc_rate: float      # ... of a hidden fully connected layer's
+    output_rate: float  # ... of the output layer's
+    strategy: str       # a key of STRATEGIES
 
 
 def prunable_layers(model: nn.Module) -> dict[str, str]:
@@ -32,7 +40,7 @@ def prunable_layers(model: nn.Module) -> dict[str, str]:
     return kinds
 
 
-def layer_rates(hparams: LotteryConfig, model: nn.Module) -> dict[str, float]:
+def layer_rates(hparams: Rates, model: nn.Module) -> dict[str, float]:
     """Per-round pruning rate of each prunable weight."""
     rate = {"conv": hparams.conv_rate, "fc": hparams.fc_rate, "output": hparams.output_rate}
     return {name: rate[kind] for name, kind in prunable_layers(model).items()}
@@ -92,9 +100,6 @@ class Mask(dict):
         """Surviving prunable weights / all prunable weights (the paper's Pm)."""
         return sum(self.remaining().values()) / sum(self.sizes().values())
 
-    def layer_fractions(self) -> dict[str, float]:
-        return {name: int(v.sum()) / v.numel() for name, v in self.items()}
-
     def report(self) -> str:
         rows = [f"{name:28s} {int(v.sum()):>10d} / {v.numel():<10d} {int(v.sum()) / v.numel():7.2%}" for name, v in self.items()]
         return "\n".join(rows + [f"{'total':28s} {sum(self.remaining().values()):>10d} / {sum(self.sizes().values()):<10d} "
@@ -112,7 +117,7 @@ def _count_to_prune(kept: int, rate: float) -> int:
     return int(math.ceil(rate * kept)) if rate > 0 else 0
 
 
-def _prune_by_score(hparams: LotteryConfig, model: nn.Module, mask: Mask,
+def _prune_by_score(hparams: Rates, model: nn.Module, mask: Mask,
                     score: Callable[[str, torch.Tensor], torch.Tensor]) -> Mask:
     mask.check_fits(model)
     params = dict(model.named_parameters())
@@ -129,12 +134,12 @@ def _prune_by_score(hparams: LotteryConfig, model: nn.Module, mask: Mask,
     return Mask(out)
 
 
-def magnitude_prune(hparams: LotteryConfig, model: nn.Module, mask: Mask, seed: int = 0) -> Mask:
+def magnitude_prune(hparams: Rates, model: nn.Module, mask: Mask, seed: int = 0) -> Mask:
     """Remove the smallest-magnitude surviving weights of each layer, at its own rate."""
     return _prune_by_score(hparams, model, mask, lambda _name, w: w.abs())
 
 
-def random_prune(hparams: LotteryConfig, model: nn.Module, mask: Mask, seed: int = 0) -> Mask:
+def random_prune(hparams: Rates, model: nn.Module, mask: Mask, seed: int = 0) -> Mask:
     """Control: remove as many surviving weights per layer as magnitude pruning would, at random."""
     generator = torch.Generator().manual_seed(seed)
     return _prune_by_score(hparams, model, mask, lambda _name, w: torch.rand(w.shape, generator=generator))
@@ -143,7 +148,7 @@ def random_prune(hparams: LotteryConfig, model: nn.Module, mask: Mask, seed: int
 STRATEGIES: dict[str, Callable[..., Mask]] = {"magnitude": magnitude_prune, "random": random_prune}
 
 
-def prune(hparams: LotteryConfig, model: nn.Module, mask: Mask, seed: int = 0) -> Mask:
+def prune(hparams: Rates, model: nn.Module, mask: Mask, seed: int = 0) -> Mask:
     """One round of the configured strategy: a new, smaller mask (the input mask is left as it was)."""
     strategy = STRATEGIES.get(hparams.strategy)
     if strategy is None:
@@ -151,7 +156,7 @@ def prune(hparams: LotteryConfig, model: nn.Module, mask: Mask, seed: int = 0) -
     return strategy(hparams, model, mask, seed)
 
 
-def check_rounds(hparams: LotteryConfig, model: nn.Module, rounds: int) -> None:
+def check_rounds(hparams: Rates, model: nn.Module, rounds: int) -> None:
     """Refuse a number of rounds that would leave some layer without a single weight."""
     params = dict(model.named_parameters())
     for name, rate in layer_rates(hparams, model).items():

@@ -33,10 +33,6 @@ def plan_step(scores: dict[str, torch.Tensor], n: int) -> Plan:
     return {name: sorted(idxs) for name, idxs in plan.items()}
 
 
-def filters_left(widths: dict[str, int], plan: Plan) -> dict[str, int]:
-    return {name: w - len(plan.get(name, [])) for name, w in widths.items()}
-
-
 def check_reachable(target: float, kind: str, smallest: float, first_layer: str) -> None:
     """Refuse a target below what one filter per layer leaves (`smallest`, as a fraction)."""
     if target < smallest:

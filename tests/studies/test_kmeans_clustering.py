@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from prunelab import checkpoints, config, kmeans_stages, report, tracking
+from prunelab import checkpoints, studies, tracking
+from prunelab.studies import kmeans_clustering
 from prunelab.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny(study: str, weights: Path, extra: list[str] = ()) -> list[str]:
@@ -28,8 +29,8 @@ def tiny(study: str, weights: Path, extra: list[str] = ()) -> list[str]:
 def test_sweep_logs_one_child_run_per_point(tracking_uri, client, cifar_dir, resnet20_file, tmp_path):
     """Each sweep point is a finished child run with the shared tags and params; K = C scores
     as the original; merge runs log smaller params/MACs and a checkpoint that reloads; the report draws both figures."""
-    cfg = config.load("kmeans-resnet20-cifar10", tiny("test-kmeans-sweep", resnet20_file, [f"data.data_dir={cifar_dir}"]))
-    parent_id = kmeans_stages.sweep(cfg, trial=1)
+    cfg = studies.load_config("kmeans-resnet20-cifar10", tiny("test-kmeans-sweep", resnet20_file, [f"data.data_dir={cifar_dir}"]))
+    parent_id = kmeans_clustering.sweep(cfg, trial=1)
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["stage"] == "prune"
     children = tracking.find_runs(cfg.study, f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -58,7 +59,7 @@ def test_sweep_logs_one_child_run_per_point(tracking_uri, client, cifar_dir, res
     local = client.download_artifacts(merges["0.5"].info.run_id, "checkpoint.pt", str(tmp_path))
     assert checkpoints.load(local).spec()["mid_widths"] == [8, 8, 8, 16, 16, 16, 32, 32, 32]
 
-    report_id = report.report(cfg, tmp_path / "figures")
+    report_id = studies.report(cfg, tmp_path / "figures")
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "accuracy_vs_clusters_pruned_per_layer.png", "accuracy_vs_clusters_pruned_per_stage.png", "report_table.csv", "report_table.md"]
     logged = {a.path for a in client.list_artifacts(report_id, "figures")}
@@ -70,12 +71,12 @@ def test_bad_names_fail_before_any_run(tracking_uri, client, cifar_dir, resnet20
     study = "test-kmeans-bad-names"
     for extra, text in ((["kmeans.layers=[layer1.0.conv3]"], "valid ones are conv1, layer1.0.conv1"),
                         (["kmeans.stages=[layer4]"], "valid ones are layer1, layer2, layer3")):
-        cfg = config.load("kmeans-resnet20-cifar10", tiny(study, resnet20_file, [f"data.data_dir={cifar_dir}", *extra]))
+        cfg = studies.load_config("kmeans-resnet20-cifar10", tiny(study, resnet20_file, [f"data.data_dir={cifar_dir}", *extra]))
         with pytest.raises(ConfigError, match=text):
-            kmeans_stages.sweep(cfg)
-    cfg = config.load("kmeans-resnet20-cifar10", tiny(study, "", [f"data.data_dir={cifar_dir}"]))
+            kmeans_clustering.sweep(cfg)
+    cfg = studies.load_config("kmeans-resnet20-cifar10", tiny(study, "", [f"data.data_dir={cifar_dir}"]))
     with pytest.raises(ConfigError, match="kmeans.weights"):
-        kmeans_stages.sweep(cfg)
+        kmeans_clustering.sweep(cfg)
     assert tracking.find_runs(study, finished_only=False) == []
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from prunelab import checkpoints, cli, config, data, models
+from prunelab import checkpoints, cli, config, data, models, studies
 from prunelab.errors import ConfigError, ModelError
 from prunelab.pruning import clustering, merging
 from prunelab.train import evaluate
@@ -137,4 +137,4 @@ def test_bad_kmeans_settings():
     for override, text in (("kmeans.distance=manhattan", "euclidean"), ("kmeans.importance=taylor", "l1"),
                            ("kmeans.merge_keep=[0.5,1.5]", "(0, 1]"), ("kmeans.stage_pruned=[-1]", ">= 0")):
         with pytest.raises(ConfigError, match=text.replace("(", r"\(").replace("]", r"\]")):
-            config.load("kmeans-resnet20-cifar10", [override])
+            studies.load_config("kmeans-resnet20-cifar10", [override])

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from prunelab import config, data, paths, tracking, transfer_stages
+from prunelab import data, paths, studies, tracking
+from prunelab.studies import transfer_pruning as transfer_stages
 from prunelab.errors import ConfigError
-from prunelab.report import report
 
 STEP = 100  # filters removed per step
 QUICK = ["data.image_size=32", "data.n_train=64", "data.n_test=32", "data.augment=false", "trials=1",
@@ -28,7 +28,7 @@ def study(dogs_cats_dir, tracking_uri, tmp_path_factory):
     import os
 
     os.environ.setdefault("PRUNELAB_CACHE", str(tmp_path_factory.mktemp("cache")))
-    cfg = config.load("taylor-vgg16-dogscats", QUICK + ["study=test-vgg-pipeline", f"data.data_dir={dogs_cats_dir}"])
+    cfg = studies.load_config("taylor-vgg16-dogscats", QUICK + ["study=test-vgg-pipeline", f"data.data_dir={dogs_cats_dir}"])
     train_id = transfer_stages.train(cfg, 0)
     prune_id = transfer_stages.prune(cfg, 0, train_id)
     finetune_id = transfer_stages.finetune(cfg, 0, prune_id)
@@ -93,7 +93,7 @@ def test_pruned_model_reloads_from_mlflow_by_uri_and_classifies(study, client, d
 def test_report_draws_from_the_server(study, client, tmp_path):
     """The report finds the runs, draws both figures and a before/after table whose numbers are the logged ones."""
     cfg, _, prune_id, finetune_id = study
-    report_id = report(cfg, tmp_path)
+    report_id = studies.report(cfg, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"accuracy_vs_params_removed.png", "filters_left.png", paths.REPORT_TABLE,
                                                     paths.REPORT_MARKDOWN}
     table = pd.read_csv(tmp_path / paths.REPORT_TABLE)
@@ -107,7 +107,7 @@ def test_report_draws_from_the_server(study, client, tmp_path):
 def test_target_that_empties_a_layer_fails_before_any_step(study, client):
     """A filter target below one filter per layer is a one-line ConfigError raised before any run starts."""
     cfg, train_id, _, _ = study
-    bad = config.load("taylor-vgg16-dogscats", QUICK + ["study=test-vgg-pipeline-bad", f"data.data_dir={cfg.data.data_dir}",
+    bad = studies.load_config("taylor-vgg16-dogscats", QUICK + ["study=test-vgg-pipeline-bad", f"data.data_dir={cfg.data.data_dir}",
                                                         "prune.target=0.002"])
     with pytest.raises(ConfigError) as err:
         transfer_stages.prune(bad, 0, train_id)

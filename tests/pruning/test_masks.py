@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from prunelab import config, data, models
-from prunelab.config import LotteryConfig
+from prunelab import config, data, models, studies
+from prunelab.studies.lottery_ticket import LotteryConfig
 from prunelab.errors import ConfigError, ModelError
 from prunelab.pruning import masks
 from prunelab.train import early_stop, fit_iterations
@@ -83,7 +83,7 @@ def test_magnitude_prunes_the_smallest_and_random_matches_its_counts():
 def test_bad_settings_give_one_line_errors(override, words):
     """A rate outside [0, 1), a rewind iteration beyond training, an unknown strategy: one-line ConfigErrors."""
     with pytest.raises(ConfigError) as err:
-        config.load("lth-conv2-cifar10-quick", [override])
+        studies.load_config("lth-conv2-cifar10-quick", [override])
     assert words in str(err.value) and "\n" not in str(err.value)
 
 

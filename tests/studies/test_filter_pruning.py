@@ -5,8 +5,8 @@ import mlflow.pytorch
 import pytest
 import torch
 
-from prunelab import data, models, paths, stages, tracking
-from prunelab.report import report
+from prunelab import data, models, paths, studies, tracking
+from prunelab.studies import filter_pruning
 from prunelab.train import evaluate
 
 pytestmark = pytest.mark.slow
@@ -19,15 +19,13 @@ def history(client, run_id, key):
 @pytest.fixture(scope="module")
 def study(fashion_dir, tracking_uri, client, tmp_path_factory):
     """One trial of the default study at test scale, run stage by stage."""
-    from prunelab import config
-
-    cfg = config.load(overrides=["data.n_train=1500", "data.n_test=500", "train.epochs=2", "finetune.epochs=2",
+    cfg = studies.load_config(overrides=["data.n_train=1500", "data.n_test=500", "train.epochs=2", "finetune.epochs=2",
                                  "prune.rank_images=500", "trials=1", "study=test-pipeline"])
-    train_id = stages.train(cfg, 0)
-    prune_id = stages.prune(cfg, 0, train_id)
-    finetune_id = stages.finetune(cfg, 0, prune_id)
+    train_id = filter_pruning.train(cfg, 0)
+    prune_id = filter_pruning.prune(cfg, 0, train_id)
+    finetune_id = filter_pruning.finetune(cfg, 0, prune_id)
     out = tmp_path_factory.mktemp("figures")
-    report_id = report(cfg, out)
+    report_id = studies.report(cfg, out)
     return cfg, {"train": train_id, "prune": prune_id, "finetune": finetune_id, "report": report_id}, out
 
 

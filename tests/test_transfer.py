@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from prunelab import config, data, transfer
-from prunelab.config import TrainConfig, TransferConfig
+from prunelab.config import TrainConfig
 from prunelab.errors import ModelError
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.models.vgg import VGG16Transfer
@@ -68,7 +68,7 @@ def test_local_weights_file_loads_into_the_features(tmp_path, small_data):
     reference = torchvision.models.vgg16(weights=None)
     path = tmp_path / "vgg16.pth"
     torch.save(reference.state_dict(), path)
-    model, source = transfer.build(TransferConfig(weights=str(path), head_width=16), small_data)
+    model, source = transfer.build(small_data, weights=str(path), pretrained=True, head_width=16)
     assert source == str(path)
     assert torch.equal(model.features[28].weight, reference.features[28].weight)
     assert torch.equal(model.features[0].bias, reference.features[0].bias)
@@ -79,7 +79,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path, small_data):
     path = tmp_path / "simple.pt"
     torch.save(SimpleCNN().state_dict(), path)
     with pytest.raises(ModelError) as err:
-        transfer.build(TransferConfig(weights=str(path), head_width=16), small_data)
+        transfer.build(small_data, weights=str(path), pretrained=True, head_width=16)
     assert "is not a VGG16 state dict" in str(err.value) and str(path) in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -90,12 +90,12 @@ def test_missing_pretrained_weights_point_to_both_options(small_data):
     if hub.exists():
         pytest.skip("torchvision's VGG16 weights are cached on this machine")
     with pytest.raises(ModelError) as err:
-        transfer.build(TransferConfig(pretrained=True, head_width=16), small_data)
+        transfer.build(small_data, weights="", pretrained=True, head_width=16)
     message = str(err.value)
     assert "--weights PATH" in message and "--no-pretrained" in message and "\n" not in message
 
 
 def test_random_features_need_no_file(small_data):
     """transfer.pretrained=false builds without weights."""
-    model, source = transfer.build(TransferConfig(pretrained=False, head_width=16), small_data)
+    model, source = transfer.build(small_data, weights="", pretrained=False, head_width=16)
     assert source == "random" and model.spec()["hidden"] == 16

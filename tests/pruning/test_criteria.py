@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from prunelab.data import batches
+from prunelab.data.base import batches
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.pruning.criteria import L1Criterion, TaylorCriterion
 

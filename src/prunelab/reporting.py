@@ -1,5 +1,9 @@
-"""Runs -> tables -> figures. Reads only what the tracking server returns;
-never touches a model."""
+"""Runs -> tables -> figures -> a report run, for any study kind.
+
+Reads only what the tracking server returns and never touches a model. Knows
+no study kind: each kind's module draws its own figures with these helpers and
+hands them to `publish`.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ import pandas as pd  # noqa: E402
 from prunelab import paths, tracking  # noqa: E402
 from prunelab.config import StudyConfig  # noqa: E402
 from prunelab.errors import TrackingError  # noqa: E402
-from prunelab.report_kmeans import kmeans_report  # noqa: E402
 
 
 def latest_per_trial(runs: list) -> dict[int, object]:
@@ -61,68 +64,34 @@ def plot_band(ax, table: pd.DataFrame, label: str, **style) -> None:
 
 
 # Settings that do not change what a run computes (`study` is the preset name
-# under `mlflow run`, the experiment name otherwise: runs are found by their tag;
-# a weights path says where the same weights were read from).
-_IGNORED_SETTINGS = {"data.data_dir", "trials", "seed", "study", "kmeans.weights"}
+# under `mlflow run`, the experiment name otherwise: runs are found by their tag).
+_IGNORED_SETTINGS = frozenset({"data.data_dir", "trials", "seed", "study"})
 
 
-def same_settings(run, cfg: StudyConfig) -> bool:
+def same_settings(run, cfg: StudyConfig, ignore: frozenset[str] = frozenset()) -> bool:
     """Whether `run` was made with the settings of `cfg` (so a quick test run and a
-    full-scale run of one study never share a figure)."""
+    full-scale run of one study never share a figure); `ignore` names more settings
+    that do not change what a run computes."""
     logged = run.data.params
-    return all(logged.get(k) == str(v) for k, v in cfg.flat().items() if k not in _IGNORED_SETTINGS and k in logged)
+    skip = _IGNORED_SETTINGS | ignore
+    return all(logged.get(k) == str(v) for k, v in cfg.flat().items() if k not in skip and k in logged)
+
+
+def find_study_runs(cfg: StudyConfig, filter_string: str, ignore: frozenset[str] = frozenset()) -> list:
+    """The study's finished runs matching `filter_string`, at these settings, newest first."""
+    runs = tracking.find_runs(cfg.study, f"tags.{paths.TAG_STUDY} = '{cfg.study}' and {filter_string}")
+    return [r for r in runs if same_settings(r, cfg, ignore)]
 
 
 def stage_runs(cfg: StudyConfig, stage: str) -> dict[int, object]:
     """The newest finished run per trial of one stage of the study, at these settings."""
-    runs = tracking.find_runs(cfg.study, f"tags.{paths.TAG_STAGE} = '{stage}' and tags.{paths.TAG_STUDY} = '{cfg.study}'")
-    return latest_per_trial([r for r in runs if same_settings(r, cfg)])
+    return latest_per_trial(find_study_runs(cfg, f"tags.{paths.TAG_STAGE} = '{stage}'"))
 
 
-def filter_pruning_report(cfg: StudyConfig) -> tuple[dict[str, plt.Figure], pd.DataFrame]:
-    """Test accuracy / loss per epoch, original vs fine-tuned pruned, and the size table."""
-    train_runs, prune_runs, ft_runs = (stage_runs(cfg, s) for s in ("train", "prune", "finetune"))
-    if not train_runs and not ft_runs:
-        raise TrackingError(f"experiment {cfg.study!r} on {tracking.tracking_uri()} has no finished train or finetune runs at these settings: "
-                            f"run the study first (`prunelab run --study {cfg.study}`)")
-    curves = {"train": histories(train_runs, ["test_accuracy", "test_loss", "params", "macs"]),
-              "finetune": histories(ft_runs, ["test_accuracy", "test_loss", "params", "macs"])}
-    figures = {}
-    for metric, label in (("test_accuracy", "test accuracy"), ("test_loss", "test loss")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for stage, name in (("train", "original"), ("finetune", "pruned + fine-tuned")):
-            table = band(curves[stage], metric)
-            if len(table):  # a finetune run's epoch 0 is the pruned model before fine-tuning
-                plot_band(ax, table, f"{name}, {int(table['count'].max())} trials")
-        figures[f"{metric}.png"] = finish(fig, ax, "epoch", label, f"{cfg.study}: {label}")
-    return figures, size_table(curves, prune_runs)
-
-
-def size_table(curves: dict[str, pd.DataFrame], prune_runs: dict) -> pd.DataFrame:
-    def last(df: pd.DataFrame, metric: str) -> pd.Series:
-        sub = df[df.metric == metric]
-        return sub.sort_values("step").groupby("trial")["value"].last()
-
-    rows = []
-    for stage, name in (("train", "original"), ("finetune", "pruned + fine-tuned")):
-        df = curves[stage]
-        if df.empty:
-            continue
-        acc = last(df, "test_accuracy")
-        rows.append({"model": name, "trials": len(acc), "params": last(df, "params").mean(),
-                     "macs": last(df, "macs").mean(), "test_accuracy_mean": acc.mean(),
-                     "test_accuracy_min": acc.min(), "test_accuracy_max": acc.max()})
-    table = pd.DataFrame(rows)
-    if len(table) == 2:
-        table["params_fraction"] = table["params"] / table["params"].iloc[0]
-        table["macs_fraction"] = table["macs"] / table["macs"].iloc[0]
-    return table
-
-
-def _transfer_pruning_report(cfg: StudyConfig):
-    from prunelab.report_transfer import transfer_pruning_report  # it builds on this module
-
-    return transfer_pruning_report(cfg)
+def no_runs(cfg: StudyConfig, what: str, hint: str = "") -> TrackingError:
+    """The one-line error of a report that finds nothing to draw."""
+    return TrackingError(f"experiment {cfg.study!r} on {tracking.tracking_uri()} has no finished {what} at these settings: "
+                         f"run the study first (`prunelab run --study {cfg.study}{hint}`)")
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -136,23 +105,9 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _lottery_report(cfg: StudyConfig):
-    from prunelab.report_lottery import lottery_report  # its own module: four figures and a table
-
-    return lottery_report(cfg)
-
-
-REPORTS = {
-    "filter_pruning": filter_pruning_report,
-    "lottery_ticket": _lottery_report,
-    "transfer_pruning": _transfer_pruning_report,
-    "kmeans_clustering": kmeans_report,
-}
-
-
-def report(cfg: StudyConfig, out_dir: str | Path | None = None) -> str:
-    """Draw the study's figures from its runs, log them to a report run and write them to `out_dir`."""
-    figures, table = REPORTS[cfg.kind](cfg)
+def publish(cfg: StudyConfig, figures: dict[str, plt.Figure], table: pd.DataFrame,
+            out_dir: str | Path | None = None) -> str:
+    """Log a study's figures and table to a report run and write them to `out_dir`; returns the run id."""
     with tracking.run(cfg.study, "report", {paths.TAG_STUDY: cfg.study}, "report") as run:
         run.log_params({"study": cfg.study, "kind": cfg.kind})
         with tempfile.TemporaryDirectory() as tmp:

@@ -11,17 +11,15 @@ An unreadable image is skipped with a warning and counted, never fatal.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from prunelab.config import DataConfig
-from prunelab.data import ImageData, cache_dir
+from prunelab.data.base import ImageData, cache_dir
 from prunelab.errors import DataError
+from prunelab.files import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 DEFAULT_SIZE = 224
@@ -30,11 +28,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ORDER_SEED = 0  # the fixed shuffle of each split
 CACHE_FORMAT = "imagefolder-v1"
-
-
-@dataclass
-class FolderData(ImageData):
-    skipped: int = 0  # unreadable images left out
 
 
 def _listing(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -114,14 +107,11 @@ def _load_cached(path: Path) -> dict | None:
 
 
 def _save_cache(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # only a complete file carries the cache's name
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
-def load_imagefolder(cfg: DataConfig) -> FolderData:
+def load_imagefolder(cfg: DataConfig) -> ImageData:
     """train/ and test/ of `cfg.data_dir`, decoded at `cfg.image_size` (224 when 0)."""
     if not cfg.data_dir:
         raise DataError("the imagefolder data set needs --data-dir DIR (a folder with train/<class>/ and test/<class>/)")
@@ -146,6 +136,6 @@ def load_imagefolder(cfg: DataConfig) -> FolderData:
         _save_cache(cache, payload)
     if payload["skipped"]:
         warnings.warn(f"{payload['skipped']} unreadable image(s) under {root} were skipped", stacklevel=2)
-    return FolderData(f"imagefolder:{root.name}", payload["train_x"], payload["train_y"], payload["test_x"],
+    return ImageData(f"imagefolder:{root.name}", payload["train_x"], payload["train_y"], payload["test_x"],
                       payload["test_y"], IMAGENET_MEAN, IMAGENET_STD, list(payload["classes"]),
                       skipped=int(payload["skipped"]))

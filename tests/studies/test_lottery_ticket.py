@@ -10,17 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunelab import checkpoints, cli, config, lottery, paths, study, tracking
+from prunelab import checkpoints, cli, paths, studies, tracking
 from prunelab.pruning import masks
-from prunelab.report import report
-from prunelab.report_lottery import lottery_report
+from prunelab.studies import lottery_ticket as lottery
 
 TINY = ["model=lenet_300_100", "data.n_train=300", "data.n_test=100", "data.val_size=60",
         "lottery.iterations=4", "lottery.eval_every=2", "lottery.rounds=1", "trials=5"]
 
 
 def tiny_cfg(cifar_dir, name: str, extra: list[str] = ()):
-    return config.load("lth-conv2-cifar10-quick", TINY + [f"study=test-lth-{name}", f"data.data_dir={cifar_dir}", *extra])
+    return studies.load_config("lth-conv2-cifar10-quick", TINY + [f"study=test-lth-{name}", f"data.data_dir={cifar_dir}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def test_report_draws_five_trial_bands(five_trials, tmp_path, client):
     means are the means of the logged series, and early-stop figures and table whose
     mean/min/max are those of the runs' logged summary metrics, ticket and re-init alike."""
     cfg, ids = five_trials
-    figures, table = lottery_report(cfg)
+    figures, table = lottery.report(cfg)
     assert set(figures) == {"test_accuracy.png", "test_loss.png", "early_stop_iteration.png", "early_stop_accuracy.png"}
 
     round1 = [tracking.metric_history(ids[t][1], "test_accuracy") for t in range(5)]
@@ -95,7 +94,7 @@ def test_report_draws_five_trial_bands(five_trials, tmp_path, client):
         assert (row.accuracy_mean, row.accuracy_min, row.accuracy_max) == pytest.approx((sum(accs) / 5, min(accs), max(accs)))
         assert len(set(accs)) > 1  # five different trials, not one run counted five times
 
-    run_id = report(cfg, tmp_path / "out")
+    run_id = studies.report(cfg, tmp_path / "out")
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, paths.REPORT_DIR)}
     assert logged == set(figures) | {paths.REPORT_TABLE, paths.REPORT_MARKDOWN}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(logged)
@@ -104,11 +103,11 @@ def test_report_draws_five_trial_bands(five_trials, tmp_path, client):
 def test_study_steps_chain_rounds_and_controls():
     """`main` runs train, then each round's prune (reading the previous round) and its
     re-init control (reading that round); filter pruning keeps its linear chain."""
-    cfg = config.load("lth-conv2-cifar10-quick", ["lottery.rounds=2"])
-    assert study.STAGES["lottery_ticket"](cfg) == [("train", None), ("prune", 0), ("finetune", 1), ("prune", 1), ("finetune", 3)]
-    no_control = config.load("lth-conv2-cifar10-quick", ["lottery.rounds=2", "lottery.reinit_control=false"])
-    assert study.STAGES["lottery_ticket"](no_control) == [("train", None), ("prune", 0), ("prune", 1)]
-    assert study.STAGES["filter_pruning"](config.load()) == [("train", None), ("prune", 0), ("finetune", 1)]
+    cfg = studies.load_config("lth-conv2-cifar10-quick", ["lottery.rounds=2"])
+    assert studies.get("lottery_ticket").steps(cfg) == [("train", None), ("prune", 0), ("finetune", 1), ("prune", 1), ("finetune", 3)]
+    no_control = studies.load_config("lth-conv2-cifar10-quick", ["lottery.rounds=2", "lottery.reinit_control=false"])
+    assert studies.get("lottery_ticket").steps(no_control) == [("train", None), ("prune", 0), ("prune", 1)]
+    assert studies.get("filter_pruning").steps(studies.load_config()) == [("train", None), ("prune", 0), ("finetune", 1)]
 
 
 def test_cli_refuses_bad_lottery_input_in_one_line(cifar_dir, tracking_uri, client, capsys):

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from prunelab import config, data
+from prunelab.data.base import ImageData, batches, random_crop_flip
+from prunelab.data.fashionmnist import FASHION_MNIST_FILES
 from prunelab.errors import DataError
 
 
@@ -25,7 +27,7 @@ def test_data_dir_with_gz_files_and_subset(fashion_dir, tmp_path, monkeypatch):
         shutil.copy(f, tmp_path / f.name)
     d = data.get(config.DataConfig(dataset="fashionmnist", data_dir=str(tmp_path), n_train=1000, n_test=100, val_size=100))
     assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (900, 100, 100)
-    x, _ = next(data.batches(d.train_x, d.train_y, 900, d.normalise))
+    x, _ = next(batches(d.train_x, d.train_y, 900, d.normalise))
     assert abs(x.mean().item()) < 0.2 and 0.8 < x.std().item() < 1.2  # batched normalisation
 
 
@@ -38,7 +40,7 @@ def test_missing_folder_names_every_option(tmp_path):
 
 def test_corrupt_fashionmnist_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
-    for name in data.FASHION_MNIST_FILES:
+    for name in FASHION_MNIST_FILES:
         with gzip.open(tmp_path / f"{name}.gz", "wb") as f:
             f.write(b"not an idx file")
     with pytest.raises(DataError, match="corrupt"):
@@ -71,13 +73,13 @@ def test_cifar10_wrong_shapes_and_code_are_refused(cifar_dir, tmp_path):
     with pytest.raises(DataError, match="wrong shape"):
         data.get(config.DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
     with open(folder / "data_batch_2", "wb") as f:
-        pickle.dump({"data": data.ImageData, "labels": []}, f)  # a class reference: code, not data
+        pickle.dump({"data": ImageData, "labels": []}, f)  # a class reference: code, not data
     with pytest.raises(DataError, match="not a CIFAR-10 batch"):
         data.get(config.DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
 
 
 def test_crop_flip_is_batched_and_keeps_content(cifar_dir):
     d = data.get(config.DataConfig(dataset="cifar10", data_dir=str(cifar_dir), n_train=64))
-    out = data.random_crop_flip(d.train_x, torch.Generator().manual_seed(0), padding=0)
+    out = random_crop_flip(d.train_x, torch.Generator().manual_seed(0), padding=0)
     same = [torch.equal(o, x) or torch.equal(o, x.flip(-1)) for o, x in zip(out, d.train_x)]
     assert all(same) and 0 < sum(torch.equal(o, x) for o, x in zip(out, d.train_x)) < 64

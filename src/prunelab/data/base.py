@@ -1,0 +1,92 @@
+"""What every data set shares: the in-memory `ImageData`, batches cut from it,
+batched augmentation, and the cache folder.
+
+Each loader (one module per data set in this package) reads the real files
+once into uint8 tensors (N, C, H, W); batches are cut from those tensors and
+normalised a whole batch at a time, so no per-sample PIL transform sits on the
+training path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+
+def cache_dir() -> Path:
+    """Downloads and decompressed copies go here (never into the repository)."""
+    return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab"))
+
+
+@dataclass
+class ImageData:
+    """A labelled image data set held in memory, with its normalisation."""
+
+    name: str
+    train_x: torch.Tensor  # uint8 (N, C, H, W)
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    augment: bool = False  # training batches get random_crop_flip
+    skipped: int = 0  # unreadable images the loader left out
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> float batch, scaled to [0, 1] and standardised per channel."""
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return x.float().div_(255.0).sub_(mean).div_(std)
+
+
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalised (inputs, labels) batches cut from in-memory tensors."""
+    n = len(y)
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    for start in range(0, n, batch_size):
+        if order is None:
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        else:
+            idx = order[start : start + batch_size]
+            xb, yb = x[idx], y[idx]
+        if augment is not None:
+            xb = augment(xb, generator)
+        yield normalise(xb), yb
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None, padding: int = 4) -> torch.Tensor:
+    """Batched augmentation on uint8 tensors: random crop after zero padding, and horizontal flip."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    idx_n = torch.arange(n).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()

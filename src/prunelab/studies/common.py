@@ -1,0 +1,193 @@
+"""What every study kind shares: the `StudyKind` plug-in, the stage prologue
+(tags, params, the run), and the train / finetune stages several kinds reuse.
+
+A study kind is one module in this package holding its config sections, its
+stages and its report, plus one line in `studies/__init__.py`. A stage is a
+function `(cfg, trial) -> run id`, or `(cfg, trial, model_ref) -> run id` when
+its entry point reads an earlier step's run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from torch import nn
+
+from prunelab import data as datasets, measure, models, paths, reporting, tracking
+from prunelab.config import StudyConfig, TrainConfig
+from prunelab.data.base import ImageData, random_crop_flip
+from prunelab.errors import ConfigError, ModelError
+from prunelab.models import base
+from prunelab.train import OPTIMIZERS, eval_mode, evaluate, fit
+
+Stage = Callable[..., str]
+Step = tuple[str, "int | None"]  # (entry point, index of the earlier step whose run it reads, or None)
+Report = tuple[dict[str, plt.Figure], pd.DataFrame]
+ENTRY_POINTS = ("train", "prune", "finetune")  # the per-trial entry points of MLproject (besides main, report)
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    stage: Stage
+    does: str                  # what this entry point does for this kind, in one line
+    reads_model: bool = False  # takes --model-uri: the run (or model) of an earlier step
+
+
+@dataclass(frozen=True)
+class StudyKind:
+    """A study kind: what its entry points do, the steps `main` chains, its report,
+    its config sections, and what its model must offer."""
+
+    name: str
+    entry_points: dict[str, EntryPoint]
+    steps: Callable[[StudyConfig], list[Step]]
+    report: Callable[[StudyConfig], Report]
+    sections: dict[str, type] = field(default_factory=dict)
+    model_protocol: type = base.Model
+    # (what, setting key, value getter, registry) of the names this kind's settings hold
+    names: tuple[tuple[str, str, Callable[[StudyConfig], str], Any], ...] = ()
+
+    def check(self, cfg: StudyConfig) -> None:
+        """Refuse, in one line, an unknown model, dataset or name setting, or a model this
+        kind cannot use, before anything loads or a run starts."""
+        shared = (("model", "model", lambda c: c.model, models.MODELS),
+                  ("dataset", "data.dataset", lambda c: c.data.dataset, datasets.DATASETS),
+                  ("optimizer", "train.optimizer", lambda c: c.train.optimizer, OPTIMIZERS))
+        for what, key, value_of, registry in shared + self.names:
+            value = value_of(cfg)
+            if value not in registry:
+                raise ConfigError(f"unknown {what} {value!r} ({key} must be one of {', '.join(sorted(registry))})")
+        lacks = base.missing(models.MODELS[cfg.model], self.model_protocol)
+        if lacks:
+            fits = sorted(n for n, cls in models.MODELS.items() if not base.missing(cls, self.model_protocol))
+            raise ConfigError(f"model {cfg.model!r} cannot be used in a {self.name} study: it offers no {', '.join(lacks)} "
+                              f"({self.model_protocol.__doc__.splitlines()[0].rstrip('.')}); choose one of {', '.join(fits)}")
+
+    def run(self, entry_point: str, cfg: StudyConfig, trial: int, model_ref: str | None = None) -> str:
+        """Run one entry point of this kind; returns the run id."""
+        entry = self.entry_points.get(entry_point)
+        if entry is None:
+            raise ConfigError(f"a {self.name} study has no {entry_point} step: its entry points are "
+                              f"{', '.join(self.entry_points)}")
+        return entry.stage(cfg, trial, model_ref) if entry.reads_model else entry.stage(cfg, trial)
+
+    def publish_report(self, cfg: StudyConfig, out_dir=None) -> str:
+        """Draw the study's figures from its runs into a report run (and `out_dir`); returns its id."""
+        figures, table = self.report(cfg)
+        return reporting.publish(cfg, figures, table, out_dir)
+
+
+# The name check of kinds that own a `finetune` section.
+FINETUNE_OPTIMIZER = ("optimizer", "finetune.optimizer", lambda c: c.finetune.optimizer, OPTIMIZERS)
+
+
+def chain(*entries: str) -> Callable[[StudyConfig], list[Step]]:
+    """Steps of a linear chain: each step reads the previous step's run."""
+    steps = [(entry, i - 1 if i else None) for i, entry in enumerate(entries)]
+    return lambda cfg: list(steps)
+
+
+# --------------------------------------------------------------------------- the stage prologue
+
+def seed_of(cfg: StudyConfig, trial: int) -> int:
+    return cfg.seed + trial
+
+
+def common_tags(cfg: StudyConfig, trial: int) -> dict:
+    return {paths.TAG_STUDY: cfg.study, paths.TAG_TRIAL: trial, paths.TAG_SEED: seed_of(cfg, trial)}
+
+
+def common_params(cfg: StudyConfig, trial: int, method: str) -> dict:
+    # The same names in every study, so any two runs compare side by side.
+    # `seed` is the trial's own seed (the preset's `seed` is that of trial 0).
+    return {**cfg.flat(), "study": cfg.study, "model": cfg.model, "dataset": cfg.data.dataset,
+            "method": method, "trial": trial, "seed": seed_of(cfg, trial)}
+
+
+@contextlib.contextmanager
+def stage_run(cfg: StudyConfig, trial: int, stage: str, run_name: str, method: str,
+              tags: dict | None = None, params: dict | None = None) -> Iterator[tracking.Run]:
+    """The run of one stage: the study's tags and params, then the stage's own."""
+    with tracking.run(cfg.study, stage, {**common_tags(cfg, trial), **(tags or {})}, run_name) as run:
+        run.log_params({**common_params(cfg, trial, method), **(params or {})})
+        yield run
+
+
+def check_fits(model: nn.Module, data: ImageData) -> None:
+    """Refuse a model that cannot take the data's images or predicts another number of classes."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(data.normalise(data.test_x[:2]))
+    except RuntimeError as exc:
+        raise ModelError(f"the model does not accept {data.name} images {tuple(data.input_shape)}: "
+                         f"{str(exc).splitlines()[0][:120]}") from None
+    if out.shape[-1] != data.num_classes:
+        raise ModelError(f"the model predicts {out.shape[-1]} classes, {data.name} has {data.num_classes}")
+
+
+def load_model(ref: str, cfg: StudyConfig, data: ImageData) -> nn.Module:
+    """The model an earlier step made (run id, model URI or weights file), checked against the data."""
+    model = tracking.load_model(ref, cfg.model)
+    check_fits(model, data)
+    return model
+
+
+def log_size(run: tracking.Run, model: nn.Module, input_shape, step: int, summary_file: str | None = None) -> measure.Size:
+    size = measure.size(model, input_shape)
+    run.log_metrics({"params": size.params, "macs": size.macs}, step=step)
+    if summary_file:
+        run.log_text(size.summary, summary_file)
+    return size
+
+
+def augmentation(data: ImageData):
+    return random_crop_flip if data.augment else None
+
+
+def train_model(run: tracking.Run, model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
+                prefix: str = "") -> list:
+    """Fit and log per-epoch metrics (step = epoch), one batch of metrics per epoch."""
+    def on_epoch(result):
+        run.log_metrics({f"{prefix}{k}": v for k, v in result.metrics().items()}, step=result.epoch)
+    return fit(model, data, cfg, seed, on_epoch=on_epoch, desc=prefix.rstrip("_") or "train", augment=augmentation(data))
+
+
+def with_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    return dataclasses.replace(cfg, epochs=epochs)
+
+
+# --------------------------------------------------------------------------- shared stages
+
+def train(cfg: StudyConfig, trial: int, method: str) -> str:
+    """Train `cfg.model` from scratch; returns the run id."""
+    seed = seed_of(cfg, trial)
+    data = datasets.get(cfg.data)
+    torch.manual_seed(seed)
+    model = models.build(cfg.model, data.input_shape, data.num_classes)
+    example = data.normalise(data.test_x[:2])
+    with stage_run(cfg, trial, "train", f"train-t{trial}", method) as run:
+        log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
+        train_model(run, model, data, cfg.train, seed)
+        run.log_model(model, paths.MODEL, example, final=True)
+        return run.run_id
+
+
+def finetune(cfg: StudyConfig, trial: int, model_ref: str, method: str) -> str:
+    """Train a (pruned) model further with the `finetune` settings; returns the run id."""
+    seed = seed_of(cfg, trial)
+    data = datasets.get(cfg.data)
+    model = load_model(model_ref, cfg, data)
+    example = data.normalise(data.test_x[:2])
+    with stage_run(cfg, trial, "finetune", f"finetune-t{trial}", method, params={"input_model": model_ref}) as run:
+        before = evaluate(model, data.test_x, data.test_y, data.normalise)
+        run.log_metrics({"test_loss": before["loss"], "test_accuracy": before["accuracy"]}, step=0)
+        log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_AFTER)
+        train_model(run, model, data, cfg.finetune, seed + 10_000)
+        run.log_model(model, paths.MODEL, example, final=True)
+        return run.run_id

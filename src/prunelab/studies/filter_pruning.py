@@ -1,0 +1,211 @@
+"""Filter pruning (kind `filter_pruning`): rank filters, remove them physically, fine-tune.
+
+| entry point | does | reads | logs |
+|---|---|---|---|
+| `train` | trains the model from scratch | the data | per epoch (step = epoch) train/test loss and accuracy; `params`, `macs`; `summary_before.txt`; the model |
+| `prune` | ranks filters with `prune.method`, removes the lowest `prune.filters_per_step` across layers, repeats until `prune.target` remains (fine-tuning `prune.finetune_epochs_between` epochs between steps) | a train run (or trains one itself when none is given) | per round (step = round) `params`, `macs`, `fraction_remaining`, `filters`, `filters_left.<layer>`, test loss/accuracy, `latency_ms`; `model_round_<k>` and the final model |
+| `finetune` | trains the pruned model `finetune.epochs` more | a prune run | step 0 = the pruned model, then per epoch as `train`; the final model |
+
+`main` chains train -> prune -> finetune per trial; the report draws test
+accuracy and loss per epoch, original against pruned + fine-tuned, and a size table.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from torch import nn
+
+from prunelab import data as datasets, measure, models, paths, reporting
+from prunelab.config import StudyConfig, TrainConfig, check_range, setting
+from prunelab.data.base import batches
+from prunelab.errors import ConfigError
+from prunelab.models import base
+from prunelab.pruning import criteria, schedule, surgery
+from prunelab.studies import common
+from prunelab.train import evaluate, fit
+
+TARGET_KINDS = ("params", "filters")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = setting("filter importance criterion: taylor, l1 or random", "taylor")
+    filters_per_step: int = setting("filters removed per pruning step", 1)
+    target: float = setting("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
+    target_kind: str = setting("what the target counts: params or filters", "params")
+    rank_images: int = setting("training images seen by each ranking pass (0: all)", 10000)
+    finetune_epochs_between: int = setting("fine-tuning epochs after each pruning step but the last", 0)
+    log_models_every: int = setting("log the pruned model every N steps (the last step is always logged)", 1)
+    rank_batch_size: int = setting("images per forward/backward pass of a ranking pass", 256)
+    latency_repeats: int = setting("timed CPU forward passes behind each step's latency_ms (median; 0: not measured)", 30)
+
+    def validate(self, where: str = "prune") -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ConfigError(f"{where}.target must be inside (0, 1), got {self.target}: it is the fraction that remains")
+        if self.target_kind not in TARGET_KINDS:
+            raise ConfigError(f"{where}.target_kind must be 'params' or 'filters', got {self.target_kind!r}")
+        check_range(f"{where}.filters_per_step", self.filters_per_step, 1)
+        check_range(f"{where}.finetune_epochs_between", self.finetune_epochs_between, 0)
+        check_range(f"{where}.rank_images", self.rank_images, 0)
+        check_range(f"{where}.latency_repeats", self.latency_repeats, 0)
+        check_range(f"{where}.rank_batch_size", self.rank_batch_size, 1)
+
+
+def method(cfg: StudyConfig) -> str:
+    return cfg.prune.method
+
+
+def train(cfg: StudyConfig, trial: int = 0) -> str:
+    return common.train(cfg, trial, method(cfg))
+
+
+def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
+    return common.finetune(cfg, trial, model_ref, method(cfg))
+
+
+# --------------------------------------------------------------------------- prune
+
+def _filters(model: nn.Module) -> dict[str, int]:
+    return {name: conv.out_channels for name, conv in model.prunable_convs().items()}
+
+
+def _smallest_fraction(model: nn.Module, kind: str, example: torch.Tensor) -> tuple[float, str]:
+    """What remains (as a fraction) when every prunable layer keeps one filter."""
+    widths = _filters(model)
+    if kind == "filters":
+        return len(widths) / sum(widths.values()), next(iter(widths))
+    slim = copy.deepcopy(model)
+    surgery.remove_filters(slim, {n: list(range(1, w)) for n, w in widths.items()}, example)
+    return models.count_params(slim) / models.count_params(model), next(iter(widths))
+
+
+def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str:
+    """Rank, remove and (optionally) fine-tune filters step by step until the target; returns the run id."""
+    pc = cfg.prune
+    seed = common.seed_of(cfg, trial)
+    data = datasets.get(cfg.data)
+    criterion = criteria.get(pc.method, seed)
+    if model_ref:
+        model = common.load_model(model_ref, cfg, data)
+    else:
+        torch.manual_seed(seed)
+        model = models.build(cfg.model, data.input_shape, data.num_classes)
+        common.check_fits(model, data)
+    example = data.normalise(data.test_x[:2])
+    # Refuse an unreachable target before a run starts or a model trains.
+    smallest, layer = _smallest_fraction(model, pc.target_kind, example)
+    schedule.check_reachable(pc.target, pc.target_kind, smallest, layer)
+    with common.stage_run(cfg, trial, "prune", f"prune-t{trial}", method(cfg),
+                          params={"input_model": model_ref or "trained in this run"}) as run:
+        if not model_ref:
+            common.train_model(run, model, data, cfg.train, seed, prefix="pretrain_")
+        params0, filters0 = models.count_params(model), sum(_filters(model).values())
+        size0 = measure.size(model, data.input_shape)
+        run.log_text(size0.summary, paths.SUMMARY_BEFORE)
+        rank_x = data.train_x[: pc.rank_images or None]
+        rank_y = data.train_y[: pc.rank_images or None]
+
+        def remaining() -> float:
+            if pc.target_kind == "filters":
+                return sum(_filters(model).values()) / filters0
+            return models.count_params(model) / params0
+
+        def log_round(k: int) -> None:
+            size = measure.size(model, data.input_shape)
+            test = evaluate(model, data.test_x, data.test_y, data.normalise)
+            widths = _filters(model)
+            metrics = {"params": size.params, "macs": size.macs, "fraction_remaining": size.params / params0,
+                       "filters": sum(widths.values()), "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+            if pc.latency_repeats:
+                metrics["latency_ms"] = measure.latency_ms(model, data.input_shape, repeats=pc.latency_repeats,
+                                                           warmup=min(5, pc.latency_repeats))
+            metrics.update({f"filters_left.{n}": w for n, w in widths.items()})
+            run.log_metrics(metrics, step=k)
+
+        log_round(0)
+        k = 0
+        while remaining() > pc.target:
+            k += 1
+            rb = pc.rank_batch_size
+            scores = criterion(model, model.prunable_convs(), batches(rank_x, rank_y, rb, data.normalise),
+                               total=(len(rank_y) + rb - 1) // rb)
+            surgery.remove_filters(model, schedule.plan_step(scores, pc.filters_per_step), example)
+            log_round(k)
+            done = remaining() <= pc.target
+            if not done and pc.finetune_epochs_between:
+                between = common.with_epochs(cfg.finetune, pc.finetune_epochs_between)
+                last = fit(model, data, between, seed + 1000 * k, desc=f"finetune round {k}",
+                           augment=common.augmentation(data))[-1]
+                # Step k's accuracy after retraining, beside its accuracy right after the removal.
+                run.log_metrics({"retrained_test_loss": last.test_loss, "retrained_test_accuracy": last.test_accuracy}, step=k)
+            if not done and k % pc.log_models_every == 0:
+                run.log_model(model, paths.round_model(k), example)
+        size = measure.size(model, data.input_shape)
+        run.log_text(size.summary, paths.SUMMARY_AFTER)
+        run.log_metrics({"rounds": k, "macs_fraction": size.macs / size0.macs}, step=k)
+        run.log_model(model, paths.MODEL, example, final=True)
+        return run.run_id
+
+
+# --------------------------------------------------------------------------- report
+
+CURVE_METRICS = ["test_accuracy", "test_loss", "params", "macs"]
+
+
+def report(cfg: StudyConfig) -> common.Report:
+    """Test accuracy / loss per epoch, original vs fine-tuned pruned, and the size table."""
+    train_runs, prune_runs, ft_runs = (reporting.stage_runs(cfg, s) for s in ("train", "prune", "finetune"))
+    if not train_runs and not ft_runs:
+        raise reporting.no_runs(cfg, "train or finetune runs")
+    curves = {"train": reporting.histories(train_runs, CURVE_METRICS),
+              "finetune": reporting.histories(ft_runs, CURVE_METRICS)}
+    figures = {}
+    for metric, label in (("test_accuracy", "test accuracy"), ("test_loss", "test loss")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for stage, name in (("train", "original"), ("finetune", "pruned + fine-tuned")):
+            table = reporting.band(curves[stage], metric)
+            if len(table):  # a finetune run's epoch 0 is the pruned model before fine-tuning
+                reporting.plot_band(ax, table, f"{name}, {int(table['count'].max())} trials")
+        figures[f"{metric}.png"] = reporting.finish(fig, ax, "epoch", label, f"{cfg.study}: {label}")
+    return figures, size_table(curves)
+
+
+def size_table(curves: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    def last(df: pd.DataFrame, metric: str) -> pd.Series:
+        sub = df[df.metric == metric]
+        return sub.sort_values("step").groupby("trial")["value"].last()
+
+    rows = []
+    for stage, name in (("train", "original"), ("finetune", "pruned + fine-tuned")):
+        df = curves[stage]
+        if df.empty:
+            continue
+        acc = last(df, "test_accuracy")
+        rows.append({"model": name, "trials": len(acc), "params": last(df, "params").mean(),
+                     "macs": last(df, "macs").mean(), "test_accuracy_mean": acc.mean(),
+                     "test_accuracy_min": acc.min(), "test_accuracy_max": acc.max()})
+    table = pd.DataFrame(rows)
+    if len(table) == 2:
+        table["params_fraction"] = table["params"] / table["params"].iloc[0]
+        table["macs_fraction"] = table["macs"] / table["macs"].iloc[0]
+    return table
+
+
+KIND = common.StudyKind(
+    name="filter_pruning",
+    entry_points={
+        "train": common.EntryPoint(train, "train the model from scratch"),
+        "prune": common.EntryPoint(prune, "rank and remove filters until prune.target remains", reads_model=True),
+        "finetune": common.EntryPoint(finetune, "train the pruned model further", reads_model=True),
+    },
+    steps=common.chain("train", "prune", "finetune"),
+    report=report,
+    sections={"prune": PruneConfig, "finetune": TrainConfig},
+    model_protocol=base.FilterPrunable,
+    names=(("pruning method", "prune.method", method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER),
+)

@@ -1,0 +1,321 @@
+"""Lottery tickets (kind `lottery_ticket`, Frankle & Carbin 2019): iterative magnitude
+pruning with masks and rewinding. Every pruning round of every trial is one run.
+
+| entry point | does | reads | logs |
+|---|---|---|---|
+| `train` | round 0: initialise, train the dense network | the data | the all-ones `mask.pt`, `rewind_weights.pt` (iteration `lottery.rewind_iteration`), `checkpoint.pt` (trained) |
+| `prune` | round k+1: prune round k's trained weights through its mask (`lottery.*_rate`), rewind the survivors, train | round k's run | the same three files for round k+1 |
+| `finetune` | the random re-initialisation control: a round's mask trained from fresh random weights | a train or prune round's run | its mask and starting weights |
+
+Every round logs, per evaluation (step = iteration), validation and test
+loss/accuracy, and per round (step = round) the early-stopping point (lowest
+validation loss), `fraction_remaining` and per-layer counts. `main` chains
+train, then each round's prune (reading the previous round) and its re-init
+control (reading that round). The report draws the paper's figures 3-4: test
+accuracy and loss against iteration per Pm (mean of the trials, min/max bars),
+and the early-stop iteration and accuracy against Pm for tickets and re-init.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from prunelab import checkpoints, data as datasets, models, paths, reporting, tracking
+from prunelab.config import StudyConfig, check_range, setting
+from prunelab.data.base import ImageData
+from prunelab.errors import ConfigError, ModelError
+from prunelab.models import base
+from prunelab.pruning import masks
+from prunelab.studies import common
+from prunelab.studies.common import check_fits
+from prunelab.train import early_stop, fit_iterations
+
+STAGE_TICKET_ROUND_0, STAGE_TICKET, STAGE_REINIT = "train", "prune", "reinit"
+
+
+@dataclass(frozen=True)
+class LotteryConfig:
+    rounds: int = setting("pruning rounds after the dense round 0 (round k keeps about (1 - rate)^k of each layer)", 20)
+    iterations: int = setting("training iterations per round (optimiser steps of train.batch_size images)", 20000)
+    eval_every: int = setting("evaluate validation and test loss / accuracy every N iterations", 100)
+    conv_rate: float = setting("fraction of a conv layer's remaining weights pruned per round, in [0, 1)", 0.1)
+    fc_rate: float = setting("fraction of a hidden fully connected layer's remaining weights pruned per round", 0.2)
+    output_rate: float = setting("fraction of the output layer's remaining weights pruned per round", 0.1)
+    strategy: str = setting("which weights go: magnitude (smallest |w| of the trained round) or random (control)", "magnitude")
+    rewind_iteration: int = setting("rewind survivors to their values at this iteration (0: the initialisation)", 0)
+    reinit_control: bool = setting("also train each round's mask from a fresh random initialisation (control)", True)
+
+    def validate(self, where: str = "lottery") -> None:
+        for name in ("conv_rate", "fc_rate", "output_rate"):
+            check_range(f"{where}.{name}", getattr(self, name), 0.0, 1.0, high_open=True,
+                        hint="it is the fraction pruned per round")
+        check_range(f"{where}.rounds", self.rounds, 0)
+        check_range(f"{where}.iterations", self.iterations, 1)
+        check_range(f"{where}.eval_every", self.eval_every, 1)
+        if not 0 <= self.rewind_iteration < self.iterations:
+            raise ConfigError(f"{where}.rewind_iteration={self.rewind_iteration} is outside the training length "
+                              f"(0 .. {self.iterations - 1}): rewind to an iteration before {where}.iterations")
+
+
+
+
+def steps(cfg: StudyConfig) -> list[common.Step]:
+    """Per-trial chain for `main`: (entry point, index of the step whose run it reads)."""
+    out: list[tuple[str, int | None]] = [("train", None)]
+    ticket = 0
+    for _ in range(cfg.lottery.rounds):
+        out.append(("prune", ticket))
+        ticket = len(out) - 1
+        if cfg.lottery.reinit_control:
+            out.append(("finetune", ticket))
+    return out
+
+
+def _load_data(cfg: StudyConfig) -> ImageData:
+    data = datasets.get(cfg.data)
+    if data.val_x is None:
+        raise ConfigError("lottery tickets early-stop on the validation loss: set data.val_size > 0 "
+                          "(5000 of CIFAR-10's 50000, or 10 % of a subset)")
+    return data
+
+
+def method(cfg: StudyConfig) -> str:
+    return cfg.lottery.strategy
+
+
+def _round_run(cfg: StudyConfig, trial: int, stage: str, run_name: str, k: int, control: str,
+               mask: masks.Mask, source: str):
+    """The run of one round: its round number, control and Pm as tags and params."""
+    return common.stage_run(cfg, trial, stage, run_name, method(cfg), tags={"round": k, "control": control},
+                            params={"round": k, "fraction_remaining": round(mask.fraction_remaining(), 6),
+                                    "input_run": source})
+
+
+def _train_round(run: tracking.Run, cfg: StudyConfig, data: ImageData, model: nn.Module, mask: masks.Mask,
+                 seed: int, k: int, start: int = 0, snapshot_at: int | None = None) -> dict | None:
+    """Train under `mask` (pruned weights re-zeroed after every step) and log the
+    evaluation series (step = iteration), the early-stopping point and per-layer counts.
+    Returns the weights at iteration `snapshot_at` when asked."""
+    lc = cfg.lottery
+    snapshot: dict = {}
+    done = [start]
+
+    zero_pruned = mask.applier(model)
+
+    def after_step() -> None:
+        zero_pruned()
+        done[0] += 1
+        if done[0] == snapshot_at:
+            snapshot.update({n: t.detach().clone() for n, t in model.state_dict().items()})
+
+    if snapshot_at == start:
+        snapshot.update({n: t.detach().clone() for n, t in model.state_dict().items()})
+    augment = common.augmentation(data)
+    history = fit_iterations(model, data, cfg.train, lc.iterations, lc.eval_every, seed, start=start,
+                             on_eval=lambda r: run.log_metrics(r.metrics(), step=r.iteration, flush=False),
+                             desc=f"round {k}", after_step=after_step, augment=augment)
+    best, last = early_stop(history), history[-1]
+    params = dict(model.named_parameters())
+    summary = {"early_stop_iteration": best.iteration, "early_stop_test_accuracy": best.test_accuracy,
+               "early_stop_test_loss": best.test_loss, "early_stop_val_loss": best.val_loss,
+               "final_test_accuracy": last.test_accuracy, "fraction_remaining": mask.fraction_remaining()}
+    for name, keep in mask.items():
+        summary[f"params.{name}"] = keep.numel()
+        summary[f"remaining.{name}"] = int(keep.sum())
+        summary[f"nonzero.{name}"] = int(torch.count_nonzero(params[name]))
+    run.log_metrics(summary, step=k)  # flushes the buffered series too
+    run.log_text(mask.report(), "mask_report.txt")
+    return snapshot or None
+
+
+def _log_ticket(run: tracking.Run, mask: masks.Mask, start_model: nn.Module, tmp: Path) -> None:
+    """The mask and the weights training starts from: enough to re-train this round."""
+    torch.save(mask.state(), tmp / paths.MASK)
+    run.log_file(tmp / paths.MASK)
+    run.log_file(checkpoints.save(start_model, tmp / paths.REWIND_WEIGHTS))
+
+
+def round_zero(cfg: StudyConfig, trial: int = 0) -> str:
+    """Round 0: the dense network from its seeded initialisation; returns the run id."""
+    lc, seed = cfg.lottery, common.seed_of(cfg, trial)
+    data = _load_data(cfg)
+    torch.manual_seed(seed)
+    model = models.build(cfg.model, data.input_shape, data.num_classes)
+    check_fits(model, data)
+    masks.check_rounds(lc, model, lc.rounds)  # refuse an impossible study before anything trains
+    mask = masks.Mask.ones_like(model)
+    with _round_run(cfg, trial, STAGE_TICKET_ROUND_0, f"lottery-t{trial}-r0", 0, "none", mask,
+                    "initialised in this run") as run, tempfile.TemporaryDirectory() as tmp:
+        rewind_to = _train_round(run, cfg, data, model, mask, seed, 0, snapshot_at=lc.rewind_iteration)
+        start_model = models.get(cfg.model, **model.spec())
+        start_model.load_state_dict(rewind_to)
+        _log_ticket(run, mask, start_model, Path(tmp))
+        run.log_file(checkpoints.save(model, Path(tmp) / paths.CHECKPOINT))
+        return run.run_id
+
+
+def _read_round(cfg: StudyConfig, run_ref: str, tmp: Path) -> tuple[int, nn.Module, masks.Mask, nn.Module]:
+    """(round, trained model, mask, model holding the weights to rewind to) of a ticket run."""
+    source = tracking.get_run(run_ref)
+    tags = source.data.tags
+    if tags.get(paths.TAG_STAGE) not in (STAGE_TICKET_ROUND_0, STAGE_TICKET) or "round" not in source.data.params:
+        raise ModelError(f"run {run_ref} is not a lottery-ticket round (stage {tags.get(paths.TAG_STAGE, '?')}): "
+                         "pass the run id of a train (round 0) or prune round of this study")
+    k = int(source.data.params["round"])
+    trained = checkpoints.load(tracking.download(run_ref, paths.CHECKPOINT, tmp), cfg.model)
+    start = checkpoints.load(tracking.download(run_ref, paths.REWIND_WEIGHTS, tmp), cfg.model)
+    mask = masks.Mask(torch.load(tracking.download(run_ref, paths.MASK, tmp), map_location="cpu", weights_only=True))
+    mask.check_fits(trained)
+    return k, trained, mask, start
+
+
+def next_round(cfg: StudyConfig, trial: int, model_ref: str | None) -> str:
+    """Round k+1 from round k's run: prune, rewind, retrain; returns the run id."""
+    if not model_ref:
+        raise ConfigError("a lottery pruning round needs --model-uri: the run id of the previous round")
+    lc, seed = cfg.lottery, common.seed_of(cfg, trial)
+    data = _load_data(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        k, trained, mask, start = _read_round(cfg, model_ref, Path(tmp))
+        check_fits(trained, data)
+        masks.check_rounds(lc, trained, k + 1)
+        new_mask = masks.prune(lc, trained, mask, seed=seed * 1000 + k + 1)
+        model = trained  # reuse the module: its weights are replaced by the rewind weights below
+        masks.rewind(model, start.state_dict(), new_mask)
+        with _round_run(cfg, trial, STAGE_TICKET, f"lottery-t{trial}-r{k + 1}", k + 1, "none", new_mask, model_ref) as run:
+            _log_ticket(run, new_mask, model, Path(tmp))
+            _train_round(run, cfg, data, model, new_mask, seed, k + 1, start=lc.rewind_iteration)
+            run.log_file(checkpoints.save(model, Path(tmp) / paths.CHECKPOINT))
+            return run.run_id
+
+
+def reinit_control(cfg: StudyConfig, trial: int, model_ref: str | None) -> str:
+    """Control: a round's mask trained from a fresh random initialisation; returns the run id."""
+    if not model_ref:
+        raise ConfigError("the random re-initialisation control needs --model-uri: the run id of a pruning round")
+    seed = common.seed_of(cfg, trial)
+    data = _load_data(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        k, model, mask, _ = _read_round(cfg, model_ref, Path(tmp))
+        check_fits(model, data)
+        masks.reinitialise(model, mask, seed=100_000 + 1000 * seed + k)
+        with _round_run(cfg, trial, STAGE_REINIT, f"reinit-t{trial}-r{k}", k, "reinit", mask, model_ref) as run:
+            _log_ticket(run, mask, model, Path(tmp))
+            _train_round(run, cfg, data, model, mask, seed, k)
+            return run.run_id
+
+
+# --------------------------------------------------------------------------- report
+
+MAX_CURVES = 6  # more Pm curves than this on one axis are unreadable; evenly spaced rounds are drawn
+
+
+def round_runs(cfg: StudyConfig, stages: tuple[str, ...]) -> dict[int, dict[int, object]]:
+    """{round: {trial: newest finished run}} of the given stages, at these settings."""
+    out: dict[int, dict[int, object]] = {}
+    for stage in stages:
+        for r in reporting.find_study_runs(cfg, f"tags.{paths.TAG_STAGE} = '{stage}'"):
+            # newest first, so setdefault keeps the newest
+            if "round" in r.data.params:
+                k, trial = int(r.data.params["round"]), int(r.data.tags.get(paths.TAG_TRIAL, -1))
+                out.setdefault(k, {}).setdefault(trial, r)
+    return dict(sorted(out.items()))
+
+
+def pm_percent(runs: dict[int, object]) -> float:
+    """Percent of weights remaining in a round (the same in every trial: counts are deterministic)."""
+    return 100 * sum(float(r.data.params["fraction_remaining"]) for r in runs.values()) / len(runs)
+
+
+def summary_frame(rounds: dict[int, dict[int, object]], metrics: list[str]) -> pd.DataFrame:
+    """Long table with step = Pm (percent), one row per trial, round and summary metric."""
+    rows = []
+    for runs in rounds.values():
+        pm = pm_percent(runs)
+        for trial, r in runs.items():
+            rows += [(trial, r.info.run_id, key, pm, r.data.metrics[key]) for key in metrics if key in r.data.metrics]
+    return pd.DataFrame(rows, columns=["trial", "run_id", "metric", "step", "value"])
+
+
+def _shown_rounds(rounds: list[int]) -> list[int]:
+    if len(rounds) <= MAX_CURVES:
+        return rounds
+    step = (len(rounds) - 1) / (MAX_CURVES - 1)
+    return sorted({rounds[round(i * step)] for i in range(MAX_CURVES)})
+
+
+def _finish(fig, ax, title: str, xlabel: str, ylabel: str, pm_ticks: list[float] | None = None):
+    if pm_ticks:  # the paper's axis: percent remaining, log scale, sparsest on the right, ticks at the Pm levels
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(pm_ticks, [f"{pm:.3g}" for pm in pm_ticks])
+        ax.invert_xaxis()
+    return reporting.finish(fig, ax, xlabel, ylabel, title, 8)
+
+
+def report(cfg: StudyConfig) -> common.Report:
+    tickets = round_runs(cfg, (STAGE_TICKET_ROUND_0, STAGE_TICKET))
+    controls = round_runs(cfg, (STAGE_REINIT,))
+    if not tickets:
+        raise reporting.no_runs(cfg, "lottery rounds")
+    figures = {}
+    shown = _shown_rounds(list(tickets))
+    curves = {k: reporting.histories(tickets[k], ["test_accuracy", "test_loss"]) for k in shown}
+    for metric, label in (("test_accuracy", "test accuracy"), ("test_loss", "test loss")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for k in shown:
+            table = reporting.band(curves[k], metric)
+            reporting.plot_band(ax, table, f"Pm={pm_percent(tickets[k]):.1f}%, {int(table['count'].max())} trials", markersize=3)
+        figures[f"{metric}.png"] = _finish(fig, ax, f"{cfg.study}: {label} (winning tickets)", "training iteration", label)
+
+    keys = ["early_stop_iteration", "early_stop_test_accuracy"]
+    frames = {"winning ticket": summary_frame(tickets, keys), "random reinit": summary_frame(controls, keys)}
+    for metric, label, name in (("early_stop_iteration", "early-stop iteration", "early_stop_iteration.png"),
+                                ("early_stop_test_accuracy", "test accuracy at early stop", "early_stop_accuracy.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for variant, df in frames.items():
+            table = reporting.band(df, metric)
+            if len(table):
+                reporting.plot_band(ax, table, f"{variant}, {int(table['count'].max())} trials")
+        pms = [pm_percent(runs) for runs in tickets.values()]
+        figures[name] = _finish(fig, ax, f"{cfg.study}: {label}", "percent of weights remaining (Pm)", label, pm_ticks=pms)
+    return figures, summary_table(frames)
+
+
+def summary_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per variant and Pm: early-stop iteration and accuracy, mean / min / max over trials."""
+    rows = []
+    for variant, df in frames.items():
+        for pm, group in df.groupby("step"):
+            row = {"variant": variant, "pm_percent": round(pm, 2), "trials": group.trial.nunique()}
+            for metric, short in (("early_stop_iteration", "iteration"), ("early_stop_test_accuracy", "accuracy")):
+                values = group[group.metric == metric].value
+                row.update({f"{short}_mean": values.mean(), f"{short}_min": values.min(), f"{short}_max": values.max()})
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.sort_values(["variant", "pm_percent"], ascending=[False, False]) if len(table) else table
+
+
+KIND = common.StudyKind(
+    name="lottery_ticket",
+    entry_points={
+        "train": common.EntryPoint(round_zero, "round 0: train the dense network from its initialisation"),
+        "prune": common.EntryPoint(next_round, "round k+1: prune round k's weights, rewind the survivors, train",
+                                   reads_model=True),
+        "finetune": common.EntryPoint(reinit_control, "control: a round's mask trained from a random re-initialisation",
+                                      reads_model=True),
+    },
+    steps=steps,
+    report=report,
+    sections={"lottery": LotteryConfig},
+    model_protocol=base.Model,  # masks cover the conv and linear weights of any model
+    names=(("pruning strategy", "lottery.strategy", method, masks.STRATEGIES),),
+)

@@ -1,0 +1,183 @@
+"""Transfer pruning (kind `transfer_pruning`): VGG16 features, a new head, iterative Taylor pruning.
+
+| entry point | does | reads | logs |
+|---|---|---|---|
+| `train` | transfer: pretrained (or random) features, frozen, computed once per image; a new head trained on them | the data, `transfer.weights` | as filter pruning's `train`, plus `skipped_images`, `latency_ms`, `transfer_seconds`, `weights_source` |
+| `prune` | filter pruning's `prune`: rank, remove `prune.filters_per_step` filters, retrain `prune.finetune_epochs_between` epochs, until `prune.target` remains | a train run | as filter pruning's `prune` plus `retrained_test_*` per step |
+| `finetune` | the whole pruned network, `finetune.epochs` more | a prune run | as filter pruning's `finetune` |
+
+The report draws accuracy against the share of parameters removed (right
+after each removal and after retraining), the filters left per conv, and a
+before/after table of parameters, MACs, CPU latency and accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from prunelab import data as datasets, measure, paths, reporting, transfer
+from prunelab.config import StudyConfig, TrainConfig, check_range, setting
+from prunelab.models import base
+from prunelab.pruning import criteria
+from prunelab.studies import common, filter_pruning
+from prunelab.studies.filter_pruning import PruneConfig
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    pretrained: bool = setting("start from torchvision's ImageNet weights (or transfer.weights); false: random features", True)
+    weights: str = setting("local state-dict file of the pretrained network (e.g. torchvision's vgg16-397923af.pth)", "")
+    head_width: int = setting("width of the head's two hidden Linear layers", 4096)
+    feature_batch_size: int = setting("images per forward pass when the frozen features are computed once", 64)
+
+    def validate(self, where: str = "transfer") -> None:
+        check_range(f"{where}.head_width", self.head_width, 1)
+        check_range(f"{where}.feature_batch_size", self.feature_batch_size, 1)
+
+
+def train(cfg: StudyConfig, trial: int = 0) -> str:
+    """Transfer: pretrained (or random) VGG16 features, frozen; a new head trained on cached features."""
+    tc = cfg.transfer
+    seed = common.seed_of(cfg, trial)
+    data = datasets.get(cfg.data)
+    torch.manual_seed(seed)
+    # A missing or foreign weights file fails before any run.
+    model, source = transfer.build(data, tc.weights, tc.pretrained, tc.head_width)
+    example = data.normalise(data.test_x[:2])
+    with common.stage_run(cfg, trial, "train", f"train-t{trial}", filter_pruning.method(cfg),
+                          params={"weights_source": source}) as run:
+        common.log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
+        run.log_metrics({"skipped_images": data.skipped}, step=0)
+        if cfg.prune.latency_repeats:
+            latency = measure.latency_ms(model, data.input_shape, repeats=cfg.prune.latency_repeats,
+                                         warmup=min(5, cfg.prune.latency_repeats))
+            run.log_metrics({"latency_ms": latency}, step=0)
+
+        def on_epoch(result):
+            run.log_metrics(result.metrics(), step=result.epoch)
+
+        start = time.perf_counter()
+        transfer.train_head(model, data, cfg.train, seed, tc.feature_batch_size, on_epoch=on_epoch)
+        run.log_metrics({"transfer_seconds": time.perf_counter() - start}, step=cfg.train.epochs)
+        model.set_features_trainable(True)  # the next stages prune and retrain the features
+        run.log_model(model, paths.MODEL, example, final=True)
+        return run.run_id
+
+
+# Pruning (Taylor ranking, removal, retraining between steps) and the final
+# fine-tuning are filter pruning's stages, unchanged.
+prune = filter_pruning.prune
+finetune = filter_pruning.finetune
+
+
+# --------------------------------------------------------------------------- report
+
+STEP_METRICS = ["params", "macs", "latency_ms", "fraction_remaining", "filters", "test_accuracy", "test_loss",
+                "retrained_test_accuracy", "retrained_test_loss"]
+
+
+def _layer_keys(runs: dict) -> list[str]:
+    keys = {k for r in runs.values() for k in r.data.metrics if k.startswith("filters_left.")}
+    return sorted(keys, key=lambda k: int(k.rsplit(".", 1)[1]))  # features.N: in network order
+
+
+def _last(df: pd.DataFrame, metric: str) -> pd.Series:
+    """Per trial, the value at the highest step."""
+    sub = df[df.metric == metric]
+    return sub.sort_values("step").groupby("trial")["value"].last()
+
+
+def _first(df: pd.DataFrame, metric: str) -> pd.Series:
+    sub = df[df.metric == metric]
+    return sub.sort_values("step").groupby("trial")["value"].first()
+
+
+def report(cfg: StudyConfig) -> common.Report:
+    prune_runs, ft_runs = reporting.stage_runs(cfg, "prune"), reporting.stage_runs(cfg, "finetune")
+    if not prune_runs:
+        raise reporting.no_runs(cfg, "prune runs", " --data-dir DIR")
+    layers = _layer_keys(prune_runs)
+    steps = reporting.histories(prune_runs, STEP_METRICS + layers)
+    final = reporting.histories(ft_runs, ["test_accuracy", "params"])
+    figures = {"accuracy_vs_params_removed.png": _accuracy_figure(cfg, steps, final, len(prune_runs)),
+               "filters_left.png": _filters_figure(cfg, steps, layers, len(prune_runs))}
+    return figures, before_after_table(steps, final)
+
+
+def _accuracy_figure(cfg: StudyConfig, steps: pd.DataFrame, final: pd.DataFrame, trials: int) -> plt.Figure:
+    removed = reporting.band(steps, "fraction_remaining")
+    x_of_step = dict(zip(removed["step"], 100 * (1 - removed["mean"])))  # mean over trials at each step
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for metric, label in (("test_accuracy", "right after removal"), ("retrained_test_accuracy", "after retraining")):
+        table = reporting.band(steps, metric)
+        if len(table):
+            table = table.assign(step=table["step"].map(x_of_step))
+            reporting.plot_band(ax, table, f"{label}, {trials} trials")
+    accs = _last(final, "test_accuracy")
+    if len(accs):
+        # Trials may stop at different steps: place the final models at their own mean size.
+        x = 100 * (1 - _last(steps, "fraction_remaining").mean())
+        ax.errorbar([x], [accs.mean()], yerr=[[accs.mean() - accs.min()], [accs.max() - accs.mean()]], fmt="*",
+                    markersize=12, capsize=4, color="black", label=f"after the final fine-tuning, {len(accs)} trials")
+    return reporting.finish(fig, ax, "parameters removed (% of the whole model)", "test accuracy", f"{cfg.study}: accuracy while pruning", 8)
+
+
+def _filters_figure(cfg: StudyConfig, steps: pd.DataFrame, layers: list[str], trials: int) -> plt.Figure:
+    names = [k.removeprefix("filters_left.") for k in layers]
+    start = [_first(steps, k).mean() for k in layers]
+    end = [_last(steps, k) for k in layers]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    pos = range(len(layers))
+    ax.bar(pos, start, color="none", edgecolor="gray", label="before pruning")
+    means = [e.mean() for e in end]
+    err = [[m - e.min() for m, e in zip(means, end)], [e.max() - m for m, e in zip(means, end)]]
+    ax.bar(pos, means, yerr=err, capsize=3, color="tab:blue", alpha=0.8, label=f"left at the end: mean, min-max of {trials} trials")
+    ax.set_xticks(list(pos))
+    ax.set_xticklabels([f"conv{i + 1} ({n})" for i, n in enumerate(names)], fontsize=7, rotation=40, ha="right")
+    ax.set_ylabel("filters")
+    ax.set_title(f"{cfg.study}: filters per conv layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def before_after_table(steps: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
+    """Mean over trials (accuracy also min and max) of the model before pruning, right after the
+    last pruning step, and after the final fine-tuning."""
+    rows = []
+
+    def row(name, pick, acc):
+        rows.append({"model": name, "trials": len(acc), "params": pick(steps, "params").mean(),
+                     "macs": pick(steps, "macs").mean(), "latency_ms": pick(steps, "latency_ms").mean(),
+                     "test_accuracy_mean": acc.mean(), "test_accuracy_min": acc.min(), "test_accuracy_max": acc.max()})
+
+    row("before pruning (transfer only)", _first, _first(steps, "test_accuracy"))
+    row("pruned, before fine-tuning", _last, _last(steps, "test_accuracy"))
+    accs = _last(final, "test_accuracy")
+    if len(accs):
+        row("pruned + fine-tuned", _last, accs)  # same network as the last step: same size and latency
+    table = pd.DataFrame(rows)
+    for col in ("params", "macs", "latency_ms"):
+        table[f"{col}_fraction"] = table[col] / table[col].iloc[0]
+    return table
+
+
+KIND = common.StudyKind(
+    name="transfer_pruning",
+    entry_points={
+        "train": common.EntryPoint(train, "transfer: a new head on frozen pretrained features, computed once"),
+        "prune": common.EntryPoint(prune, "rank, remove and retrain filters until prune.target remains",
+                                   reads_model=True),
+        "finetune": common.EntryPoint(finetune, "train the whole pruned network further", reads_model=True),
+    },
+    steps=common.chain("train", "prune", "finetune"),
+    report=report,
+    sections={"prune": PruneConfig, "finetune": TrainConfig, "transfer": TransferConfig},
+    model_protocol=base.TransferBackbone,
+    names=(("pruning method", "prune.method", filter_pruning.method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER),
+)
