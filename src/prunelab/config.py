@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import yaml
 
+from prunelab import hardware
 from prunelab.errors import ConfigError
 
 DEFAULT_STUDY = "taylor-cnn-fashionmnist"
@@ -81,11 +82,15 @@ class TrainConfig:
     lr: float = setting("learning rate", 1e-3)
     momentum: float = setting("SGD momentum", 0.9)
     weight_decay: float = setting("L2 penalty", 0.0)
+    precision: str = setting("arithmetic of forward and backward passes: fp32, bf16 (autocast) or fp16 (autocast with "
+                             "gradient scaling, GPUs only); evaluation is always fp32", "fp32")
 
     def validate(self, where: str = "train") -> None:
         check_range(f"{where}.epochs", self.epochs, 1, hint="pass a positive number of epochs")
         check_range(f"{where}.batch_size", self.batch_size, 1)
         check_range(f"{where}.lr", self.lr, 0, low_open=True)
+        check_range(f"{where}.momentum", self.momentum, 0)
+        check_range(f"{where}.weight_decay", self.weight_decay, 0)
 
 
 @dataclass(frozen=True)
@@ -97,11 +102,16 @@ class StudyConfig:
     model: str = setting("model registry name", "simple_cnn")
     trials: int = setting("independent trials (seeds seed .. seed+trials-1)", 5)
     seed: int = setting("seed of trial 0", 0)
+    device: str = setting("where models and data live: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "auto")
+    parallel_trials: int = setting("trials run side by side by `main`, each in its own process (0: 2 on a GPU, "
+                                   "one per 4 CPU cores otherwise)", 0)
     data: DataConfig = section(DataConfig)
     train: TrainConfig = section(TrainConfig)
 
     def validate(self) -> "StudyConfig":
         check_range("trials", self.trials, 1)
+        check_range("parallel_trials", self.parallel_trials, 0)
+        hardware.check_setting(self.device)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):

@@ -1,27 +1,90 @@
 """`main`: a whole study as a chain of the MLproject entry points, then the report.
 
-The study kind says which steps make a trial (`kind.steps`); tracking runs
-each one (as `mlflow run -e <entry point>` would) or reuses a finished run of
-it with the same parameters and code commit, like MLflow's multistep example.
+The study kind says which steps make a trial (`kind.steps`). Each step is its
+own MLflow run, made as `mlflow run -e <entry point>` makes it (parameters,
+project tags, nested under the `main` run); by default it runs in this process,
+with `steps="processes"` as a `mlflow run` process of its own. A step whose
+resolved settings, input runs and code version match a finished run is reused,
+like MLflow's multistep example. Trials run side by side in worker processes
+when `parallel_trials` allows.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
 from prunelab import paths, studies, tracking
+from prunelab.config import StudyConfig
+from prunelab.errors import ConfigError
+from prunelab.hardware import default_parallel_trials
+
+STEP_RUNNERS = ("in-process", "processes")
+# Settings that change how a study is executed, not what a step computes.
+EXECUTION_SETTINGS = ("trials", "parallel_trials")
 
 
-def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str = "") -> str:
+@dataclass(frozen=True)
+class Plan:
+    """What `main` was asked to run: the MLproject parameters of its steps."""
+
+    study: str
+    overrides: str = ""
+    data_dir: str = ""
+    out_dir: str = ""
+    steps: str = "in-process"
+
+    def config(self) -> StudyConfig:
+        """The settings a step resolves: what `prunelab <entry point>` builds from these parameters."""
+        extra = [f"data.data_dir={self.data_dir}"] if self.data_dir else []
+        return studies.load_config(self.study, self.overrides.split() + extra)
+
+
+def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str = "", steps: str = "in-process") -> str:
     """Every trial's chain, then the report; returns the report run id."""
-    cfg = studies.load_config(study, overrides)
-    steps = studies.get(cfg.kind).steps(cfg)
-    with tracking.main_run(cfg.study, {paths.TAG_STUDY: cfg.study, paths.TAG_STAGE: "main"}):
-        base = {"study": study, "overrides": overrides, "data_dir": data_dir}
-        for trial in range(cfg.trials):
-            run_ids: list[str] = []
-            for entry, source in steps:
-                params = {**base, "trial": str(trial)}
-                if source is not None:
-                    params["model_uri"] = run_ids[source]
-                run_ids.append(tracking.run_step(cfg.study, entry, params))
+    if steps not in STEP_RUNNERS:
+        raise ConfigError(f"unknown step runner {steps!r}: choose one of {', '.join(STEP_RUNNERS)}")
+    plan = Plan(study, overrides, data_dir, out_dir, steps)
+    cfg = plan.config()
+    abandoned = tracking.fail_abandoned(cfg.study)  # before anything is reused
+    if abandoned:
+        print(f"prunelab: marked {len(abandoned)} abandoned RUNNING run(s) FAILED", flush=True)
+    workers = cfg.parallel_trials or default_parallel_trials(cfg.device)
+    with tracking.main_run(cfg.study, {paths.TAG_STUDY: cfg.study, paths.TAG_STAGE: "main"}) as main:
+        trials = range(cfg.trials)
+        if workers > 1 and cfg.trials > 1:
+            # Fresh interpreters (spawn): a forked copy of this process would share its MLflow state.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(workers, cfg.trials), mp_context=context) as pool:
+                done = [pool.submit(run_trial, plan, trial, main.run_id, tracking.tracking_uri()) for trial in trials]
+                for future in done:
+                    future.result()
+        else:
+            for trial in trials:
+                run_trial(plan, trial, main.run_id)
         report_params = {"study": study, "overrides": overrides, "out_dir": out_dir or f"reports/{cfg.study}"}
-        return tracking.run_step(cfg.study, "report", report_params, reuse=False)
+        report = (lambda: studies.report(cfg, report_params["out_dir"])) if steps == "in-process" else None
+        return tracking.run_step(cfg.study, "report", report_params, call=report, parent_id=main.run_id)
+
+
+def run_trial(plan: Plan, trial: int, parent_id: str, tracking_uri: str | None = None) -> list[str]:
+    """One trial's chain of steps; returns their run ids. Also the body of a worker process."""
+    if tracking_uri is not None:  # in a worker process
+        tracking.connect(tracking_uri)
+    cfg = plan.config()
+    kind = studies.get(cfg.kind)
+    settings = {k: v for k, v in cfg.flat().items() if k not in EXECUTION_SETTINGS}
+    run_ids: list[str] = []
+    for entry, source in kind.steps(cfg):
+        params = {"study": plan.study, "overrides": plan.overrides, "data_dir": plan.data_dir, "trial": str(trial)}
+        model_ref = run_ids[source] if source is not None else None
+        if model_ref is not None:
+            params["model_uri"] = model_ref
+        key = tracking.step_key(entry, settings, {"trial": trial, "model_uri": model_ref})
+        call = None
+        if plan.steps == "in-process":
+            def call(entry=entry, model_ref=model_ref):
+                return kind.run(entry, cfg, trial, model_ref)
+        run_ids.append(tracking.run_step(cfg.study, entry, params, key=key, call=call, parent_id=parent_id))
+    return run_ids

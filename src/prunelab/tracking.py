@@ -8,14 +8,18 @@ server costs tens of milliseconds, so never one call per value).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import copy
 import functools
+import hashlib
+import json
 import os
-import shlex
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prunelab import checkpoints, paths
 from prunelab.errors import ConfigError, ModelError, PrunelabError, TrackingError
@@ -102,8 +106,10 @@ class Run:
         model also goes out as a weights-only checkpoint, which the next stage reads."""
         import mlflow.pytorch
 
+        # Exported from a CPU copy, so a model trained on a GPU loads on a machine without one.
+        cpu_model = copy.deepcopy(model).cpu().eval() if example.device.type != "cpu" else model
         was_training = model.training
-        info = mlflow.pytorch.log_model(model.eval(), name=name, input_example=example.numpy(),
+        info = mlflow.pytorch.log_model(cpu_model.eval(), name=name, input_example=example.cpu().numpy(),
                                         serialization_format="pt2", pip_requirements=MODEL_REQUIREMENTS)
         model.train(was_training)
         if final:
@@ -113,20 +119,49 @@ class Run:
         return info.model_uri
 
 
+# The run an in-process step of `main` created for the stage to resume (as `mlflow run`
+# hands its child process MLFLOW_RUN_ID); None outside such a step.
+_STEP_RUN: contextvars.ContextVar[str | None] = contextvars.ContextVar("step_run", default=None)
+
+TAG_PID, TAG_HOST, TAG_PROCESS_START = "prunelab.pid", "prunelab.host", "prunelab.process_start"
+TAG_STEP_KEY, TAG_CODE_VERSION = "prunelab.step_key", "prunelab.code_version"
+TAG_STEP_RUNNER = "prunelab.step_runner"  # in-process | process: how `main` ran the step
+TAG_FAILED_BECAUSE = "prunelab.failed_because"
+
+
+def _process_start(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, Linux), so a reused pid is not taken for it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run: `main` marks a RUNNING run whose process is gone as abandoned."""
+    return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname(), TAG_PROCESS_START: _process_start(os.getpid())}
+
+
 @contextlib.contextmanager
 def run(experiment: str, stage: str, tags: dict[str, Any], run_name: str | None = None) -> Iterator[Run]:
-    """Start (or, under `mlflow run`, resume) a run; a failure marks it FAILED."""
+    """Start a run, or resume the one `mlflow run` or an in-process step of `main`
+    created for this stage; a failure marks it FAILED."""
     import mlflow
 
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    step_run = _STEP_RUN.get()
+    if step_run is None and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as active:
-        handle = Run(active.info.run_id)
-        handle.set_tags({paths.TAG_STAGE: stage, **tags})
-        try:
-            yield handle
-        finally:
-            handle.flush()
+    token = _STEP_RUN.set(None)  # a stage resumes its step's run once; later runs are its own
+    try:
+        with mlflow.start_run(run_id=step_run, run_name=run_name, nested=mlflow.active_run() is not None) as active:
+            handle = Run(active.info.run_id)
+            handle.set_tags({paths.TAG_STAGE: stage, **tags, **process_tags()})
+            try:
+                yield handle
+            finally:
+                handle.flush()
+    finally:
+        _STEP_RUN.reset(token)
 
 
 @functools.lru_cache(maxsize=16)
@@ -263,7 +298,7 @@ def main_run(experiment: str, tags: dict[str, Any]) -> Iterator[Run]:
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="main") as active:
         handle = Run(active.info.run_id)
-        handle.set_tags(tags)
+        handle.set_tags({**tags, **process_tags()})
         yield handle
 
 
@@ -275,48 +310,123 @@ def project_dir() -> Path:
     raise ConfigError("no MLproject found: run the study from the prunelab repository")
 
 
-def _git_commit(project: Path) -> str | None:
-    try:
-        import git
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of prunelab's own source files: a step is reused only by the code that made it,
+    committed or not."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for f in sorted(package.rglob("*.py")):
+        digest.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
-        return git.Repo(project, search_parent_directories=True).head.commit.hexsha
-    except Exception:
+
+def step_key(entry_point: str, settings: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """What makes two runs of a step the same: its entry point, the resolved settings (never
+    their spelling on a command line), the runs it reads, and the code version."""
+    text = json.dumps({"entry_point": entry_point, "settings": settings, "inputs": inputs, "code": code_version()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def already_ran(experiment: str, key: str):
+    """The newest finished run with this step key, if any."""
+    found = find_runs(experiment, f"tags.`{TAG_STEP_KEY}` = '{key}'")
+    return found[0] if found else None
+
+
+def _alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process that owns a run still runs: None when that cannot be told here."""
+    pid, host = tags.get(TAG_PID), tags.get(TAG_HOST)
+    if not pid or host != socket.gethostname():
         return None
+    started = _process_start(int(pid))
+    return bool(started) and started == tags.get(TAG_PROCESS_START, started)
 
 
-def already_ran(experiment: str, entry_point: str, params: dict[str, str], commit: str | None):
-    """A finished run of `entry_point` with exactly these params (and commit), if any."""
-    for found in find_runs(experiment, f"tags.`mlflow.project.entryPoint` = '{entry_point}'"):
-        logged = found.data.params
-        # `mlflow run` logs each parameter as it put it on the command line (shell-quoted).
-        if any(logged.get(k, "") not in (str(v), shlex.quote(str(v))) for k, v in params.items()):
-            continue
-        run_commit = found.data.tags.get("mlflow.source.git.commit")
-        if commit and run_commit and run_commit != commit:
-            continue
-        return found
-    return None
+def fail_abandoned(experiment: str) -> list[str]:
+    """Mark FAILED (with a tag saying why) every RUNNING run of the experiment whose process
+    on this host is gone, and every RUNNING run under such a run; returns their ids. Runs of
+    live processes and of other hosts are left alone."""
+    running = find_runs(experiment, "attributes.status = 'RUNNING'", finished_only=False)
+    dead = {r.info.run_id: f"abandoned: its process {r.data.tags[TAG_PID]} on {r.data.tags[TAG_HOST]} is gone"
+            for r in running if _alive(r.data.tags) is False}
+    changed = True
+    while changed:  # children of abandoned runs, however deep
+        changed = False
+        for r in running:
+            parent = r.data.tags.get("mlflow.parentRunId")
+            if r.info.run_id not in dead and parent in dead:
+                dead[r.info.run_id] = f"abandoned: its parent run {parent} was abandoned"
+                changed = True
+    c = client()
+    for run_id, why in dead.items():
+        c.set_tag(run_id, TAG_FAILED_BECAUSE, why)
+        c.set_terminated(run_id, "FAILED")
+    return list(dead)
 
 
-def run_step(experiment: str, entry_point: str, params: dict[str, str], reuse: bool = True) -> str:
-    """Run one MLproject entry point (or reuse a finished run of it with the same
-    params and code commit); returns its run id."""
+def _create_step_run(project: Path, experiment: str, entry_point: str, params: dict[str, str], parent_id: str | None):
+    """The run `mlflow run -e <entry point>` would create: the same tags (entry point, source,
+    git commit, user) and the entry point's parameters, under `parent_id`."""
+    from mlflow.projects.utils import get_or_create_run
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_BACKEND
+
+    exp_id = experiment_id(experiment) or client().create_experiment(experiment)
+    created = get_or_create_run(None, str(project), exp_id, str(project), None, entry_point, params)
+    tags = {MLFLOW_PROJECT_BACKEND: "local", TAG_STEP_RUNNER: "in-process"}
+    if parent_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_id
+    Run(created.info.run_id).set_tags(tags)
+    return created.info.run_id
+
+
+def run_step(experiment: str, entry_point: str, params: dict[str, str], key: str | None = None,
+             call: Callable[[], Any] | None = None, parent_id: str | None = None) -> str:
+    """Run one MLproject entry point as its own MLflow run; returns its run id.
+
+    A finished run with the same step `key` is reused instead (and moved under
+    `parent_id`). With `call`, the step runs in this process: a run is created as
+    `mlflow run -e <entry point>` would create it and `call()` resumes it, which
+    spares the ~10 s start of a process per step; without, `mlflow run` starts one.
+    """
     import mlflow.projects
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    project = project_dir()
-    commit = _git_commit(project)
-    if reuse:
-        found = already_ran(experiment, entry_point, params, commit)
+    if key is not None:
+        found = already_ran(experiment, key)
         if found is not None:
             print(f"prunelab: reusing finished {entry_point} run {found.info.run_id}", flush=True)
+            if parent_id:
+                Run(found.info.run_id).set_tags({MLFLOW_PARENT_RUN_ID: parent_id})
             return found.info.run_id
-    # Each step runs `python -m prunelab ...`: make that `python` this interpreter
-    # even when the virtual environment was not activated.
-    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    try:
-        submitted = mlflow.projects.run(str(project), entry_point=entry_point, parameters=params,
-                                        env_manager="local", experiment_name=experiment, synchronous=True)
-    except Exception as exc:
-        raise PrunelabError(f"step {entry_point} ({params}) failed: {str(exc).splitlines()[0]}; "
-                            "its own error is printed above") from None
-    return submitted.run_id
+    project = project_dir()
+    if call is not None:
+        run_id = _create_step_run(project, experiment, entry_point, params, parent_id)
+        token = _STEP_RUN.set(run_id)
+        try:
+            call()
+        except BaseException as exc:
+            c = client()
+            if c.get_run(run_id).info.status == "RUNNING":  # failed before the stage opened its run
+                c.set_tag(run_id, TAG_FAILED_BECAUSE, f"{type(exc).__name__}: {str(exc)[:200]}")
+                c.set_terminated(run_id, "FAILED")
+            raise
+        finally:
+            _STEP_RUN.reset(token)
+    else:
+        # The step runs `python -m prunelab ...`: make that `python` this interpreter
+        # even when the virtual environment was not activated.
+        os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        try:
+            submitted = mlflow.projects.run(str(project), entry_point=entry_point, parameters=params,
+                                            env_manager="local", experiment_name=experiment, synchronous=True)
+        except Exception as exc:
+            raise PrunelabError(f"step {entry_point} ({params}) failed: {str(exc).splitlines()[0]}; "
+                                "its own error is printed above") from None
+        run_id = submitted.run_id
+        tags = {TAG_STEP_RUNNER: "process", **({MLFLOW_PARENT_RUN_ID: parent_id} if parent_id else {})}
+        Run(run_id).set_tags(tags)
+    if key is not None:  # only a step that finished can be reused
+        Run(run_id).set_tags({TAG_STEP_KEY: key, TAG_CODE_VERSION: code_version()})
+    return run_id

@@ -1,5 +1,6 @@
-"""The training loop and evaluation. Never imports mlflow: the caller passes
-`on_epoch` to hear about progress and decides what to log."""
+"""The training loop and evaluation, on the model's device and in the configured
+precision. Never imports mlflow: the caller passes `on_epoch` to hear about
+progress and decides what to log."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunelab.config import TrainConfig
+from prunelab.errors import ConfigError
 from prunelab.data.base import ImageData, batches
 
 
@@ -41,6 +43,40 @@ def _adam(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 OPTIMIZERS = {"adam": _adam, "sgd": _sgd}
+
+# Autocast dtype of each precision (None: plain fp32). Evaluation always runs in fp32,
+# so accuracies compare across precisions.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(name: str, device: torch.device, where: str = "train.precision") -> None:
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError(f"{where}=fp16 needs a CUDA GPU (it trains with gradient scaling); this study runs on "
+                          f"{device.type}: use bf16 or fp32")
+
+
+class Precision:
+    """Autocast for forward and loss, and a gradient scaler for fp16, for one training run."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.dtype, self.device_type = PRECISIONS[name], device.type
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -82,15 +118,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalise, batc
 
 
 def train_epoch(model, data: ImageData, cfg: TrainConfig, optimizer, generator, desc: str = "train",
-                after_step: Callable[[], None] | None = None, augment=None) -> tuple[float, float]:
+                after_step: Callable[[], None] | None = None, augment=None,
+                precision: Precision | None = None) -> tuple[float, float]:
     """One pass over the training data; returns (mean loss, accuracy)."""
     model.train()
-    loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+    precision = precision or Precision(cfg.precision, device_of(model))
+    device = device_of(model)
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), 0
     steps = (len(data.train_y) + cfg.batch_size - 1) // cfg.batch_size
     it = batches(data.train_x, data.train_y, cfg.batch_size, data.normalise, shuffle=True,
                  generator=generator, augment=augment)
     for xb, yb in tqdm(it, total=steps, desc=desc, leave=False, disable=None):
-        loss, hits = train_step(model, optimizer, xb, yb, after_step)
+        loss, hits = train_step(model, optimizer, xb, yb, after_step, precision)
         # Accumulate on tensors: .item() every step would force a sync per batch.
         loss_sum += loss * len(yb)
         correct += hits
@@ -98,17 +137,19 @@ def train_epoch(model, data: ImageData, cfg: TrainConfig, optimizer, generator, 
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
-def train_step(model, optimizer, xb, yb, after_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(model, optimizer, xb, yb, after_step: Callable[[], None] | None = None,
+               precision: Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch; returns (mean loss, correct count) as tensors."""
     optimizer.zero_grad(set_to_none=True)
-    out = model(xb)
-    loss = nn.functional.cross_entropy(out, yb)
-    loss.backward()
-    optimizer.step()
+    precision = precision or Precision("fp32", xb.device)
+    with precision.autocast():
+        out = model(xb)
+        loss = nn.functional.cross_entropy(out, yb)
+    precision.step(loss, optimizer)
     if after_step is not None:
         after_step()
     with torch.no_grad():
-        return loss.detach(), (out.argmax(1) == yb).sum()
+        return loss.detach().float(), (out.argmax(1) == yb).sum()
 
 
 def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
@@ -117,11 +158,12 @@ def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
     """Train for `cfg.epochs` epochs, evaluating on the test set after each."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, cfg)
+    precision = Precision(cfg.precision, device_of(model))
     history = []
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         train_loss, train_acc = train_epoch(model, data, cfg, optimizer, generator, f"{desc} {epoch}/{cfg.epochs}",
-                                            after_step, augment)
+                                            after_step, augment, precision)
         test = evaluate(model, data.test_x, data.test_y, data.normalise)
         result = EpochResult(epoch, train_loss, train_acc, test["loss"], test["accuracy"], time.perf_counter() - start)
         history.append(result)
@@ -161,9 +203,10 @@ def fit_iterations(model: nn.Module, data: ImageData, cfg: TrainConfig, iteratio
     `start`, every `eval_every` iterations and at the end (the lottery-ticket schedule)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, cfg)
+    precision = Precision(cfg.precision, device_of(model))
     stream = endless_batches(data, cfg.batch_size, generator, augment)
     history: list[EvalResult] = []
-    loss_sum, steps = torch.zeros(()), 0
+    loss_sum, steps = torch.zeros((), device=device_of(model)), 0
 
     def evaluate_now(iteration: int) -> None:
         nonlocal loss_sum, steps
@@ -172,7 +215,7 @@ def fit_iterations(model: nn.Module, data: ImageData, cfg: TrainConfig, iteratio
         test = evaluate(model, data.test_x, data.test_y, data.normalise)
         result = EvalResult(iteration, loss_sum.item() / steps if steps else nan, val["loss"], val["accuracy"],
                             test["loss"], test["accuracy"])
-        loss_sum, steps = torch.zeros(()), 0
+        loss_sum, steps = torch.zeros((), device=device_of(model)), 0
         history.append(result)
         if on_eval is not None:
             on_eval(result)
@@ -181,7 +224,7 @@ def fit_iterations(model: nn.Module, data: ImageData, cfg: TrainConfig, iteratio
     evaluate_now(start)
     for iteration in tqdm(range(start + 1, iterations + 1), desc=desc, leave=False, disable=None):
         xb, yb = next(stream)
-        loss, _ = train_step(model, optimizer, xb, yb, after_step)
+        loss, _ = train_step(model, optimizer, xb, yb, after_step, precision)
         loss_sum += loss
         steps += 1
         if iteration % eval_every == 0 or iteration == iterations:

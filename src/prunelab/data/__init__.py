@@ -3,6 +3,8 @@ file; `base.py` holds what they share."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable
 
 from prunelab.config import DataConfig
@@ -21,22 +23,32 @@ DATASETS: dict[str, Callable[[DataConfig], ImageData]] = {
 
 def get(cfg: DataConfig) -> ImageData:
     """Load the data set `cfg.dataset` and apply the subset / validation settings."""
-    loader = DATASETS.get(cfg.dataset)
-    if loader is None:
+    if cfg.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(DATASETS))}")
-    return _subset(loader(cfg), cfg)
+    # The subset settings only slice what the loader read, so one read serves them all.
+    whole = dataclasses.replace(cfg, n_train=0, n_test=0, val_size=0, augment=False)
+    return _subset(_read(whole), cfg)
+
+
+@functools.lru_cache(maxsize=2)
+def _read(cfg: DataConfig) -> ImageData:
+    """A data set as its loader reads it, kept for the next stage of a study that runs in
+    this process (callers get slices and copies, never this object)."""
+    return DATASETS[cfg.dataset](cfg)
 
 
 def _subset(data: ImageData, cfg: DataConfig) -> ImageData:
-    data.augment = cfg.augment
+    train_x, train_y, test_x, test_y = data.train_x, data.train_y, data.test_x, data.test_y
     if cfg.n_train:
-        data.train_x, data.train_y = data.train_x[: cfg.n_train], data.train_y[: cfg.n_train]
+        train_x, train_y = train_x[: cfg.n_train], train_y[: cfg.n_train]
     if cfg.n_test:
-        data.test_x, data.test_y = data.test_x[: cfg.n_test], data.test_y[: cfg.n_test]
+        test_x, test_y = test_x[: cfg.n_test], test_y[: cfg.n_test]
+    val_x = val_y = None
     if cfg.val_size:
-        if cfg.val_size >= len(data.train_y):
-            raise ConfigError(f"data.val_size={cfg.val_size} leaves no training images (only {len(data.train_y)})")
+        if cfg.val_size >= len(train_y):
+            raise ConfigError(f"data.val_size={cfg.val_size} leaves no training images (only {len(train_y)})")
         # The validation images come off the end so the first n_train stay the same set.
-        data.val_x, data.val_y = data.train_x[-cfg.val_size :], data.train_y[-cfg.val_size :]
-        data.train_x, data.train_y = data.train_x[: -cfg.val_size], data.train_y[: -cfg.val_size]
-    return data
+        val_x, val_y = train_x[-cfg.val_size :], train_y[-cfg.val_size :]
+        train_x, train_y = train_x[: -cfg.val_size], train_y[: -cfg.val_size]
+    return dataclasses.replace(data, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                               val_x=val_x, val_y=val_y, augment=cfg.augment)

@@ -9,6 +9,7 @@ training path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +48,20 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def to(self, device: torch.device | str) -> "ImageData":
+        """The same data with every tensor on `device` (moved once, not per batch)."""
+        move = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **move)
+
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> float batch, scaled to [0, 1] and standardised per channel."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return x.float().div_(255.0).sub_(mean).div_(std)
 
 
@@ -70,7 +81,7 @@ def batches(
         if order is None:
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         else:
-            idx = order[start : start + batch_size]
+            idx = order[start : start + batch_size].to(x.device)
             xb, yb = x[idx], y[idx]
         if augment is not None:
             xb = augment(xb, generator)
@@ -81,12 +92,13 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None, padding
     """Batched augmentation on uint8 tensors: random crop after zero padding, and horizontal flip."""
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
-    flip = torch.rand(n, generator=generator) < 0.5
+    # Drawn on the CPU generator (the same draws on any device), then moved to the data.
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # (n, w)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
-    idx_n = torch.arange(n).view(n, 1, 1)
+    idx_n = torch.arange(n, device=x.device).view(n, 1, 1)
     out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
     return out.permute(0, 3, 1, 2).contiguous()

@@ -51,10 +51,11 @@ def kmeans(rows: torch.Tensor, k: int, seed: int, distance: str = "euclidean", i
         raise ConfigError(f"unknown distance {distance!r}: choose one of {', '.join(DISTANCES)}")
     if importance not in IMPORTANCES:
         raise ConfigError(f"unknown importance {importance!r}: choose one of {', '.join(IMPORTANCES)}")
-    data = rows.detach().double()
+    # scikit-learn clusters on the CPU; the clusters go back to the rows' device.
+    data = rows.detach().double().cpu()
     if k == c:
         # Every filter its own cluster: exact identity (KMeans would only warn on duplicates).
-        return Clusters(torch.arange(c), rows.detach().clone())
+        return Clusters(torch.arange(c, device=rows.device), rows.detach().clone())
     from sklearn.cluster import KMeans
 
     points = data / data.norm(dim=1, keepdim=True).clamp_min(1e-12) if distance == "cosine" else data
@@ -64,7 +65,7 @@ def kmeans(rows: torch.Tensor, k: int, seed: int, distance: str = "euclidean", i
     centroids = torch.zeros(k, data.shape[1], dtype=torch.float64)
     centroids.index_add_(0, labels, data * weights[:, None])
     total = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, weights).clamp_min(1e-12)
-    return Clusters(labels, (centroids / total[:, None]).to(rows.dtype))
+    return Clusters(labels.to(rows.device), (centroids / total[:, None]).to(rows.device, rows.dtype))
 
 
 def resolve_layers(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict[str, nn.Conv2d]:

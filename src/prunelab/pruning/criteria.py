@@ -35,7 +35,10 @@ class TaylorCriterion:
 
     def __call__(self, model: nn.Module, layers: dict[str, nn.Conv2d],
                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]], total: int | None = None) -> dict[str, torch.Tensor]:
-        sums = {name: torch.zeros(conv.out_channels, dtype=torch.float64) for name, conv in layers.items()}
+        # Accumulated in float64 (long ranking passes), except on Apple's MPS, which has no float64.
+        dtype = torch.float32 if next(iter(layers.values())).weight.device.type == "mps" else torch.float64
+        sums = {name: torch.zeros(conv.out_channels, dtype=dtype, device=conv.weight.device)
+                for name, conv in layers.items()}
         counts = dict.fromkeys(layers, 0)
         handles = []
 
@@ -43,7 +46,7 @@ class TaylorCriterion:
             def on_forward(_module, _inputs, output):
                 def on_grad(grad):
                     # Sum over batch and positions now; divide by the count at the end.
-                    sums[name] += (output.detach() * grad).sum(dim=(0, 2, 3)).double()
+                    sums[name] += (output.detach() * grad).sum(dim=(0, 2, 3)).to(dtype)
                     counts[name] += output.shape[0] * output.shape[2] * output.shape[3]
                 output.register_hook(on_grad)
             return on_forward
@@ -62,7 +65,7 @@ class TaylorCriterion:
                 h.remove()
             model.zero_grad(set_to_none=True)
             model.train(was_training)
-        return {name: l2_normalise((sums[name] / max(counts[name], 1)).abs().float()) for name in layers}
+        return {name: l2_normalise((sums[name] / max(counts[name], 1)).abs().float().cpu()) for name in layers}
 
 
 class L1Criterion:
@@ -71,7 +74,7 @@ class L1Criterion:
     name = "l1"
 
     def __call__(self, model, layers, batches=None, total=None):
-        return {name: l2_normalise(conv.weight.detach().abs().sum(dim=(1, 2, 3))) for name, conv in layers.items()}
+        return {name: l2_normalise(conv.weight.detach().abs().sum(dim=(1, 2, 3)).cpu()) for name, conv in layers.items()}
 
 
 class RandomCriterion:

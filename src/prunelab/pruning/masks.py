@@ -106,8 +106,8 @@ class Mask(dict):
                                  f"{self.fraction_remaining():7.2%}"])
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Plain dict of bool tensors (saves and loads with weights_only=True)."""
-        return dict(self)
+        """Plain dict of bool CPU tensors (saves and loads with weights_only=True, on any machine)."""
+        return {name: keep.cpu() for name, keep in self.items()}
 
 
 # --------------------------------------------------------------------------- strategies
@@ -142,7 +142,7 @@ def magnitude_prune(hparams: Rates, model: nn.Module, mask: Mask, seed: int = 0)
 def random_prune(hparams: Rates, model: nn.Module, mask: Mask, seed: int = 0) -> Mask:
     """Control: remove as many surviving weights per layer as magnitude pruning would, at random."""
     generator = torch.Generator().manual_seed(seed)
-    return _prune_by_score(hparams, model, mask, lambda _name, w: torch.rand(w.shape, generator=generator))
+    return _prune_by_score(hparams, model, mask, lambda _name, w: torch.rand(w.shape, generator=generator).to(w.device))
 
 
 STRATEGIES: dict[str, Callable[..., Mask]] = {"magnitude": magnitude_prune, "random": random_prune}

@@ -78,15 +78,17 @@ def merge_block(block: nn.Module, clusters: Clusters) -> None:
         raise ConfigError(f"clusters cover {clusters.labels.numel()} channels, the block has {old1.out_channels}")
     weight, bias = _split(block, clusters)
     k = clusters.k
-    conv1 = nn.Conv2d(old1.in_channels, k, old1.kernel_size, old1.stride, old1.padding, bias=False)
+    like = {"device": old1.weight.device, "dtype": old1.weight.dtype}  # the new layers live where the old ones did
+    conv1 = nn.Conv2d(old1.in_channels, k, old1.kernel_size, old1.stride, old1.padding, bias=False, **like)
     conv1.weight.copy_(weight)
-    bn1 = nn.BatchNorm2d(k, eps=block.bn1.eps, momentum=block.bn1.momentum)
+    bn1 = nn.BatchNorm2d(k, eps=block.bn1.eps, momentum=block.bn1.momentum, **like)
     _set_shift_bn(bn1, bias)
-    conv2 = nn.Conv2d(k, old2.out_channels, old2.kernel_size, old2.stride, old2.padding, bias=old2.bias is not None)
+    conv2 = nn.Conv2d(k, old2.out_channels, old2.kernel_size, old2.stride, old2.padding, bias=old2.bias is not None,
+                      **like)
     conv2.weight.zero_().index_add_(1, clusters.labels, old2.weight)  # sum inputs of each cluster
     if old2.bias is not None:
         conv2.bias.copy_(old2.bias)
-    block.conv1, block.bn1, block.conv2 = conv1.to(old1.weight.dtype), bn1, conv2.to(old2.weight.dtype)
+    block.conv1, block.bn1, block.conv2 = conv1, bn1, conv2
     block.train(block.training)  # new modules start in training mode; take the block's
 
 

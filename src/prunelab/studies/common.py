@@ -19,12 +19,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from prunelab import data as datasets, measure, models, paths, reporting, tracking
+from prunelab import data as datasets, hardware, measure, models, paths, reporting, tracking
 from prunelab.config import StudyConfig, TrainConfig
 from prunelab.data.base import ImageData, random_crop_flip
 from prunelab.errors import ConfigError, ModelError
 from prunelab.models import base
-from prunelab.train import OPTIMIZERS, eval_mode, evaluate, fit
+from prunelab.train import OPTIMIZERS, PRECISIONS, check_precision, eval_mode, evaluate, fit
 
 Stage = Callable[..., str]
 Step = tuple[str, "int | None"]  # (entry point, index of the earlier step whose run it reads, or None)
@@ -58,11 +58,16 @@ class StudyKind:
         kind cannot use, before anything loads or a run starts."""
         shared = (("model", "model", lambda c: c.model, models.MODELS),
                   ("dataset", "data.dataset", lambda c: c.data.dataset, datasets.DATASETS),
-                  ("optimizer", "train.optimizer", lambda c: c.train.optimizer, OPTIMIZERS))
+                  ("optimizer", "train.optimizer", lambda c: c.train.optimizer, OPTIMIZERS),
+                  ("precision", "train.precision", lambda c: c.train.precision, PRECISIONS))
         for what, key, value_of, registry in shared + self.names:
             value = value_of(cfg)
             if value not in registry:
                 raise ConfigError(f"unknown {what} {value!r} ({key} must be one of {', '.join(sorted(registry))})")
+        device = hardware.resolve(cfg.device)  # an absent device: one line naming what there is
+        for section in ("train", *self.sections):
+            if isinstance(getattr(cfg, section), TrainConfig):
+                check_precision(getattr(cfg, section).precision, device, f"{section}.precision")
         lacks = base.missing(models.MODELS[cfg.model], self.model_protocol)
         if lacks:
             fits = sorted(n for n, cls in models.MODELS.items() if not base.missing(cls, self.model_protocol))
@@ -85,6 +90,7 @@ class StudyKind:
 
 # The name check of kinds that own a `finetune` section.
 FINETUNE_OPTIMIZER = ("optimizer", "finetune.optimizer", lambda c: c.finetune.optimizer, OPTIMIZERS)
+FINETUNE_PRECISION = ("precision", "finetune.precision", lambda c: c.finetune.precision, PRECISIONS)
 
 
 def chain(*entries: str) -> Callable[[StudyConfig], list[Step]]:
@@ -110,11 +116,18 @@ def common_params(cfg: StudyConfig, trial: int, method: str) -> dict:
             "method": method, "trial": trial, "seed": seed_of(cfg, trial)}
 
 
+def device_tags(cfg: StudyConfig) -> dict:
+    device = hardware.resolve(cfg.device)
+    return {"device": str(device), "hardware": hardware.name(device)}
+
+
 @contextlib.contextmanager
 def stage_run(cfg: StudyConfig, trial: int, stage: str, run_name: str, method: str,
               tags: dict | None = None, params: dict | None = None) -> Iterator[tracking.Run]:
-    """The run of one stage: the study's tags and params, then the stage's own."""
-    with tracking.run(cfg.study, stage, {**common_tags(cfg, trial), **(tags or {})}, run_name) as run:
+    """The run of one stage: the study's tags (the device and hardware among them) and
+    params, then the stage's own."""
+    all_tags = {**common_tags(cfg, trial), **device_tags(cfg), **(tags or {})}
+    with tracking.run(cfg.study, stage, all_tags, run_name) as run:
         run.log_params({**common_params(cfg, trial, method), **(params or {})})
         yield run
 
@@ -131,9 +144,22 @@ def check_fits(model: nn.Module, data: ImageData) -> None:
         raise ModelError(f"the model predicts {out.shape[-1]} classes, {data.name} has {data.num_classes}")
 
 
+def load_data(cfg: StudyConfig) -> ImageData:
+    """The study's data, on its device."""
+    return datasets.get(cfg.data).to(hardware.resolve(cfg.device))
+
+
+def new_model(cfg: StudyConfig, data: ImageData, seed: int) -> nn.Module:
+    """A freshly initialised `cfg.model` for the data, on the data's device. Initialised on
+    the CPU, so a seed gives the same weights on every device."""
+    torch.manual_seed(seed)
+    return models.build(cfg.model, data.input_shape, data.num_classes).to(data.device)
+
+
 def load_model(ref: str, cfg: StudyConfig, data: ImageData) -> nn.Module:
-    """The model an earlier step made (run id, model URI or weights file), checked against the data."""
-    model = tracking.load_model(ref, cfg.model)
+    """The model an earlier step made (run id, model URI or weights file), on the data's
+    device, checked against the data."""
+    model = tracking.load_model(ref, cfg.model).to(data.device)
     check_fits(model, data)
     return model
 
@@ -167,9 +193,8 @@ def with_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
 def train(cfg: StudyConfig, trial: int, method: str) -> str:
     """Train `cfg.model` from scratch; returns the run id."""
     seed = seed_of(cfg, trial)
-    data = datasets.get(cfg.data)
-    torch.manual_seed(seed)
-    model = models.build(cfg.model, data.input_shape, data.num_classes)
+    data = load_data(cfg)
+    model = new_model(cfg, data, seed)
     example = data.normalise(data.test_x[:2])
     with stage_run(cfg, trial, "train", f"train-t{trial}", method) as run:
         log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
@@ -181,7 +206,7 @@ def train(cfg: StudyConfig, trial: int, method: str) -> str:
 def finetune(cfg: StudyConfig, trial: int, model_ref: str, method: str) -> str:
     """Train a (pruned) model further with the `finetune` settings; returns the run id."""
     seed = seed_of(cfg, trial)
-    data = datasets.get(cfg.data)
+    data = load_data(cfg)
     model = load_model(model_ref, cfg, data)
     example = data.normalise(data.test_x[:2])
     with stage_run(cfg, trial, "finetune", f"finetune-t{trial}", method, params={"input_model": model_ref}) as run:

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from prunelab import data as datasets, measure, models, paths, reporting
+from prunelab import measure, models, paths, reporting
 from prunelab.config import StudyConfig, TrainConfig, check_range, setting
 from prunelab.data.base import batches
 from prunelab.errors import ConfigError
@@ -88,13 +88,12 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
     """Rank, remove and (optionally) fine-tune filters step by step until the target; returns the run id."""
     pc = cfg.prune
     seed = common.seed_of(cfg, trial)
-    data = datasets.get(cfg.data)
+    data = common.load_data(cfg)
     criterion = criteria.get(pc.method, seed)
     if model_ref:
         model = common.load_model(model_ref, cfg, data)
     else:
-        torch.manual_seed(seed)
-        model = models.build(cfg.model, data.input_shape, data.num_classes)
+        model = common.new_model(cfg, data, seed)
         common.check_fits(model, data)
     example = data.normalise(data.test_x[:2])
     # Refuse an unreachable target before a run starts or a model trains.
@@ -207,5 +206,5 @@ KIND = common.StudyKind(
     report=report,
     sections={"prune": PruneConfig, "finetune": TrainConfig},
     model_protocol=base.FilterPrunable,
-    names=(("pruning method", "prune.method", method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER),
+    names=(("pruning method", "prune.method", method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
 )

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunelab import checkpoints, data as datasets, measure, paths, reporting, tracking
+from prunelab import checkpoints, measure, paths, reporting, tracking
 from prunelab.config import StudyConfig, TrainConfig, check_range, setting
 from prunelab.data.base import ImageData
 from prunelab.errors import ConfigError
@@ -115,7 +115,7 @@ def sweep(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
     km = cfg.kmeans
     seed = common.seed_of(cfg, trial)
     ref = _weights_ref(cfg, model_ref)
-    data = datasets.get(cfg.data)
+    data = common.load_data(cfg)
     model = common.load_model(ref, cfg, data).eval()
     points = sweep_points(model, cfg)  # bad names fail here, before any run exists
     options = dict(distance=km.distance, importance=km.importance, n_init=km.n_init)
@@ -302,5 +302,5 @@ KIND = common.StudyKind(
     model_protocol=base.Clusterable,
     names=(("k-means distance", "kmeans.distance", lambda c: c.kmeans.distance, clustering.DISTANCES),
            ("k-means importance", "kmeans.importance", lambda c: c.kmeans.importance, clustering.IMPORTANCES),
-           common.FINETUNE_OPTIMIZER),
+           common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
 )

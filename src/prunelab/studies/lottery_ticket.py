@@ -28,7 +28,7 @@ from torch import nn
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from prunelab import checkpoints, data as datasets, models, paths, reporting, tracking
+from prunelab import checkpoints, models, paths, reporting, tracking
 from prunelab.config import StudyConfig, check_range, setting
 from prunelab.data.base import ImageData
 from prunelab.errors import ConfigError, ModelError
@@ -80,7 +80,7 @@ def steps(cfg: StudyConfig) -> list[common.Step]:
 
 
 def _load_data(cfg: StudyConfig) -> ImageData:
-    data = datasets.get(cfg.data)
+    data = common.load_data(cfg)
     if data.val_x is None:
         raise ConfigError("lottery tickets early-stop on the validation loss: set data.val_size > 0 "
                           "(5000 of CIFAR-10's 50000, or 10 % of a subset)")
@@ -147,8 +147,7 @@ def round_zero(cfg: StudyConfig, trial: int = 0) -> str:
     """Round 0: the dense network from its seeded initialisation; returns the run id."""
     lc, seed = cfg.lottery, common.seed_of(cfg, trial)
     data = _load_data(cfg)
-    torch.manual_seed(seed)
-    model = models.build(cfg.model, data.input_shape, data.num_classes)
+    model = common.new_model(cfg, data, seed)
     check_fits(model, data)
     masks.check_rounds(lc, model, lc.rounds)  # refuse an impossible study before anything trains
     mask = masks.Mask.ones_like(model)
@@ -162,17 +161,19 @@ def round_zero(cfg: StudyConfig, trial: int = 0) -> str:
         return run.run_id
 
 
-def _read_round(cfg: StudyConfig, run_ref: str, tmp: Path) -> tuple[int, nn.Module, masks.Mask, nn.Module]:
-    """(round, trained model, mask, model holding the weights to rewind to) of a ticket run."""
+def _read_round(cfg: StudyConfig, run_ref: str, tmp: Path, device: torch.device
+                ) -> tuple[int, nn.Module, masks.Mask, nn.Module]:
+    """(round, trained model, mask, model holding the weights to rewind to) of a ticket run, on `device`."""
     source = tracking.get_run(run_ref)
     tags = source.data.tags
     if tags.get(paths.TAG_STAGE) not in (STAGE_TICKET_ROUND_0, STAGE_TICKET) or "round" not in source.data.params:
         raise ModelError(f"run {run_ref} is not a lottery-ticket round (stage {tags.get(paths.TAG_STAGE, '?')}): "
                          "pass the run id of a train (round 0) or prune round of this study")
     k = int(source.data.params["round"])
-    trained = checkpoints.load(tracking.download(run_ref, paths.CHECKPOINT, tmp), cfg.model)
-    start = checkpoints.load(tracking.download(run_ref, paths.REWIND_WEIGHTS, tmp), cfg.model)
-    mask = masks.Mask(torch.load(tracking.download(run_ref, paths.MASK, tmp), map_location="cpu", weights_only=True))
+    trained = checkpoints.load(tracking.download(run_ref, paths.CHECKPOINT, tmp), cfg.model).to(device)
+    start = checkpoints.load(tracking.download(run_ref, paths.REWIND_WEIGHTS, tmp), cfg.model).to(device)
+    saved = torch.load(tracking.download(run_ref, paths.MASK, tmp), map_location=device, weights_only=True)
+    mask = masks.Mask(saved)
     mask.check_fits(trained)
     return k, trained, mask, start
 
@@ -184,7 +185,7 @@ def next_round(cfg: StudyConfig, trial: int, model_ref: str | None) -> str:
     lc, seed = cfg.lottery, common.seed_of(cfg, trial)
     data = _load_data(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        k, trained, mask, start = _read_round(cfg, model_ref, Path(tmp))
+        k, trained, mask, start = _read_round(cfg, model_ref, Path(tmp), data.device)
         check_fits(trained, data)
         masks.check_rounds(lc, trained, k + 1)
         new_mask = masks.prune(lc, trained, mask, seed=seed * 1000 + k + 1)
@@ -204,7 +205,7 @@ def reinit_control(cfg: StudyConfig, trial: int, model_ref: str | None) -> str:
     seed = common.seed_of(cfg, trial)
     data = _load_data(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        k, model, mask, _ = _read_round(cfg, model_ref, Path(tmp))
+        k, model, mask, _ = _read_round(cfg, model_ref, Path(tmp), data.device)
         check_fits(model, data)
         masks.reinitialise(model, mask, seed=100_000 + 1000 * seed + k)
         with _round_run(cfg, trial, STAGE_REINIT, f"reinit-t{trial}-r{k}", k, "reinit", mask, model_ref) as run:

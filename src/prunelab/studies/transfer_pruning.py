@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from prunelab import data as datasets, measure, paths, reporting, transfer
+from prunelab import measure, paths, reporting, transfer
 from prunelab.config import StudyConfig, TrainConfig, check_range, setting
 from prunelab.models import base
 from prunelab.pruning import criteria
@@ -44,10 +44,11 @@ def train(cfg: StudyConfig, trial: int = 0) -> str:
     """Transfer: pretrained (or random) VGG16 features, frozen; a new head trained on cached features."""
     tc = cfg.transfer
     seed = common.seed_of(cfg, trial)
-    data = datasets.get(cfg.data)
+    data = common.load_data(cfg)
     torch.manual_seed(seed)
     # A missing or foreign weights file fails before any run.
     model, source = transfer.build(data, tc.weights, tc.pretrained, tc.head_width)
+    model.to(data.device)
     example = data.normalise(data.test_x[:2])
     with common.stage_run(cfg, trial, "train", f"train-t{trial}", filter_pruning.method(cfg),
                           params={"weights_source": source}) as run:
@@ -179,5 +180,5 @@ KIND = common.StudyKind(
     report=report,
     sections={"prune": PruneConfig, "finetune": TrainConfig, "transfer": TransferConfig},
     model_protocol=base.TransferBackbone,
-    names=(("pruning method", "prune.method", filter_pruning.method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER),
+    names=(("pruning method", "prune.method", filter_pruning.method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
 )
