@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bench import Row
-from prunelab import config, data, measure, server, studies, tracking
+from prunelab import config, data, server, studies, tracking
 from prunelab.data import fashionmnist
 from prunelab.data.base import ImageData
 from prunelab.models.simple_cnn import SimpleCNN
@@ -144,20 +144,5 @@ def tracking_rows() -> list[Row]:
     ]
 
 
-def latency_rows() -> list[Row]:
-    """A Taylor-pruned-size network (the widths the default study ends at) vs the original,
-    one thread, timed in alternating chunks (measure.paired_latency_ms)."""
-    shape = (1, 28, 28)
-    original, pruned = SimpleCNN(), SimpleCNN(channels=[7, 9])
-    macs_ratio = measure.size(original, shape).macs / measure.size(pruned, shape).macs
-    rows = []
-    for batch in (1, 256):
-        t_orig, t_pruned = measure.paired_latency_ms(original, pruned, shape, batch, repeats=100)
-        speedup = t_orig / t_pruned
-        rows.append(Row(f"pruned latency speedup / MACs ratio, batch {batch}", speedup / macs_ratio, ">= 0.9x",
-                        f"{t_orig:.3f} -> {t_pruned:.3f} ms (1 thread) = {speedup:.2f}x faster; MACs {macs_ratio:.2f}x fewer"))
-    return rows
-
-
 def rows() -> list[Row]:
-    return loop_rows(_data()) + tracking_rows() + latency_rows()
+    return loop_rows(_data()) + tracking_rows()  # pruned latency: bench_scale

@@ -14,23 +14,36 @@ from prunelab.errors import ConfigError
 Plan = dict[str, list[int]]
 
 
-def plan_step(scores: dict[str, torch.Tensor], n: int) -> Plan:
-    """The `n` lowest-scored filters across all layers, keeping >= 1 per layer."""
-    candidates = []
-    for name, s in scores.items():
-        order = torch.argsort(s)
-        # The best filter of each layer is never a candidate: a layer cannot be emptied.
-        candidates += [(s[i].item(), name, int(i)) for i in order[:-1]]
+def plan_step(scores: dict[str, torch.Tensor], n: int, round_to: int = 1) -> Plan:
+    """The `n` lowest-scored filters across all layers, never emptying a layer.
+
+    With `round_to` > 1 every layer the step touches is cut further, to the next
+    multiple of `round_to` below what those picks leave (taking its next
+    lowest-scored filters), so widths stay multiples of it: vector units and
+    blocked memory layouts then run the pruned convs without idle lanes. A layer
+    never goes below `round_to` filters (or below its width, if that is smaller).
+    """
+    def kept(width: int, removed: int) -> int:
+        return (width - removed) // round_to * round_to
+
+    widths = {name: len(s) for name, s in scores.items()}
+    # The filters that may go, lowest first; a layer offers at most width - round_to of them.
+    candidates = sorted((s[i].item(), name, int(i)) for name, s in scores.items()
+                        for i in torch.argsort(s)[: max(0, len(s) - round_to)])
     if n > len(candidates):
         raise ConfigError(
-            f"a step of {n} filters would remove every filter of a layer (only {len(candidates)} can go): "
-            "lower prune.filters_per_step"
+            f"a step of {n} filters would remove every filter of a layer (only {len(candidates)} can go"
+            + (f" while each layer keeps a multiple of prune.round_to={round_to}" if round_to > 1 else "")
+            + "): lower prune.filters_per_step"
         )
-    candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+    picked: dict[str, int] = {}
+    for _, name, _ in candidates[:n]:
+        picked[name] = picked.get(name, 0) + 1
     plan: Plan = {}
-    for _, name, idx in candidates[:n]:
-        plan.setdefault(name, []).append(idx)
-    return {name: sorted(idxs) for name, idxs in plan.items()}
+    for name, count in picked.items():
+        cut = widths[name] - kept(widths[name], count)  # >= count: rounded down to a multiple
+        plan[name] = sorted(int(i) for i in torch.argsort(scores[name])[:cut])
+    return plan
 
 
 def check_reachable(target: float, kind: str, smallest: float, first_layer: str) -> None:

@@ -1,0 +1,171 @@
+"""Studies at full scale: mixed precision, `main` without a process per step,
+hardware-aligned widths, surgery that traces once, and (with a GPU) one
+lottery-ticket round.
+
+- bf16 / fp32 training step, Conv-2 (batch 60, CIFAR-10) and the FashionMNIST CNN (batch 128);
+- default study (2 trials, 1 epoch): wall time with one `mlflow run` process per
+  step / in process, and the in-process overhead per step;
+- pruned latency speed-up / MACs ratio with and without prune.round_to;
+- VGG16 at 224 px, a step touching all 13 convs: surgery seconds with a graph
+  per layer (before) / one graph (after);
+- on CUDA only: a Conv-2 lottery round of 20,000 iterations, and 5 trials in parallel / serial.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import Row
+from prunelab import config, data, hardware, measure, models, server, tracking
+from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.pruning import surgery
+from prunelab.train import Precision, make_optimizer, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = Path(os.environ.get("PRUNELAB_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-subset"))
+# The widths the default study ends at: without rounding (README, five trials: 5-7 and 9
+# filters), and with prune.round_to=8 (both convs at a multiple of 8).
+WIDTHS_FREE, WIDTHS_ROUNDED, ROUND_TO = [7, 9], [8, 8], 8
+
+
+def _step_seconds(model, batch, precision: str, steps: int = 20) -> float:
+    """Fastest of `steps` optimiser steps (after warm-up) of `model` on one real batch."""
+    xb, yb = batch
+    optimizer = make_optimizer(model, config.TrainConfig(optimizer="adam"))
+    amp = Precision(precision, xb.device)
+    for _ in range(3):
+        train_step(model, optimizer, xb, yb, precision=amp)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(model, optimizer, xb, yb, precision=amp)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def precision_rows() -> list[Row]:
+    rows = []
+    cases = [("simple_cnn", config.DataConfig(dataset="fashionmnist", n_train=512, n_test=8), 128)]
+    if CIFAR.is_dir():
+        cases.append(("conv2", config.DataConfig(dataset="cifar10", data_dir=str(CIFAR), n_train=512, n_test=8), 60))
+    else:
+        print(f"bench_scale: Conv-2 row skipped, no CIFAR-10 subset at {CIFAR} (set PRUNELAB_CIFAR10)")
+    native = hardware.supports_bf16(torch.device("cpu"))
+    for name, cfg, batch_size in cases:
+        d = data.get(cfg)
+        batch = (d.normalise(d.train_x[:batch_size]), d.train_y[:batch_size])
+        torch.manual_seed(0)
+        model = models.build(name, d.input_shape, d.num_classes)
+        fp32, bf16 = _step_seconds(copy.deepcopy(model), batch, "fp32"), _step_seconds(copy.deepcopy(model), batch, "bf16")
+        rows.append(Row(f"{name} train step: fp32 / bf16 time (batch {batch_size})", fp32 / bf16,
+                        ">= 1.5x" if native else ">= 0.0x",
+                        f"fp32 {1000 * fp32:.1f} ms, bf16 {1000 * bf16:.1f} ms (fastest of 20; CPU native bf16: {native})"))
+    return rows
+
+
+def _timed_study(uri: str, steps: str, study: str, out: Path) -> tuple[float, list]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env["MLFLOW_TRACKING_URI"] = uri
+    overrides = f"trials=2 train.epochs=1 finetune.epochs=1 study={study}"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "prunelab", "run", "--overrides", overrides, "--out", str(out), "--steps", steps],
+                   env=env, cwd=REPO, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    runs = tracking.find_runs(study)
+    return wall, [r for r in runs if r.data.tags.get("stage") != "main"]
+
+
+def main_rows() -> list[Row]:
+    """The default study, 2 trials of 1 epoch (7 steps with the report), once per step runner."""
+    with tempfile.TemporaryDirectory() as tmp:
+        uri, process = server.start(server.free_port(), tmp)
+        try:
+            tracking.connect(uri)
+            walls = {}
+            for steps in ("processes", "in-process"):
+                walls[steps], runs = _timed_study(uri, steps, f"bench-main-{steps}", Path(tmp) / steps)
+            in_steps = sum((r.info.end_time - r.info.start_time) / 1000 for r in runs)
+            overhead = (walls["in-process"] - in_steps) / len(runs)
+        finally:
+            server.stop(process)
+    return [
+        Row("default study (2 trials, 1 epoch): per-process / in-process steps", walls["processes"] / walls["in-process"],
+            ">= 1.0x", f"{walls['processes']:.0f} s with a `mlflow run` process per step, {walls['in-process']:.0f} s in process "
+                       f"({len(runs)} steps)"),
+        Row("in-process `main`: overhead per step (s)", overhead, "<= 1s",
+            f"wall {walls['in-process']:.1f} s minus {in_steps:.1f} s inside the {len(runs)} step runs, "
+            "start-up and report included"),
+    ]
+
+
+def latency_rows() -> list[Row]:
+    shape = (1, 28, 28)
+    original = SimpleCNN()
+    rows = []
+    for widths, label in ((WIDTHS_FREE, "no rounding"), (WIDTHS_ROUNDED, f"round_to={ROUND_TO}")):
+        pruned = SimpleCNN(channels=widths)
+        macs_ratio = measure.size(original, shape).macs / measure.size(pruned, shape).macs
+        for batch in (1, 256):
+            t_orig, t_pruned = measure.paired_latency_ms(original, pruned, shape, batch, repeats=100)
+            speedup = t_orig / t_pruned
+            rows.append(Row(f"pruned latency speed-up / MACs ratio, {label} {widths}, batch {batch}", speedup / macs_ratio,
+                            ">= 0.9x", f"{t_orig:.3f} -> {t_pruned:.3f} ms (1 thread) = {speedup:.2f}x; MACs {macs_ratio:.2f}x fewer"))
+    return rows
+
+
+def _surgery_per_layer(model, plan, example) -> None:
+    """The former surgery: Torch-Pruning's dependency graph rebuilt for every layer."""
+    for name, idxs in plan.items():
+        surgery.remove_filters(model, {name: idxs}, example)
+
+
+def surgery_rows() -> list[Row]:
+    torch.manual_seed(0)
+    vgg = models.get("vgg16", image_size=224).eval()
+    example = torch.zeros(1, 3, 224, 224)
+    plan = {n: list(range(0, c.out_channels, 8)) for n, c in vgg.prunable_convs().items()}  # all 13 convs
+    before_model, after_model = copy.deepcopy(vgg), copy.deepcopy(vgg)
+    start = time.perf_counter()
+    _surgery_per_layer(before_model, plan, example)
+    before = time.perf_counter() - start
+    start = time.perf_counter()
+    surgery.FilterRemover(after_model, example).remove(plan)
+    after = time.perf_counter() - start
+    same = all(torch.equal(a, b) for a, b in zip(before_model.state_dict().values(), after_model.state_dict().values()))
+    return [Row("vgg16 224 px surgery, step touching 13 convs: graph per layer / one graph", before / after, ">= 5.0x",
+                f"{before:.1f} s before, {after:.1f} s after; same network: {same}")]
+
+
+def cuda_rows() -> list[Row]:
+    if not torch.cuda.is_available():
+        print("bench_scale: CUDA rows skipped, no GPU on this machine")
+        return []
+    if not CIFAR.is_dir():
+        print(f"bench_scale: CUDA rows skipped, no CIFAR-10 subset at {CIFAR}")
+        return []
+    from prunelab.train import fit_iterations
+
+    device = torch.device("cuda")
+    d = data.get(config.DataConfig(dataset="cifar10", data_dir=str(CIFAR), val_size=466)).to(device)
+    cfg = config.TrainConfig(batch_size=60, lr=2e-4, precision="bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    torch.manual_seed(0)
+    model = models.build("conv2", d.input_shape, d.num_classes).to(device)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fit_iterations(model, d, cfg, 20_000, 1000, seed=0)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return [Row("cuda: Conv-2 lottery round, 20,000 iterations at batch 60 (s)", seconds, "<= 60s",
+                f"{hardware.name(device)}, {cfg.precision}, evaluated every 1,000 iterations")]
+
+
+def rows() -> list[Row]:
+    return precision_rows() + main_rows() + latency_rows() + surgery_rows() + cuda_rows()
