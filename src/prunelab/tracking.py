@@ -356,7 +356,7 @@ def fail_abandoned(experiment: str) -> list[str]:
         changed = False
         for r in running:
             parent = r.data.tags.get("mlflow.parentRunId")
-            if r.info.run_id not in dead and parent in dead:
+            if r.info.run_id not in dead and parent in dead and _alive(r.data.tags) is not True:
                 dead[r.info.run_id] = f"abandoned: its parent run {parent} was abandoned"
                 changed = True
     c = client()

@@ -119,7 +119,7 @@ def sweep(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
     model = common.load_model(ref, cfg, data).eval()
     points = sweep_points(model, cfg)  # bad names fail here, before any run exists
     options = dict(distance=km.distance, importance=km.importance, n_init=km.n_init)
-    tags = common.common_tags(cfg, trial)
+    tags = {**common.common_tags(cfg, trial), **common.device_tags(cfg)}
     params = {**common.common_params(cfg, trial, METHOD), "input_model": ref}
 
     def score(m: nn.Module) -> dict[str, float]:
