@@ -46,8 +46,11 @@ def start(port: int, folder: str | Path, wait: float = 120.0, workers: int = 1) 
            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
            "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
            "--workers", str(workers)]
+    # MLflow's job runner (a dozen worker processes, ~2 GB between them) serves GenAI jobs that
+    # prunelab never submits: off unless the user asks for it.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     # A session of its own: the server outlives `make server` and ignores the terminal's Ctrl-C.
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=env)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if healthy(uri):
