@@ -26,7 +26,7 @@ EXECUTION_SETTINGS = ("trials", "parallel_trials")
 
 
 @dataclass(frozen=True)
-class Plan:
+class StudyArgs:
     """What `main` was asked to run: the MLproject parameters of its steps."""
 
     study: str
@@ -45,8 +45,8 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
     """Every trial's chain, then the report; returns the report run id."""
     if steps not in STEP_RUNNERS:
         raise ConfigError(f"unknown step runner {steps!r}: choose one of {', '.join(STEP_RUNNERS)}")
-    plan = Plan(study, overrides, data_dir, out_dir, steps)
-    cfg = plan.config()
+    args = StudyArgs(study, overrides, data_dir, out_dir, steps)
+    cfg = args.config()
     abandoned = tracking.fail_abandoned(cfg.study)  # before anything is reused
     if abandoned:
         print(f"prunelab: marked {len(abandoned)} abandoned RUNNING run(s) FAILED", flush=True)
@@ -57,33 +57,33 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
             # Fresh interpreters (spawn): a forked copy of this process would share its MLflow state.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(workers, cfg.trials), mp_context=context) as pool:
-                done = [pool.submit(run_trial, plan, trial, main.run_id, tracking.tracking_uri()) for trial in trials]
+                done = [pool.submit(run_trial, args, trial, main.run_id, tracking.tracking_uri()) for trial in trials]
                 for future in done:
                     future.result()
         else:
             for trial in trials:
-                run_trial(plan, trial, main.run_id)
+                run_trial(args, trial, main.run_id)
         report_params = {"study": study, "overrides": overrides, "out_dir": out_dir or f"reports/{cfg.study}"}
         report = (lambda: studies.report(cfg, report_params["out_dir"])) if steps == "in-process" else None
         return tracking.run_step(cfg.study, "report", report_params, call=report, parent_id=main.run_id)
 
 
-def run_trial(plan: Plan, trial: int, parent_id: str, tracking_uri: str | None = None) -> list[str]:
+def run_trial(args: StudyArgs, trial: int, parent_id: str, tracking_uri: str | None = None) -> list[str]:
     """One trial's chain of steps; returns their run ids. Also the body of a worker process."""
     if tracking_uri is not None:  # in a worker process
         tracking.connect(tracking_uri)
-    cfg = plan.config()
+    cfg = args.config()
     kind = studies.get(cfg.kind)
     settings = {k: v for k, v in cfg.flat().items() if k not in EXECUTION_SETTINGS}
     run_ids: list[str] = []
     for entry, source in kind.steps(cfg):
-        params = {"study": plan.study, "overrides": plan.overrides, "data_dir": plan.data_dir, "trial": str(trial)}
+        params = {"study": args.study, "overrides": args.overrides, "data_dir": args.data_dir, "trial": str(trial)}
         model_ref = run_ids[source] if source is not None else None
         if model_ref is not None:
             params["model_uri"] = model_ref
         key = tracking.step_key(entry, settings, {"trial": trial, "model_uri": model_ref})
         call = None
-        if plan.steps == "in-process":
+        if args.steps == "in-process":
             def call(entry=entry, model_ref=model_ref):
                 return kind.run(entry, cfg, trial, model_ref)
         run_ids.append(tracking.run_step(cfg.study, entry, params, key=key, call=call, parent_id=parent_id))
