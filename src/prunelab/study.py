@@ -12,8 +12,11 @@ when `parallel_trials` allows.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+
+import torch
 
 from prunelab import paths, studies, tracking
 from prunelab.config import StudyConfig
@@ -57,7 +60,8 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
             # Fresh interpreters (spawn): a forked copy of this process would share its MLflow state.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(workers, cfg.trials), mp_context=context) as pool:
-                done = [pool.submit(run_trial, args, trial, main.run_id, tracking.tracking_uri()) for trial in trials]
+                threads = max(1, (os.cpu_count() or 1) // workers)  # the cores shared out, not each worker on all
+                done = [pool.submit(run_trial, args, trial, main.run_id, tracking.tracking_uri(), threads) for trial in trials]
                 for future in done:
                     future.result()
         else:
@@ -68,10 +72,12 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
         return tracking.run_step(cfg.study, "report", report_params, call=report, parent_id=main.run_id)
 
 
-def run_trial(args: StudyArgs, trial: int, parent_id: str, tracking_uri: str | None = None) -> list[str]:
+def run_trial(args: StudyArgs, trial: int, parent_id: str, tracking_uri: str | None = None,
+              threads: int | None = None) -> list[str]:
     """One trial's chain of steps; returns their run ids. Also the body of a worker process."""
     if tracking_uri is not None:  # in a worker process
         tracking.connect(tracking_uri)
+        torch.set_num_threads(threads or torch.get_num_threads())
     cfg = args.config()
     kind = studies.get(cfg.kind)
     settings = {k: v for k, v in cfg.flat().items() if k not in EXECUTION_SETTINGS}
