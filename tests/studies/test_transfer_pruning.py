@@ -69,17 +69,17 @@ def test_each_step_removes_exactly_the_asked_number_of_filters(study, client):
 
 
 def test_pruned_model_reloads_from_mlflow_by_uri_and_classifies(study, client, dogs_cats_dir):
-    """The final pruned model loads by its runs:/ URI (no prunelab code needed) and scores the test
-    images exactly as the prune run logged."""
+    """The final pruned model loads by its URI (no prunelab code needed) and scores the test
+    images, as float pixels in [0, 1], exactly as the prune run logged."""
     cfg, _, prune_id, _ = study
     uri = client.get_run(prune_id).data.tags[paths.TAG_MODEL_URI]
     assert uri.startswith(("runs:/", "models:/"))
     model = tracking.load_model(uri)
     images = data.get(cfg.data)
-    out = model(images.normalise(images.test_x[:4]))
+    out = model(images.pixels(images.test_x[:4]))
     assert out.shape == (4, 2)
     with torch.no_grad():
-        predicted = torch.cat([model(images.normalise(images.test_x[i : i + 16])) for i in range(0, len(images.test_y), 16)])
+        predicted = torch.cat([model(images.pixels(images.test_x[i : i + 16])) for i in range(0, len(images.test_y), 16)])
     accuracy = (predicted.argmax(1) == images.test_y).float().mean().item()
     assert accuracy == pytest.approx(history(prune_id, "test_accuracy")[-1][1], abs=1e-6)
     checkpoint_model = tracking.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
