@@ -58,7 +58,7 @@ def register(cfg: StudyConfig, kind: StudyKind, steps: list[Step], chains: list[
             raise ModelError(f"trial {trial}'s {kind.deliverable} run {run_id} logged no final model to register")
         metrics = tracking.logged_model_metrics(model_id)
         tags = {"trial": trial, "run_id": run_id,
-                **{k: metrics[k] for k in ("params", "fraction_remaining", "test_accuracy") if k in metrics}}
+                **{k: _number(metrics[k]) for k in ("params", "fraction_remaining", "test_accuracy") if k in metrics}}
         version = tracking.register(cfg.study, run_id, tags)
         versions[version] = metrics.get("test_accuracy", float("-inf"))
     if not versions:
@@ -68,3 +68,8 @@ def register(cfg: StudyConfig, kind: StudyKind, steps: list[Step], chains: list[
     print(f"prunelab: registered {len(versions)} models as {cfg.study!r}; {paths.CHAMPION} is version {champion} "
           f"(models:/{cfg.study}@{paths.CHAMPION})", flush=True)
     return champion
+
+
+def _number(value: float) -> str:
+    """A count as a whole number (71034, not 71034.0), a fraction with its digits."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.6g}"

@@ -412,15 +412,20 @@ def register(name: str, run_id: str, tags: dict[str, Any]) -> str:
     source = f"models:/{model_id}"
     c = client()
     try:
-        c.get_registered_model(name)
+        try:
+            c.get_registered_model(name)
+        except Exception as exc:
+            if not _mlflow_error(exc):
+                raise
+            c.create_registered_model(name, description=f"The final pruned models of study {name}, one version per trial.")
+        found = [v for v in c.search_model_versions(f"name = '{_quote(name)}'") if v.source == source]
+        version = found[0] if found else c.create_model_version(name, source=source, run_id=run_id, model_id=model_id)
+        for key, value in tags.items():
+            c.set_model_version_tag(name, version.version, key, str(value))
     except Exception as exc:
-        if not _mlflow_error(exc):
-            raise
-        c.create_registered_model(name, description=f"The final pruned models of study {name}, one version per trial.")
-    found = [v for v in c.search_model_versions(f"name = '{_quote(name)}'") if v.source == source]
-    version = found[0] if found else c.create_model_version(name, source=source, run_id=run_id)
-    for key, value in tags.items():
-        c.set_model_version_tag(name, version.version, key, str(value))
+        if _mlflow_error(exc):
+            raise TrackingError(f"cannot register run {run_id}'s model as {name!r}: {str(exc).splitlines()[0][:160]}") from None
+        raise
     return str(version.version)
 
 
