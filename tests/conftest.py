@@ -22,6 +22,16 @@ DOGS_VS_CATS = SHARED / "data" / "dogs-vs-cats"
 RESNET20 = SHARED / "models" / "resnet20-12fca82f.th"
 
 
+def pytest_collection_modifyitems(config, items):
+    """The browser check (marker `ui`) runs only when asked for, with `make ui-check` (-m ui)."""
+    if "ui" in (config.getoption("markexpr") or ""):
+        return
+    browser = [item for item in items if item.get_closest_marker("ui")]
+    if browser:
+        config.hook.pytest_deselected(items=browser)
+        items[:] = [item for item in items if not item.get_closest_marker("ui")]
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")

@@ -37,7 +37,10 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
         tracking.copy_dataset_inputs(main, [run_id for chain in chains for run_id in chain])
         register(cfg, kind, steps, chains)
         report_params = {"study": study, "overrides": overrides, "out_dir": out_dir or f"reports/{cfg.study}"}
-        return tracking.run_step(cfg.study, "report", report_params, reuse=False)
+        report_id = tracking.run_step(cfg.study, "report", report_params, reuse=False)
+        print(f"prunelab: the study's runs in the MLflow UI: {tracking.runs_url(tracking.experiment_of(main.run_id))}",
+              flush=True)
+        return report_id
 
 
 def deliverable_runs(kind: StudyKind, steps: list[Step], chains: list[list[str]]) -> dict[int, str]:

@@ -231,6 +231,13 @@ def run(experiment: str, stage: str, tags: dict[str, Any], run_name: str | None 
             handle.flush()
 
 
+def runs_url(experiment_id: str, uri: str | None = None) -> str:
+    """The experiment's runs in the MLflow UI. The link names the UI's model-training view:
+    without it a fresh browser opens every experiment on its GenAI overview (the UI keeps
+    that choice per browser; the experiment's kind tag does not change it)."""
+    return f"{(uri or tracking_uri()).rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def system_metrics() -> None:
     """Log CPU, memory (and GPU, when present) as `system/...` metrics in every run
     this process and the steps it starts open; refused when psutil is missing."""
@@ -246,7 +253,7 @@ def system_metrics() -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _experiment_of(run_id: str) -> str:
+def experiment_of(run_id: str) -> str:
     return client().get_run(run_id).info.experiment_id
 
 
@@ -261,7 +268,7 @@ def log_child_run(parent: Run, run_name: str, tags: dict[str, Any], params: dict
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     c = parent._client
-    experiment_id = _experiment_of(parent.run_id)
+    experiment_id = experiment_of(parent.run_id)
     all_tags = {MLFLOW_PARENT_RUN_ID: parent.run_id, **tags, **({NOTE: description} if description else {})}
     child = c.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
     run_id = child.info.run_id
