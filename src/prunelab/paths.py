@@ -11,7 +11,7 @@ MASK = "mask.pt"                      # lottery round: its mask, {weight name: b
 REWIND_WEIGHTS = "rewind_weights.pt"  # lottery round: the weights it was rewound to (masked), a checkpoint
 ONNX_DIR = "onnx"                     # a final model's ONNX export, inside the logged model's artifacts
 SOURCE_RUNS = "source_runs.json"      # report run: the runs its figures and table were drawn from
-REPORT_JSON_TABLE = "report_table.json"  # the report table as an MLflow table (the UI shows it)
+REPORT_JSON_TABLE = "report_table.json"  # report run: its table as an MLflow table (the UI shows it)
 
 
 def round_model(k: int) -> str:

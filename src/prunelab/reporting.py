@@ -173,7 +173,7 @@ def publish(cfg: StudyConfig, figures: dict[str, plt.Figure], table: pd.DataFram
             (Path(tmp) / paths.REPORT_MARKDOWN).write_text(markdown_table(table))
             for name in (paths.REPORT_TABLE, paths.REPORT_MARKDOWN):
                 run.log_file(Path(tmp) / name, paths.REPORT_DIR)
-            run.log_table(table, f"{paths.REPORT_DIR}/{paths.REPORT_JSON_TABLE}")
+            run.log_table(table, paths.REPORT_JSON_TABLE)  # beside figures/, which holds what out_dir gets
             if out_dir is not None:
                 # Written to disk only once everything was drawn: no half-made folder.
                 out = Path(out_dir)

@@ -113,3 +113,21 @@ def test_target_that_empties_a_layer_fails_before_any_step(study, client):
         transfer_stages.prune(bad, 0, train_id)
     assert "removing every filter of a layer" in str(err.value) and "\n" not in str(err.value)
     assert tracking.find_runs("test-vgg-pipeline-bad", finished_only=False) == []
+
+
+def test_fine_tuned_vgg_works_without_prunelab(study, client, tracking_uri, tmp_path):
+    """The fine-tuned VGG16 by its URI, where prunelab cannot be imported: ImageNet
+    normalisation inside, pixels in [0, 1] in, the accuracy the run logged out."""
+    from conftest import clean_env
+    from without_prunelab import load_and_score
+
+    cfg, _, _, finetune_id = study
+    run = client.get_run(finetune_id)
+    images = data.get(cfg.data)
+    result = load_and_score(run.data.tags[paths.TAG_MODEL_URI], images.pixels(images.test_x).numpy(),
+                            images.test_y.numpy(), clean_env(tracking_uri), tmp_path)
+    assert result["shape"] == [len(images.test_y), 2]
+    assert result["pyfunc_accuracy"] == pytest.approx(history(finetune_id, "test_accuracy")[-1][1], abs=0.002)
+    assert result["torch_accuracy"] == pytest.approx(history(finetune_id, "test_accuracy")[-1][1], abs=0.002)
+    assert [m.model_id for m in run.inputs.model_inputs] == [
+        client.get_run(study[2]).data.tags[paths.TAG_MODEL_URI].removeprefix("models:/")]

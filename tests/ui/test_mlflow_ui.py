@@ -69,20 +69,29 @@ def wait(driver, timeout: float = 30):
     return WebDriverWait(driver, timeout, poll_frequency=0.25, ignored_exceptions=(StaleElementReferenceException,))
 
 
-def grid(driver, show: str | None = None) -> dict[str, dict[str, str]]:
-    """Row index -> {column id: text} of the whole grid, scrolled through from left to right;
-    then scrolled back to where column `show` is in view (for the screenshot), or to the left."""
+def grid(driver) -> dict[str, dict[str, str]]:
+    """Row index -> {column id: text} of the whole grid, scrolled through from left to right."""
     rows = driver.execute_script(ROWS_JS, {})
     width, view = driver.execute_script(f"const v = {SCROLLERS}; return v.length ? [v[0].scrollWidth, v[0].clientWidth] : [0, 1]")
-    back = 0
     for left in range(0, width + view, max(view // 2, 100)):
         driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = arguments[0])", left)
-        before = sum(show in r for r in rows.values()) if show else 0
         rows = driver.execute_script(ROWS_JS, rows)
-        if show and not back and sum(show in r for r in rows.values()) > before:
-            back = left
-    driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = arguments[0])", back)
+    driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = 0)")
     return rows
+
+
+def reveal(driver, col_id: str) -> None:
+    """Scroll the grid so that column `col_id` is in view (for the screenshot)."""
+    left_of = ("const c = Array.from(document.querySelectorAll('[role=gridcell][col-id]'))"
+               ".find(e => e.getAttribute('col-id').replaceAll('&quot;', '\"') === arguments[0]);"
+               "return c ? parseInt(c.style.left || '0') : null")
+    width, view = driver.execute_script(f"const v = {SCROLLERS}; return v.length ? [v[0].scrollWidth, v[0].clientWidth] : [0, 1]")
+    for left in range(0, width + view, max(view // 2, 100)):
+        driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = arguments[0])", left)
+        x = driver.execute_script(left_of, col_id)
+        if x is not None:
+            driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = arguments[0])", max(0, x - view // 2))
+            return
 
 
 def close_assistant(driver) -> None:
@@ -128,11 +137,12 @@ def test_the_study_link_opens_on_its_runs_with_test_accuracy(tiny_study, client,
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
 
     def accuracy_by_run(d):
-        rows = grid(d, show="metrics.`test_accuracy`").values()
+        rows = grid(d).values()
         shown = {name(r.get("attributes.`Run Name`", "")): r.get("metrics.`test_accuracy`") for r in rows}
         return shown if all(shown.get(s) not in (None, "-") for s in steps) else False
 
     shown = wait(browser).until(accuracy_by_run)
+    reveal(browser, "metrics.`test_accuracy`")
     browser.save_screenshot(str(shots / "2-runs-test-accuracy.png"))
     for trial in (0, 1):
         run = tiny_study["by_stage"][("finetune", trial)]
@@ -150,10 +160,11 @@ def test_models_page_lists_the_pruned_model_with_its_real_size(tiny_study, clien
     params_col = 'metrics.{"metricKey":"params"}'
 
     def models(d):
-        rows = [r for r in grid(d, show=params_col).values() if r.get("name")]
+        rows = [r for r in grid(d).values() if r.get("name")]
         return rows if rows and all(params_col in r for r in rows if name(r["name"]) == "model") else False
 
     rows = wait(browser).until(models)
+    reveal(browser, params_col)
     browser.save_screenshot(str(shots / "3-models.png"))
     by_source = {(r.get("source_run_id"), name(r["name"])): number(r[params_col]) for r in rows if params_col in r}
     assert by_source[("prune-t0", "model")] == pruned_params
