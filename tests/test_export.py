@@ -41,3 +41,17 @@ def test_export_of_a_pruned_network_with_its_normalisation(fashion_dir, tmp_path
     with torch.no_grad():
         expected = network(d.normalise(d.test_x)).numpy()  # the bare network on normalised images
     np.testing.assert_allclose(export.run(export.session(path), d.pixels(d.test_x)), expected, atol=1e-4, rtol=0)
+
+
+def test_an_operator_the_fast_exporter_lacks_still_exports(tmp_path):
+    """Adaptive pooling up to a size that is no factor of the input (VGG16's head on small
+    images) goes through the dynamo exporter; the batch stays dynamic."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d((7, 7)),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 49, 2)).eval()
+    path = export.to_onnx(model, torch.rand(2, 3, 2, 2), tmp_path / export.ONNX_FILE)
+    session = export.session(path)
+    for batch in (1, 5):
+        x = torch.rand(batch, 3, 2, 2)
+        with torch.no_grad():
+            np.testing.assert_allclose(export.run(session, x), model(x).numpy(), atol=1e-4, rtol=0)
