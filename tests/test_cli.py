@@ -110,14 +110,11 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip() == "prunelab: error: prune.target must be inside (0, 1), got 0.0: it is the fraction that remains"
 
 
-def _prunelab(args: list[str], env: dict, block: str = "") -> subprocess.CompletedProcess:
-    """`python -m prunelab ...` in a fresh process; `block` names a package its imports cannot find."""
-    blocker = ("import sys\n"
-               "class Block:\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               f"        if name.split('.')[0] == {block!r}: raise ImportError(name)\n"
-               "sys.meta_path.insert(0, Block())\n") if block else "import sys\n"
-    code = blocker + "from prunelab.cli import main\nsys.exit(main(sys.argv[1:]))"
+def _prunelab(args: list[str], env: dict, missing: str = "") -> subprocess.CompletedProcess:
+    """`python -m prunelab ...` in a fresh process; `missing` names a package it lacks
+    (marked missing in sys.modules, as Python marks a module that is not there)."""
+    code = f"import sys\nsys.modules[{missing!r}] = None\n" if missing else "import sys\n"
+    code += "from prunelab.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -139,7 +136,7 @@ def test_system_metrics_without_psutil_is_refused_before_any_run(tracking_uri, c
     from conftest import clean_env
 
     proc = _prunelab(["train", "--system-metrics", "--overrides", TINY + " study=test-cli-no-psutil"],
-                     clean_env(tracking_uri), block="psutil")
+                     clean_env(tracking_uri), missing="psutil")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("prunelab: error: --system-metrics needs the psutil package")

@@ -241,13 +241,13 @@ def runs_url(experiment_id: str, uri: str | None = None) -> str:
 def system_metrics() -> None:
     """Log CPU, memory (and GPU, when present) as `system/...` metrics in every run
     this process and the steps it starts open; refused when psutil is missing."""
-    import importlib.util
-
     import mlflow
 
-    if importlib.util.find_spec("psutil") is None:
+    try:
+        import psutil  # noqa: F401  (MLflow's monitors need it; without it a run would start and fail)
+    except ImportError:
         raise ConfigError("--system-metrics needs the psutil package: install it (`pip install psutil`, "
-                          "pinned in pyproject.toml) or leave the flag out")
+                          "pinned in pyproject.toml) or leave the flag out") from None
     os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "true"  # steps run by `mlflow run` inherit it
     mlflow.enable_system_metrics_logging()
 

@@ -159,8 +159,9 @@ def load_model(ref: str, cfg: StudyConfig, data: ImageData) -> nn.Module:
 
 
 def for_users(model: nn.Module, data: ImageData) -> nn.Module:
-    """`model` as a person uses it: float pixels in [0, 1] in, the data set's normalisation inside."""
-    return PixelInput(model, data.mean, data.std)
+    """`model` as a person uses it: float pixels in [0, 1] in, the data set's normalisation inside.
+    The wrapper takes the network's mode, so the network is left in the mode it had."""
+    return PixelInput(model, data.mean, data.std).train(model.training)
 
 
 def log_model(run: tracking.Run, model: nn.Module, data: ImageData, name: str, step: int, final: bool = False,
