@@ -133,17 +133,18 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def table_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """The table's numbers as metrics `<row>.<column>`; a row is named by its first
-    column (`original.test_accuracy_mean`, `keep_0.5.params`)."""
+    """The table's numbers as metrics `<row>.<column>`. A row is named by its leading
+    columns, as many as it takes to tell the rows apart: `original.test_accuracy_mean`,
+    `keep_0.5.params`, `winning_ticket.pm_percent_80.accuracy_mean`."""
     if table.empty:
         return {}
-    key_col = table.columns[0]
+    width = next((k for k in range(1, len(table.columns)) if not table.iloc[:, :k].duplicated().any()),
+                 max(1, len(table.columns) - 1))
     out = {}
     for row in table.itertuples(index=False):
-        first = row[0]
-        label = f"{key_col}_{first:g}" if isinstance(first, numbers.Real) else str(first)
-        label = re.sub(r"[^\w.\-]+", "_", label).strip("_")
-        for col, value in zip(table.columns[1:], row[1:]):
+        parts = [f"{col}_{v:g}" if isinstance(v, numbers.Real) else str(v) for col, v in zip(table.columns, row[:width])]
+        label = re.sub(r"[^\w.\-]+", "_", ".".join(parts)).strip("_")
+        for col, value in zip(table.columns[width:], row[width:]):
             if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value:
                 out[f"{label}.{col}"] = float(value)
     return out

@@ -27,7 +27,8 @@ DEFAULT_URI = "http://127.0.0.1:5000"
 # Pinned so a logged model reinstalls the versions that trained it; listing them
 # also spares MLflow from inferring requirements (slow) at every log_model.
 MODEL_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
-# What the MLflow UI reads to open an experiment on its runs (not on GenAI traces).
+# The experiment's kind as the MLflow UI names it: model training, not GenAI. (Which view
+# a browser opens an experiment on is that browser's choice: see `runs_url`.)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 NOTE = "mlflow.note.content"  # a run's description in the UI (markdown)
 DATASET_CONTEXT = "mlflow.data.context"
@@ -87,10 +88,6 @@ class Run:
         from mlflow.entities import RunTag
 
         self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def describe(self, text: str) -> None:
-        """The run's description, shown at the top of its page in the UI."""
-        self.set_tags({NOTE: text})
 
     def log_metrics(self, metrics: dict[str, float], step: int, flush: bool = True, model_linked: bool = True) -> None:
         """Buffer metrics at `step`; at a step where a model was logged they name that model
@@ -154,28 +151,29 @@ class Run:
 
         self.flush()
         was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model(example)
-        # Unnamed specs (a named one makes pyfunc pass a dict); -1: any batch size.
-        # The example holds two images: torch.export fixes a batch dimension of 1.
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
-                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
-        info = mlflow.pytorch.log_model(model, name=name, step=step, signature=signature, input_example=example.numpy(),
-                                        serialization_format="pt2", pip_requirements=MODEL_REQUIREMENTS,
-                                        metadata=metadata)
-        self._model_at[step] = info.model_id
-        self._link_newest(info.model_id, carry)
-        if final:
-            with tempfile.TemporaryDirectory() as tmp:
-                self._client.log_model_artifact(info.model_id, str(export.to_onnx(model, example, Path(tmp) / export.ONNX_FILE)),
-                                                paths.ONNX_DIR)
-                if checkpoint is not None:
-                    self.log_file(checkpoints.save(checkpoint, Path(tmp) / paths.CHECKPOINT))
-            self.set_tags({paths.TAG_MODEL_URI: info.model_uri})
-        model.train(was_training)
+        model.eval()  # exported as it predicts (a traced pt2 module cannot switch modes later)
+        try:
+            with torch.no_grad():
+                out = model(example)
+            # Unnamed specs (a named one makes pyfunc pass a dict); -1: any batch size.
+            # The example holds two images: torch.export fixes a batch dimension of 1.
+            signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
+                                       outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
+            info = mlflow.pytorch.log_model(model, name=name, step=step, signature=signature,
+                                            input_example=example.numpy(), serialization_format="pt2",
+                                            pip_requirements=MODEL_REQUIREMENTS, metadata=metadata)
+            self._model_at[step] = info.model_id
+            self._link_newest(info.model_id, carry)
+            if final:
+                with tempfile.TemporaryDirectory() as tmp:
+                    onnx_file = export.to_onnx(model, example, Path(tmp) / export.ONNX_FILE)
+                    self._client.log_model_artifact(info.model_id, str(onnx_file), paths.ONNX_DIR)
+                    if checkpoint is not None:
+                        self.log_file(checkpoints.save(checkpoint, Path(tmp) / paths.CHECKPOINT))
+                self.set_tags({paths.TAG_MODEL_URI: info.model_uri})
+        finally:
+            model.train(was_training)
         return info.model_uri
-
 
     def _link_newest(self, model_id: str, keys: tuple[str, ...]) -> None:
         # The same metric entity (key, value, step, timestamp) again, now naming the
@@ -204,8 +202,8 @@ def _dataset(split):
                    profile=json.dumps({"num_rows": split.images}))
 
 
-def _open_on_runs(experiment_id: str) -> None:
-    """Tag the experiment as model training, so the UI treats it as such (not as GenAI traces)."""
+def _mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment's kind (model training), once."""
     c = client()
     tags = c.get_experiment(experiment_id).tags
     for key, value in EXPERIMENT_KIND.items():
@@ -222,7 +220,7 @@ def run(experiment: str, stage: str, tags: dict[str, Any], run_name: str | None 
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as active:
-        _open_on_runs(active.info.experiment_id)
+        _mark_model_training(active.info.experiment_id)
         handle = Run(active.info.run_id)
         handle.set_tags({paths.TAG_STAGE: stage, **tags, **({NOTE: description} if description else {})})
         try:
@@ -481,7 +479,7 @@ def main_run(experiment: str, tags: dict[str, Any], description: str = "") -> It
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="main") as active:
-        _open_on_runs(active.info.experiment_id)
+        _mark_model_training(active.info.experiment_id)
         handle = Run(active.info.run_id)
         handle.set_tags({**tags, **({NOTE: description} if description else {})})
         yield handle
