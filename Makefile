@@ -10,7 +10,7 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server run test test-fast bench report ui clean lth kmeans vgg-quick
+.PHONY: help install server stop-server run test test-fast ui-check browser bench report ui clean lth kmeans vgg-quick
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,19 @@ test: install ## the test suite (starts its own server on a free port)
 test-fast: install ## the tests not marked slow
 	$(BIN)/python -m pytest -m 'not slow'
 
+UI_CHECK_DIR ?= reports/ui-check
+ui-check: install browser ## a tiny study on a fresh server, then the MLflow UI in headless Chromium; screenshots in $(UI_CHECK_DIR)
+	PRUNELAB_UI_CHECK_DIR=$(abspath $(UI_CHECK_DIR)) $(BIN)/python -m pytest -m ui tests/ui
+
+# Debian's chromium and chromium-driver for the browser check (installed when missing and root).
+APT := apt-get -o DPkg::Lock::Timeout=300 -y -qq
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium and chromium-driver"; \
+	    $(APT) update >/dev/null && $(APT) install chromium chromium-driver >/dev/null; \
+	  else echo "make ui-check needs chromium and chromedriver: install Debian's chromium and chromium-driver"; exit 2; fi; fi
+
 bench: install ## benchmarks: a table of speed ratios measured in one run
 	$(BIN)/python benchmarks/bench.py
 
@@ -72,6 +85,7 @@ vgg-quick: server ## VGG16 transfer + Taylor pruning at CPU scale; needs DATA_DI
 
 ui: server ## print the address of the MLflow UI
 	@echo "MLflow UI: $(MLFLOW_TRACKING_URI)"
+	@echo "a study's runs: $(MLFLOW_TRACKING_URI)/#/experiments/<id>/runs?workflowType=machine_learning (prunelab run prints the link)"
 
 clean: stop-server ## remove the server's data, reports and caches (keeps .venv)
 	rm -rf $(SERVER_DIR) reports mlruns .pytest_cache

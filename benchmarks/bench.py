@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Benchmark modules, in the order their rows print.
-MODULES = ["bench_foundation", "bench_scale", "bench_lth", "bench_kmeans", "bench_vgg"]
+MODULES = ["bench_foundation", "bench_scale", "bench_onnx", "bench_lth", "bench_kmeans", "bench_vgg"]
 
 
 @dataclass

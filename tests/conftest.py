@@ -22,6 +22,16 @@ DOGS_VS_CATS = SHARED / "data" / "dogs-vs-cats"
 RESNET20 = SHARED / "models" / "resnet20-12fca82f.th"
 
 
+def pytest_collection_modifyitems(config, items):
+    """The browser check (marker `ui`) runs only when asked for, with `make ui-check` (-m ui)."""
+    if "ui" in (config.getoption("markexpr") or ""):
+        return
+    browser = [item for item in items if item.get_closest_marker("ui")]
+    if browser:
+        config.hook.pytest_deselected(items=browser)
+        items[:] = [item for item in items if not item.get_closest_marker("ui")]
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
@@ -82,3 +92,39 @@ def tiny_cfg(fashion_dir, request):
     """The default study at test scale, in an experiment of its own (named after the test)."""
     name = f"test-{request.node.name}".replace("[", "-").replace("]", "")[:60]
     return studies.load_config(overrides=TINY_FASHION + [f"study={name}"])
+
+
+# The default study at test scale, run end to end as a user runs it: the study
+# every test of what MLflow shows (models, registry, lineage, ONNX) reads back.
+TINY_STUDY = "test-tiny-study"
+TINY_STUDY_OVERRIDES = ("data.n_train=600 data.n_test=200 train.epochs=1 finetune.epochs=1 prune.rank_images=200 "
+                        f"prune.latency_repeats=0 trials=2 study={TINY_STUDY}")
+
+
+def clean_env(tracking_uri: str) -> dict:
+    """The environment of a fresh shell pointed at the test server: an experiment or run chosen
+    earlier in this test process (MLflow exports MLFLOW_EXPERIMENT_ID) must not leak in."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tracking_uri, client, fashion_dir, tmp_path_factory):
+    """`prunelab run` of the default study, two trials on a FashionMNIST slice (about two
+    minutes on 2 cores). Returns the study name, its runs by (stage, trial) and by name, and
+    the report's folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny-study-report")
+    proc = subprocess.run([sys.executable, "-m", "prunelab", "run", "--overrides", TINY_STUDY_OVERRIDES, "--out", str(out)],
+                          capture_output=True, text=True, env=clean_env(tracking_uri), timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = client.get_experiment_by_name(TINY_STUDY)
+    runs = [client.get_run(r.info.run_id) for r in client.search_runs([exp.experiment_id])]  # get_run: with inputs
+    by_stage = {(r.data.tags["stage"], int(r.data.tags.get("trial", -1))): r for r in runs}
+    return {"study": TINY_STUDY, "experiment_id": exp.experiment_id, "runs": runs, "by_stage": by_stage,
+            "out": out, "stdout": proc.stdout}

@@ -108,3 +108,36 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "prunelab: error: prune.target must be inside (0, 1), got 0.0: it is the fraction that remains"
+
+
+def _prunelab(args: list[str], env: dict, missing: str = "") -> subprocess.CompletedProcess:
+    """`python -m prunelab ...` in a fresh process; `missing` names a package it lacks
+    (marked missing in sys.modules, as Python marks a module that is not there)."""
+    code = f"import sys\nsys.modules[{missing!r}] = None\n" if missing else "import sys\n"
+    code += "from prunelab.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_system_metrics_are_logged_with_the_run(tracking_uri, client, fashion_dir):
+    """--system-metrics: CPU and memory use as system/... metrics of the stage's run."""
+    from conftest import clean_env
+
+    env = {**clean_env(tracking_uri), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    proc = _prunelab(["train", "--system-metrics", "--overrides", TINY + " study=test-cli-system-metrics"], env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("test-cli-system-metrics").experiment_id])
+    assert run.info.status == "FINISHED"
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+
+
+def test_system_metrics_without_psutil_is_refused_before_any_run(tracking_uri, client, fashion_dir):
+    from conftest import clean_env
+
+    proc = _prunelab(["train", "--system-metrics", "--overrides", TINY + " study=test-cli-no-psutil"],
+                     clean_env(tracking_uri), missing="psutil")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("prunelab: error: --system-metrics needs the psutil package")
+    assert client.get_experiment_by_name("test-cli-no-psutil") is None  # no run, so none left RUNNING

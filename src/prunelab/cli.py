@@ -17,7 +17,8 @@ from pathlib import Path
 from prunelab import data, studies, tracking
 from prunelab.config import DEFAULT_STUDY, DataConfig
 from prunelab.errors import PrunelabError
-from prunelab.studies.common import check_fits
+from prunelab.models import is_registered
+from prunelab.studies.common import check_fits, for_users
 from prunelab.study import STEP_RUNNERS, run_study
 from prunelab.train import evaluate
 
@@ -34,6 +35,8 @@ def _common(p: argparse.ArgumentParser, trial: bool = True) -> None:
                    "(same as transfer.weights=PATH; other kinds refuse it)")
     p.add_argument("--no-pretrained", action="store_true", help="transfer_pruning studies: random initial features "
                    "(same as transfer.pretrained=false)")
+    p.add_argument("--system-metrics", action="store_true", help="also log CPU, memory (and GPU) use as system/... "
+                   "metrics of every run, every 10 s (needs psutil)")
 
 
 def _overrides(args) -> list[str]:
@@ -95,6 +98,8 @@ def dispatch(args) -> int:
     if args.command == "evaluate":
         return _evaluate(args)
     cfg = _config(args)
+    if args.system_metrics:
+        tracking.system_metrics()  # refused in one line, before any run, when psutil is missing
     tracking.connect(args.tracking_uri)
     if args.command == "run":
         run_study(args.study, " ".join(_overrides(args)), args.data_dir, args.out, args.steps)
@@ -113,8 +118,11 @@ def _evaluate(args) -> int:
         tracking.connect(args.tracking_uri)
     model = tracking.load_model(args.model, args.model_name)
     dataset = data.get(cfg)
-    check_fits(model, dataset)
-    result = evaluate(model, dataset.test_x, dataset.test_y, dataset.normalise)
+    if is_registered(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
+        model = for_users(model, dataset)
+    # Every logged model takes float pixels in [0, 1] and normalises them itself.
+    check_fits(model, dataset, dataset.pixels)
+    result = evaluate(model, dataset.test_x, dataset.test_y, dataset.pixels)
     print(json.dumps({"loss": round(result["loss"], 6), "accuracy": round(result["accuracy"], 6), "n": result["n"]}))
     return 0
 

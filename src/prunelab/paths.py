@@ -9,6 +9,9 @@ REPORT_MARKDOWN = "report_table.md"
 REPORT_DIR = "figures"                # artifact folder of a report run
 MASK = "mask.pt"                      # lottery round: its mask, {weight name: bool tensor}
 REWIND_WEIGHTS = "rewind_weights.pt"  # lottery round: the weights it was rewound to (masked), a checkpoint
+ONNX_DIR = "onnx"                     # a final model's ONNX export, inside the logged model's artifacts
+SOURCE_RUNS = "source_runs.json"      # report run: the runs its figures and table were drawn from
+REPORT_JSON_TABLE = "report_table.json"  # report run: its table as an MLflow table (the UI shows it)
 
 
 def round_model(k: int) -> str:
@@ -22,3 +25,5 @@ TAG_STAGE = "stage"
 TAG_TRIAL = "trial"
 TAG_SEED = "seed"
 TAG_MODEL_URI = "prunelab.model_uri"  # URI of the run's final model, for the next stage
+TAG_SOURCE_RUNS = "prunelab.source_runs"  # report run: the ids of the runs it drew from, comma-separated
+CHAMPION = "champion"                 # registry alias of a study's best trial

@@ -7,8 +7,12 @@ hands them to `publish`.
 
 from __future__ import annotations
 
+import contextlib
+import numbers
+import re
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import matplotlib
 
@@ -30,8 +34,31 @@ def latest_per_trial(runs: list) -> dict[int, object]:
     return out
 
 
+# The run ids a report draws from, collected while it is drawn (see `drawing_from`).
+_drawn: list[set[str]] = []
+
+
+@contextlib.contextmanager
+def drawing_from() -> Iterator[set[str]]:
+    """Collect the ids of the runs whose numbers the report drawn in this block uses
+    (every table of runs goes through `drew`), so the report run can name them."""
+    ids: set[str] = set()
+    _drawn.append(ids)
+    try:
+        yield ids
+    finally:
+        _drawn.remove(ids)
+
+
+def drew(run_ids) -> None:
+    """Record that these runs' numbers go into the report being drawn."""
+    for ids in _drawn:
+        ids.update(run_ids)
+
+
 def histories(runs: dict[int, object], metrics: list[str]) -> pd.DataFrame:
     """Long table: trial, run_id, metric, step, value."""
+    drew(r.info.run_id for r in runs.values())
     rows = []
     for trial, r in sorted(runs.items()):
         for key in metrics:
@@ -105,18 +132,49 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """The table's numbers as metrics `<row>.<column>`. A row is named by its leading
+    columns, as many as it takes to tell the rows apart: `original.test_accuracy_mean`,
+    `keep_0.5.params`, `winning_ticket.pm_percent_80.accuracy_mean`."""
+    if table.empty:
+        return {}
+    width = next((k for k in range(1, len(table.columns)) if not table.iloc[:, :k].duplicated().any()),
+                 max(1, len(table.columns) - 1))
+    out = {}
+    for row in table.itertuples(index=False):
+        parts = [f"{col}_{v:g}" if isinstance(v, numbers.Real) else str(v) for col, v in zip(table.columns, row[:width])]
+        label = re.sub(r"[^\w.\-]+", "_", ".".join(parts)).strip("_")
+        for col, value in zip(table.columns[width:], row[width:]):
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value:
+                out[f"{label}.{col}"] = float(value)
+    return out
+
+
 def publish(cfg: StudyConfig, figures: dict[str, plt.Figure], table: pd.DataFrame,
-            out_dir: str | Path | None = None) -> str:
-    """Log a study's figures and table to a report run and write them to `out_dir`; returns the run id."""
-    with tracking.run(cfg.study, "report", {paths.TAG_STUDY: cfg.study}, "report") as run:
+            out_dir: str | Path | None = None, sources: set[str] | frozenset[str] = frozenset()) -> str:
+    """Log a study's figures and table to a report run and write them to `out_dir`; returns the run id.
+
+    The run names the runs it drew from (`sources`: a tag and a JSON file), records the
+    image sets they read, logs the table's numbers as metrics, the figures as figures and
+    the table as an MLflow table, beside the CSV and markdown files."""
+    ids = sorted(sources)
+    description = f"**report** of study `{cfg.study}` ({cfg.kind}): {len(figures)} figures and a table drawn from {len(ids)} runs."
+    with tracking.run(cfg.study, "report", {paths.TAG_STUDY: cfg.study}, "report", description) as run:
         run.log_params({"study": cfg.study, "kind": cfg.kind})
+        joined = ",".join(ids)
+        run.set_tags({paths.TAG_SOURCE_RUNS: joined if len(joined) <= 8000 else f"{len(ids)} runs: see {paths.SOURCE_RUNS}"})
+        run.log_dict({"source_runs": ids}, paths.SOURCE_RUNS)
+        tracking.copy_dataset_inputs(run, ids)
+        run.log_metrics(table_metrics(table), step=0)
         with tempfile.TemporaryDirectory() as tmp:
             for name, fig in figures.items():
                 fig.savefig(Path(tmp) / name, dpi=120)
+                run.log_figure(fig, f"{paths.REPORT_DIR}/{name}", dpi=120)
             table.to_csv(Path(tmp) / paths.REPORT_TABLE, index=False)
             (Path(tmp) / paths.REPORT_MARKDOWN).write_text(markdown_table(table))
-            for f in sorted(Path(tmp).iterdir()):
-                run.log_file(f, paths.REPORT_DIR)
+            for name in (paths.REPORT_TABLE, paths.REPORT_MARKDOWN):
+                run.log_file(Path(tmp) / name, paths.REPORT_DIR)
+            run.log_table(table, paths.REPORT_JSON_TABLE)  # beside figures/, which holds what out_dir gets
             if out_dir is not None:
                 # Written to disk only once everything was drawn: no half-made folder.
                 out = Path(out_dir)

@@ -6,7 +6,9 @@ project tags, nested under the `main` run); by default it runs in this process,
 with `steps="processes"` as a `mlflow run` process of its own. A step whose
 resolved settings, input runs and code version match a finished run is reused,
 like MLflow's multistep example. Trials run side by side in worker processes
-when `parallel_trials` allows.
+when `parallel_trials` allows. After the trials, each trial's deliverable model
+(`kind.deliverable`) becomes a version of the registered model named after the
+study, the best one aliased `champion`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 
 from prunelab import paths, studies, tracking
 from prunelab.config import StudyConfig
-from prunelab.errors import ConfigError
+from prunelab.errors import ConfigError, ModelError
 from prunelab.hardware import default_parallel_trials
+from prunelab.studies.common import Step, StudyKind
 
 STEP_RUNNERS = ("in-process", "processes")
 # Settings that change how a study is executed, not what a step computes.
@@ -54,7 +57,11 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
     if abandoned:
         print(f"prunelab: marked {len(abandoned)} abandoned RUNNING run(s) FAILED", flush=True)
     workers = cfg.parallel_trials or default_parallel_trials(cfg.device)
-    with tracking.main_run(cfg.study, {paths.TAG_STUDY: cfg.study, paths.TAG_STAGE: "main"}) as main:
+    kind = studies.get(cfg.kind)
+    chain = kind.steps(cfg)
+    description = (f"**main** of study `{cfg.study}` ({cfg.kind}): {cfg.trials} trials of "
+                   f"{' → '.join(entry for entry, _ in chain)}, then the report.")
+    with tracking.main_run(cfg.study, {paths.TAG_STUDY: cfg.study, paths.TAG_STAGE: "main"}, description) as main:
         trials = range(cfg.trials)
         if workers > 1 and cfg.trials > 1:
             # Fresh interpreters (spawn): a forked copy of this process would share its MLflow state.
@@ -62,14 +69,17 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
             with ProcessPoolExecutor(min(workers, cfg.trials), mp_context=context) as pool:
                 threads = max(1, (os.cpu_count() or 1) // workers)  # the cores shared out, not each worker on all
                 done = [pool.submit(run_trial, args, trial, main.run_id, tracking.tracking_uri(), threads) for trial in trials]
-                for future in done:
-                    future.result()
+                chains = [future.result() for future in done]
         else:
-            for trial in trials:
-                run_trial(args, trial, main.run_id)
+            chains = [run_trial(args, trial, main.run_id) for trial in trials]
+        tracking.copy_dataset_inputs(main, [run_id for run_ids in chains for run_id in run_ids])
+        register(cfg, kind, chain, chains)
         report_params = {"study": study, "overrides": overrides, "out_dir": out_dir or f"reports/{cfg.study}"}
         report = (lambda: studies.report(cfg, report_params["out_dir"])) if steps == "in-process" else None
-        return tracking.run_step(cfg.study, "report", report_params, call=report, parent_id=main.run_id)
+        report_id = tracking.run_step(cfg.study, "report", report_params, call=report, parent_id=main.run_id)
+        print(f"prunelab: the study's runs in the MLflow UI: {tracking.runs_url(tracking.experiment_of(main.run_id))}",
+              flush=True)
+        return report_id
 
 
 def run_trial(args: StudyArgs, trial: int, parent_id: str, tracking_uri: str | None = None,
@@ -94,3 +104,38 @@ def run_trial(args: StudyArgs, trial: int, parent_id: str, tracking_uri: str | N
                 return kind.run(entry, cfg, trial, model_ref)
         run_ids.append(tracking.run_step(cfg.study, entry, params, key=key, call=call, parent_id=parent_id))
     return run_ids
+
+
+def deliverable_runs(kind: StudyKind, steps: list[Step], chains: list[list[str]]) -> dict[int, str]:
+    """Trial -> the run holding the model that trial delivers: the last step of the
+    kind's deliverable entry point in its chain (none for a kind without one)."""
+    picks = [i for i, (entry, _) in enumerate(steps) if entry == kind.deliverable]
+    return {trial: chain[picks[-1]] for trial, chain in enumerate(chains)} if picks else {}
+
+
+def register(cfg: StudyConfig, kind: StudyKind, steps: list[Step], chains: list[list[str]]) -> str | None:
+    """Each trial's deliverable model as a version of the registered model `cfg.study`,
+    tagged with its trial, size and accuracy; the most accurate gets the alias
+    `champion`. Returns the champion's version."""
+    versions: dict[str, float] = {}
+    for trial, run_id in deliverable_runs(kind, steps, chains).items():
+        model_id = tracking.logged_model_id(run_id)
+        if model_id is None:
+            raise ModelError(f"trial {trial}'s {kind.deliverable} run {run_id} logged no final model to register")
+        metrics = tracking.logged_model_metrics(model_id)
+        tags = {"trial": trial, "run_id": run_id,
+                **{k: _number(metrics[k]) for k in ("params", "fraction_remaining", "test_accuracy") if k in metrics}}
+        version = tracking.register(cfg.study, run_id, tags)
+        versions[version] = metrics.get("test_accuracy", float("-inf"))
+    if not versions:
+        return None
+    champion = max(versions, key=lambda v: (versions[v], -int(v)))  # ties: the earliest trial
+    tracking.set_alias(cfg.study, paths.CHAMPION, champion)
+    print(f"prunelab: registered {len(versions)} models as {cfg.study!r}; {paths.CHAMPION} is version {champion} "
+          f"(models:/{cfg.study}@{paths.CHAMPION})", flush=True)
+    return champion
+
+
+def _number(value: float) -> str:
+    """A count as a whole number (71034, not 71034.0), a fraction with its digits."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.6g}"

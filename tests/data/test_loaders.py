@@ -83,3 +83,24 @@ def test_crop_flip_is_batched_and_keeps_content(cifar_dir):
     out = random_crop_flip(d.train_x, torch.Generator().manual_seed(0), padding=0)
     same = [torch.equal(o, x) or torch.equal(o, x.flip(-1)) for o, x in zip(out, d.train_x)]
     assert all(same) and 0 < sum(torch.equal(o, x) for o, x in zip(out, d.train_x)) < 64
+
+
+def test_splits_say_what_a_run_reads(fashion_dir):
+    """Name, context, count, source and a digest that follows the images and labels."""
+    cfg = config.DataConfig(dataset="fashionmnist", n_train=600, n_test=200, val_size=100)
+    d = data.get(cfg)
+    train, val, test = d.splits()
+    assert [(s.name, s.context, s.images) for s in (train, val, test)] == [
+        ("fashionmnist-train", "train", 500), ("fashionmnist-validation", "validation", 100), ("fashionmnist-test", "test", 200)]
+    assert train.image_shape == (1, 28, 28) and train.source == str(fashion_dir.resolve())
+    assert [s.digest for s in data.get(cfg).splits()] == [train.digest, val.digest, test.digest]  # stable across loads
+    assert len({train.digest, val.digest, test.digest}) == 3
+    from prunelab.data.base import digest
+
+    y = d.test_y.clone()
+    y[-1] = (y[-1] + 1) % 10
+    assert digest(d.test_x, y) != test.digest  # any label
+    x = d.test_x.clone()
+    x[0, 0, 14, 14] ^= 1
+    assert digest(x, d.test_y) != test.digest  # a sampled image
+    assert digest(d.test_x[:199], d.test_y[:199]) != test.digest

@@ -123,3 +123,10 @@ def test_an_unknown_kind_lists_the_kinds():
     with pytest.raises(ConfigError) as err:
         studies.load_config(overrides=["kind=pruning_by_vibes"])
     assert all(name in str(err.value) for name in studies.KINDS)
+
+
+def test_the_deliverable_is_a_step_of_the_chain(kind_and_cfg):
+    """What `main` registers: the model of an entry point the chain runs (or nothing), said in the module's docstring."""
+    kind, cfg = kind_and_cfg
+    assert kind.deliverable is None or kind.deliverable in {entry for entry, _ in kind.steps(cfg)}
+    assert "registered" in inspect.getmodule(kind.report).__doc__

@@ -145,3 +145,32 @@ def test_late_rewinding_rewinds_to_iteration_k(cifar_dir, tracking_uri):
         saved = checkpoints.load(_download(r0, paths.REWIND_WEIGHTS, tmp)).state_dict()
     assert not torch.equal(saved["classifier.1.weight"], initial["classifier.1.weight"])
     assert [s for s, _ in tracking.metric_history(r1, "test_accuracy")] == [2, 4]
+
+
+@pytest.mark.slow
+def test_the_last_round_is_a_model_for_users(five_trials, client, tracking_uri, tmp_path):
+    """The last round's ticket is a logged model holding that round's numbers at its last
+    iteration; it loads without prunelab and scores the logged accuracy on pixels in [0, 1];
+    the re-init control records it as the model it read. Earlier rounds keep only files."""
+    from conftest import clean_env
+    from without_prunelab import load_and_score
+
+    from prunelab import data
+
+    cfg, ids = five_trials
+    r0, r1, c1 = (client.get_run(i) for i in ids[0])
+    assert paths.TAG_MODEL_URI not in r0.data.tags
+    uri = r1.data.tags[paths.TAG_MODEL_URI]
+    model = client.get_logged_model(uri.removeprefix("models:/"))
+    metrics = {m.key: m.value for m in model.metrics}
+    last = max(client.get_metric_history(r1.info.run_id, "test_accuracy"), key=lambda m: m.step)
+    assert last.step == cfg.lottery.iterations and metrics["test_accuracy"] == last.value
+    assert metrics["fraction_remaining"] == r1.data.metrics["fraction_remaining"] == pytest.approx(0.8, abs=0.002)
+    pruned = sum(r1.data.metrics[f"params.{n}"] - r1.data.metrics[f"remaining.{n}"]
+                 for n in ("classifier.1.weight", "classifier.3.weight", "classifier.5.weight"))
+    assert metrics["params"] == r1.data.metrics["params"] == 3072 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10 - pruned
+    assert [m.model_id for m in c1.inputs.model_inputs] == [model.model_id]
+    d = data.get(cfg.data)
+    result = load_and_score(uri, d.pixels(d.test_x).numpy(), d.test_y.numpy(), clean_env(tracking_uri), tmp_path)
+    assert result["pyfunc_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=0.002)
+    assert result["torch_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=0.002)

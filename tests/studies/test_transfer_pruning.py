@@ -69,17 +69,17 @@ def test_each_step_removes_exactly_the_asked_number_of_filters(study, client):
 
 
 def test_pruned_model_reloads_from_mlflow_by_uri_and_classifies(study, client, dogs_cats_dir):
-    """The final pruned model loads by its runs:/ URI (no prunelab code needed) and scores the test
-    images exactly as the prune run logged."""
+    """The final pruned model loads by its URI (no prunelab code needed) and scores the test
+    images, as float pixels in [0, 1], exactly as the prune run logged."""
     cfg, _, prune_id, _ = study
     uri = client.get_run(prune_id).data.tags[paths.TAG_MODEL_URI]
     assert uri.startswith(("runs:/", "models:/"))
     model = tracking.load_model(uri)
     images = data.get(cfg.data)
-    out = model(images.normalise(images.test_x[:4]))
+    out = model(images.pixels(images.test_x[:4]))
     assert out.shape == (4, 2)
     with torch.no_grad():
-        predicted = torch.cat([model(images.normalise(images.test_x[i : i + 16])) for i in range(0, len(images.test_y), 16)])
+        predicted = torch.cat([model(images.pixels(images.test_x[i : i + 16])) for i in range(0, len(images.test_y), 16)])
     accuracy = (predicted.argmax(1) == images.test_y).float().mean().item()
     assert accuracy == pytest.approx(history(prune_id, "test_accuracy")[-1][1], abs=1e-6)
     checkpoint_model = tracking.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
@@ -113,3 +113,21 @@ def test_target_that_empties_a_layer_fails_before_any_step(study, client):
         transfer_stages.prune(bad, 0, train_id)
     assert "removing every filter of a layer" in str(err.value) and "\n" not in str(err.value)
     assert tracking.find_runs("test-vgg-pipeline-bad", finished_only=False) == []
+
+
+def test_fine_tuned_vgg_works_without_prunelab(study, client, tracking_uri, tmp_path):
+    """The fine-tuned VGG16 by its URI, where prunelab cannot be imported: ImageNet
+    normalisation inside, pixels in [0, 1] in, the accuracy the run logged out."""
+    from conftest import clean_env
+    from without_prunelab import load_and_score
+
+    cfg, _, _, finetune_id = study
+    run = client.get_run(finetune_id)
+    images = data.get(cfg.data)
+    result = load_and_score(run.data.tags[paths.TAG_MODEL_URI], images.pixels(images.test_x).numpy(),
+                            images.test_y.numpy(), clean_env(tracking_uri), tmp_path)
+    assert result["shape"] == [len(images.test_y), 2]
+    assert result["pyfunc_accuracy"] == pytest.approx(history(finetune_id, "test_accuracy")[-1][1], abs=0.002)
+    assert result["torch_accuracy"] == pytest.approx(history(finetune_id, "test_accuracy")[-1][1], abs=0.002)
+    assert [m.model_id for m in run.inputs.model_inputs] == [
+        client.get_run(study[2]).data.tags[paths.TAG_MODEL_URI].removeprefix("models:/")]

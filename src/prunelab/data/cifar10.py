@@ -87,6 +87,7 @@ def load_cifar10(cfg: DataConfig) -> ImageData:
                 raise DataError("CIFAR-10 not found: pass --data-dir DIR with a cifar-10-batches-py folder, "
                                 "or go online so torchvision can download it") from None
     train_x, train_y, test_x, test_y = read_cifar10_folder(folder)
+    source = str(folder.resolve()) if cfg.data_dir else "torchvision:CIFAR10"
     # The reference normalisation of the pretrained CIFAR ResNets (ImageNet statistics).
     return ImageData("cifar10", train_x, train_y, test_x, test_y, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                     list(CIFAR10_CLASSES))
+                     list(CIFAR10_CLASSES), source=source)

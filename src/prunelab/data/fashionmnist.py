@@ -84,6 +84,7 @@ def load_fashionmnist(cfg: DataConfig) -> ImageData:
             continue
         try:
             tensors = _read_fashionmnist(_torchvision_root(idx), download=False)
+            source = str(idx.resolve())
             break
         except DataError:
             raise
@@ -97,10 +98,12 @@ def load_fashionmnist(cfg: DataConfig) -> ImageData:
             )
         try:
             tensors = _read_fashionmnist(cache_dir() / "download", download=True)
+            source = "torchvision:FashionMNIST"
         except Exception:
             raise DataError(
                 "FashionMNIST not found: pass --data-dir DIR with its IDX files, "
                 "install Debian's package dataset-fashion-mnist, or go online so torchvision can download it"
             ) from None
     train_x, train_y, test_x, test_y = tensors
-    return ImageData("fashionmnist", train_x, train_y, test_x, test_y, (0.2860,), (0.3530,), list(FASHION_CLASSES))
+    return ImageData("fashionmnist", train_x, train_y, test_x, test_y, (0.2860,), (0.3530,), list(FASHION_CLASSES),
+                     source=source)

@@ -138,4 +138,4 @@ def load_imagefolder(cfg: DataConfig) -> ImageData:
         warnings.warn(f"{payload['skipped']} unreadable image(s) under {root} were skipped", stacklevel=2)
     return ImageData(f"imagefolder:{root.name}", payload["train_x"], payload["train_y"], payload["test_x"],
                       payload["test_y"], IMAGENET_MEAN, IMAGENET_STD, list(payload["classes"]),
-                      skipped=int(payload["skipped"]))
+                      skipped=int(payload["skipped"]), source=str(root.resolve()))

@@ -57,5 +57,10 @@ def name_of(model: nn.Module) -> str:
     raise ConfigError(f"{type(model).__name__} is not a registered model")
 
 
+def is_registered(model: nn.Module) -> bool:
+    """Whether `model` is a registered architecture (a network prunelab can rebuild and prune)."""
+    return type(model) in MODELS.values()
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -24,6 +24,7 @@ from prunelab.config import StudyConfig, TrainConfig
 from prunelab.data.base import ImageData, random_crop_flip
 from prunelab.errors import ConfigError, ModelError
 from prunelab.models import base
+from prunelab.models.pixels import PixelInput
 from prunelab.train import OPTIMIZERS, PRECISIONS, check_precision, eval_mode, evaluate, fit
 
 Stage = Callable[..., str]
@@ -49,6 +50,9 @@ class StudyKind:
     steps: Callable[[StudyConfig], list[Step]]
     report: Callable[[StudyConfig], Report]
     sections: dict[str, type] = field(default_factory=dict)
+    # The entry point whose run, the last of its kind in a trial's chain, holds the model a
+    # trial delivers: `main` registers its final model. None: no single model (nothing registered).
+    deliverable: str | None = None
     model_protocol: type = base.Model
     # (what, setting key, value getter, registry) of the names this kind's settings hold
     names: tuple[tuple[str, str, Callable[[StudyConfig], str], Any], ...] = ()
@@ -84,8 +88,9 @@ class StudyKind:
 
     def publish_report(self, cfg: StudyConfig, out_dir=None) -> str:
         """Draw the study's figures from its runs into a report run (and `out_dir`); returns its id."""
-        figures, table = self.report(cfg)
-        return reporting.publish(cfg, figures, table, out_dir)
+        with reporting.drawing_from() as sources:
+            figures, table = self.report(cfg)
+        return reporting.publish(cfg, figures, table, out_dir, sources)
 
 
 # The name check of kinds that own a `finetune` section.
@@ -121,22 +126,33 @@ def device_tags(cfg: StudyConfig) -> dict:
     return {"device": str(device), "hardware": hardware.name(device)}
 
 
+def describe(cfg: StudyConfig, trial: int, stage: str, method: str, model_ref: str | None = None) -> str:
+    """A run's description (markdown, shown at the top of its page in the UI)."""
+    source = f", from `{model_ref}`" if model_ref else ""
+    return (f"**{stage}** of study `{cfg.study}` ({cfg.kind}), trial {trial} (seed {seed_of(cfg, trial)}): "
+            f"{cfg.model} on {cfg.data.dataset}, method {method}{source}.")
+
+
 @contextlib.contextmanager
 def stage_run(cfg: StudyConfig, trial: int, stage: str, run_name: str, method: str,
-              tags: dict | None = None, params: dict | None = None) -> Iterator[tracking.Run]:
-    """The run of one stage: the study's tags (the device and hardware among them) and
-    params, then the stage's own."""
+              tags: dict | None = None, params: dict | None = None, data: ImageData | None = None,
+              model_ref: str | None = None) -> Iterator[tracking.Run]:
+    """The run of one stage: the study's tags (the device and hardware among them), params and
+    description, then the stage's own; its lineage: the image sets it reads and the logged
+    model it starts from."""
     all_tags = {**common_tags(cfg, trial), **device_tags(cfg), **(tags or {})}
-    with tracking.run(cfg.study, stage, all_tags, run_name) as run:
+    with tracking.run(cfg.study, stage, all_tags, run_name, describe(cfg, trial, stage, method, model_ref)) as run:
         run.log_params({**common_params(cfg, trial, method), **(params or {})})
+        run.log_inputs(data.splits() if data is not None else (), [model_ref] if model_ref else ())
         yield run
 
 
-def check_fits(model: nn.Module, data: ImageData) -> None:
-    """Refuse a model that cannot take the data's images or predicts another number of classes."""
+def check_fits(model: nn.Module, data: ImageData, inputs: Callable | None = None) -> None:
+    """Refuse a model that cannot take the data's images (as `inputs` makes them from
+    uint8; normalised by default) or predicts another number of classes."""
     try:
         with torch.no_grad(), eval_mode(model):
-            out = model(data.normalise(data.test_x[:2]))
+            out = model((inputs or data.normalise)(data.test_x[:2]))
     except RuntimeError as exc:
         raise ModelError(f"the model does not accept {data.name} images {tuple(data.input_shape)}: "
                          f"{str(exc).splitlines()[0][:120]}") from None
@@ -157,11 +173,38 @@ def new_model(cfg: StudyConfig, data: ImageData, seed: int) -> nn.Module:
 
 
 def load_model(ref: str, cfg: StudyConfig, data: ImageData) -> nn.Module:
-    """The model an earlier step made (run id, model URI or weights file), on the data's
-    device, checked against the data."""
-    model = tracking.load_model(ref, cfg.model).to(data.device)
+    """The network an earlier step made (run id or weights file), on the data's device,
+    checked against the data."""
+    model = tracking.load_model(ref, cfg.model)
+    if not models.is_registered(model):
+        raise ModelError(f"{ref} is a logged model (a traced graph taking pixels), which a stage cannot prune or "
+                         "train: pass the run id of the step that logged it, whose weights-only checkpoint is read")
+    model.to(data.device)
     check_fits(model, data)
     return model
+
+
+def for_users(model: nn.Module, data: ImageData) -> nn.Module:
+    """`model` as a person uses it: float pixels in [0, 1] in, the data set's normalisation inside.
+    The wrapper takes the network's mode, so the network is left in the mode it had."""
+    return PixelInput(model, data.mean, data.std).train(model.training)
+
+
+def log_model(run: tracking.Run, model: nn.Module, data: ImageData, name: str, step: int, final: bool = False,
+              carry: tuple[str, ...] = ()) -> str:
+    """Log the network for users (pixels in, see `for_users`), with an example of two test
+    images, at `step`; a final one also as ONNX and as the weights-only checkpoint of the
+    bare network, which the next stage reads. Returns the model URI."""
+    metadata = {"input": "float32 pixels in [0, 1], N x C x H x W; the data set's normalisation is inside the model",
+                "image_shape": list(data.input_shape), "mean": list(data.mean), "std": list(data.std),
+                "classes": list(data.classes), "dataset": data.name}
+    return run.log_model(for_users(model, data), name, data.pixels(data.test_x[:2]), step, final=final,
+                         checkpoint=model if final else None, metadata=metadata, carry=carry)
+
+
+# Metrics logged once when a stage starts that still describe its final model: training
+# does not change a network's size or speed.
+UNCHANGED_BY_TRAINING = ("params", "macs", "fraction_remaining", "latency_ms")
 
 
 def log_size(run: tracking.Run, model: nn.Module, input_shape, step: int, summary_file: str | None = None) -> measure.Size:
@@ -195,11 +238,11 @@ def train(cfg: StudyConfig, trial: int, method: str) -> str:
     seed = seed_of(cfg, trial)
     data = load_data(cfg)
     model = new_model(cfg, data, seed)
-    example = data.normalise(data.test_x[:2])
-    with stage_run(cfg, trial, "train", f"train-t{trial}", method) as run:
+    with stage_run(cfg, trial, "train", f"train-t{trial}", method, data=data) as run:
         log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
+        run.log_metrics({"fraction_remaining": 1.0}, step=0)  # the original: nothing pruned yet
         train_model(run, model, data, cfg.train, seed)
-        run.log_model(model, paths.MODEL, example, final=True)
+        log_model(run, model, data, paths.MODEL, step=cfg.train.epochs, final=True, carry=UNCHANGED_BY_TRAINING)
         return run.run_id
 
 
@@ -208,11 +251,12 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str, method: str) -> str:
     seed = seed_of(cfg, trial)
     data = load_data(cfg)
     model = load_model(model_ref, cfg, data)
-    example = data.normalise(data.test_x[:2])
-    with stage_run(cfg, trial, "finetune", f"finetune-t{trial}", method, params={"input_model": model_ref}) as run:
+    with stage_run(cfg, trial, "finetune", f"finetune-t{trial}", method, params={"input_model": model_ref},
+                   data=data, model_ref=model_ref) as run:
         before = evaluate(model, data.test_x, data.test_y, data.normalise)
-        run.log_metrics({"test_loss": before["loss"], "test_accuracy": before["accuracy"]}, step=0)
+        run.log_metrics({"test_loss": before["loss"], "test_accuracy": before["accuracy"],
+                         **tracking.newest_metrics(model_ref, ("fraction_remaining", "latency_ms"))}, step=0)
         log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_AFTER)
         train_model(run, model, data, cfg.finetune, seed + 10_000)
-        run.log_model(model, paths.MODEL, example, final=True)
+        log_model(run, model, data, paths.MODEL, step=cfg.finetune.epochs, final=True, carry=UNCHANGED_BY_TRAINING)
         return run.run_id

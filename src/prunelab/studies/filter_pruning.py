@@ -3,11 +3,15 @@
 | entry point | does | reads | logs |
 |---|---|---|---|
 | `train` | trains the model from scratch | the data | per epoch (step = epoch) train/test loss and accuracy; `params`, `macs`; `summary_before.txt`; the model |
-| `prune` | ranks filters with `prune.method`, removes the lowest `prune.filters_per_step` across layers, repeats until `prune.target` remains (fine-tuning `prune.finetune_epochs_between` epochs between steps) | a train run (or trains one itself when none is given) | per round (step = round) `params`, `macs`, `fraction_remaining`, `filters`, `filters_left.<layer>`, test loss/accuracy, `latency_ms`; `model_round_<k>` and the final model |
+| `prune` | ranks filters with `prune.method`, removes the lowest `prune.filters_per_step` across layers, repeats until `prune.target` remains (fine-tuning `prune.finetune_epochs_between` epochs between steps) | a train run (or trains one itself when none is given) | per round (step = round) `params`, `macs`, `fraction_remaining`, `filters`, `filters_left.<layer>`, test loss/accuracy, `latency_ms`; `model_round_<k>` (right after round k's removal) and the final model |
 | `finetune` | trains the pruned model `finetune.epochs` more | a prune run | step 0 = the pruned model, then per epoch as `train`; the final model |
 
-`main` chains train -> prune -> finetune per trial; the report draws test
-accuracy and loss per epoch, original against pruned + fine-tuned, and a size table.
+`main` chains train -> prune -> finetune per trial and registers each trial's
+`finetune` model, the pruned network after fine-tuning (`StudyKind.deliverable`),
+as a version of the registered model named after the study. Every logged model
+takes float pixels in [0, 1] (the normalisation is inside it); a run's final
+model is also exported to ONNX. The report draws test accuracy and loss per
+epoch, original against pruned + fine-tuned, and a size table.
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
     smallest, layer = _smallest_fraction(model, pc.target_kind, example, pc.round_to)
     schedule.check_reachable(pc.target, pc.target_kind, smallest, layer)
     with common.stage_run(cfg, trial, "prune", f"prune-t{trial}", method(cfg),
-                          params={"input_model": model_ref or "trained in this run"}) as run:
+                          params={"input_model": model_ref or "trained in this run"}, data=data,
+                          model_ref=model_ref) as run:
         if not model_ref:
             common.train_model(run, model, data, cfg.train, seed, prefix="pretrain_")
         params0, filters0 = models.count_params(model), sum(_filters(model).values())
@@ -144,18 +149,21 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
             remover.remove(schedule.plan_step(scores, pc.filters_per_step, pc.round_to))
             log_round(k)
             done = remaining() <= pc.target
+            if not done and k % pc.log_models_every == 0:
+                # The network right after this round's removal: the state step k's metrics describe.
+                common.log_model(run, model, data, paths.round_model(k), step=k)
             if not done and pc.finetune_epochs_between:
                 between = common.with_epochs(cfg.finetune, pc.finetune_epochs_between)
                 last = fit(model, data, between, seed + 1000 * k, desc=f"finetune round {k}",
                            augment=common.augmentation(data))[-1]
-                # Step k's accuracy after retraining, beside its accuracy right after the removal.
-                run.log_metrics({"retrained_test_loss": last.test_loss, "retrained_test_accuracy": last.test_accuracy}, step=k)
-            if not done and k % pc.log_models_every == 0:
-                run.log_model(model, paths.round_model(k), example)
+                # Step k's accuracy after retraining, beside its accuracy right after the removal;
+                # it describes the retrained network, not model_round_k.
+                run.log_metrics({"retrained_test_loss": last.test_loss, "retrained_test_accuracy": last.test_accuracy},
+                                step=k, model_linked=False)
         size = measure.size(model, data.input_shape)
         run.log_text(size.summary, paths.SUMMARY_AFTER)
         run.log_metrics({"rounds": k, "macs_fraction": size.macs / size0.macs}, step=k)
-        run.log_model(model, paths.MODEL, example, final=True)
+        common.log_model(run, model, data, paths.MODEL, step=k, final=True)
         return run.run_id
 
 
@@ -213,6 +221,7 @@ KIND = common.StudyKind(
     steps=common.chain("train", "prune", "finetune"),
     report=report,
     sections={"prune": PruneConfig, "finetune": TrainConfig},
+    deliverable="finetune",
     model_protocol=base.FilterPrunable,
     names=(("pruning method", "prune.method", method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
 )

@@ -14,6 +14,11 @@ Each point is computed first and logged as a finished child run in three
 calls, so a sweep of a hundred points costs seconds of tracking, not a
 process start per point. `main` runs `prune` once per trial; the report draws
 accuracy against clusters pruned per stage and per layer, and a merge table.
+
+Nothing is registered (`StudyKind.deliverable` is None): a trial yields a family
+of merged networks, one per `kmeans.merge_keep`, not one pruned model; each is
+the `checkpoint.pt` of its merge run. `train` and `finetune` log their models
+for users as filter pruning's do.
 """
 
 from __future__ import annotations
@@ -125,7 +130,9 @@ def sweep(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
     def score(m: nn.Module) -> dict[str, float]:
         return evaluate(m, data.test_x, data.test_y, data.normalise)
 
-    with common.stage_run(cfg, trial, "prune", f"kmeans-t{trial}", METHOD, params={"input_model": ref}) as run:
+    splits = data.splits()
+    with common.stage_run(cfg, trial, "prune", f"kmeans-t{trial}", METHOD, params={"input_model": ref},
+                          data=data, model_ref=ref) as run:
         base = score(model)
         run.log_metrics({"test_accuracy": base["accuracy"], "test_loss": base["loss"]}, step=0)
         for kind, target, pruned, names in tqdm(points, desc=f"k-means sweep t{trial}", disable=None):
@@ -139,7 +146,8 @@ def sweep(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
                         "clusters": ",".join(str(k) for k in dict.fromkeys(ks.values())), "layers": ",".join(names)},
                 metrics={"test_accuracy": result["accuracy"], "test_loss": result["loss"], "clusters_pruned": pruned,
                          "accuracy_drop": base["accuracy"] - result["accuracy"]},
-                step=pruned)
+                step=pruned, splits=splits,
+                description=f"k-means {kind} sweep point: {target}, {pruned} clusters pruned away per conv, trial {trial}")
             # The same series on the parent, one metric per target with step = clusters pruned.
             run.log_metrics({f"test_accuracy.{kind}.{target}": result["accuracy"]}, step=pruned, flush=False)
         run.flush()
@@ -186,7 +194,8 @@ def merge(run: tracking.Run, model: nn.Module, data: ImageData, cfg: StudyConfig
                 tags={**tags, paths.TAG_STAGE: "prune", TAG_SWEEP: "merge", TAG_TARGET: "blocks"},
                 params={**params, "sweep": "merge", "target": "blocks", "keep": keep,
                         "mid_widths": ",".join(str(w) for w in widths.values())},
-                metrics=metrics, files=[weights, summary])
+                metrics=metrics, files=[weights, summary], splits=data.splits(),
+                description=f"merge keeping {keep} of each block-internal conv's channels, trial {params['trial']}")
 
 
 # --------------------------------------------------------------------------- report
@@ -203,6 +212,7 @@ def sweep_table(cfg: StudyConfig, sweep: str) -> pd.DataFrame:
         rows.append({"target": p.get("target"), "trial": int(r.data.tags.get(paths.TAG_TRIAL, -1)),
                      "run_id": r.info.run_id, **{k: v for k, v in p.items() if k in ("clusters_pruned", "keep", "mid_widths")},
                      **r.data.metrics})
+    reporting.drew(row["run_id"] for row in rows)
     table = pd.DataFrame(rows)
     if len(table) and "clusters_pruned" in table:
         table["clusters_pruned"] = table["clusters_pruned"].astype(int)
@@ -299,6 +309,7 @@ KIND = common.StudyKind(
     steps=lambda cfg: [("prune", None)],  # pretrained weights in: one sweep process per k-means seed
     report=report,
     sections={"kmeans": KMeansConfig, "finetune": TrainConfig},
+    deliverable=None,  # a family of merges, not one model: see the module's docstring
     model_protocol=base.Clusterable,
     names=(("k-means distance", "kmeans.distance", lambda c: c.kmeans.distance, clustering.DISTANCES),
            ("k-means importance", "kmeans.importance", lambda c: c.kmeans.importance, clustering.IMPORTANCES),

@@ -14,6 +14,12 @@ train, then each round's prune (reading the previous round) and its re-init
 control (reading that round). The report draws the paper's figures 3-4: test
 accuracy and loss against iteration per Pm (mean of the trials, min/max bars),
 and the early-stop iteration and accuracy against Pm for tickets and re-init.
+
+The last round's ticket (trained, pruned weights zero) is also logged as a model
+for users at step = `lottery.iterations` (pixels in, pt2 and ONNX): it is what a
+trial delivers, and `main` registers it (`StudyKind.deliverable` = `prune`, the
+last pruning round; with `lottery.rounds=0`, nothing is registered). Earlier
+rounds keep only their files: a model per round would cost an export each.
 """
 
 from __future__ import annotations
@@ -92,11 +98,11 @@ def method(cfg: StudyConfig) -> str:
 
 
 def _round_run(cfg: StudyConfig, trial: int, stage: str, run_name: str, k: int, control: str,
-               mask: masks.Mask, source: str):
+               mask: masks.Mask, source: str, data: ImageData, model_ref: str | None = None):
     """The run of one round: its round number, control and Pm as tags and params."""
     return common.stage_run(cfg, trial, stage, run_name, method(cfg), tags={"round": k, "control": control},
                             params={"round": k, "fraction_remaining": round(mask.fraction_remaining(), 6),
-                                    "input_run": source})
+                                    "input_run": source}, data=data, model_ref=model_ref)
 
 
 def _train_round(run: tracking.Run, cfg: StudyConfig, data: ImageData, model: nn.Module, mask: masks.Mask,
@@ -124,9 +130,12 @@ def _train_round(run: tracking.Run, cfg: StudyConfig, data: ImageData, model: nn
                              desc=f"round {k}", after_step=after_step, augment=augment)
     best, last = early_stop(history), history[-1]
     params = dict(model.named_parameters())
+    pruned = sum(keep.numel() - int(keep.sum()) for keep in mask.values())
     summary = {"early_stop_iteration": best.iteration, "early_stop_test_accuracy": best.test_accuracy,
                "early_stop_test_loss": best.test_loss, "early_stop_val_loss": best.val_loss,
-               "final_test_accuracy": last.test_accuracy, "fraction_remaining": mask.fraction_remaining()}
+               "final_test_accuracy": last.test_accuracy, "fraction_remaining": mask.fraction_remaining(),
+               # parameters left: the network keeps its shape, its pruned weights are zeros
+               "params": sum(p.numel() for p in model.parameters()) - pruned}
     for name, keep in mask.items():
         summary[f"params.{name}"] = keep.numel()
         summary[f"remaining.{name}"] = int(keep.sum())
@@ -134,6 +143,16 @@ def _train_round(run: tracking.Run, cfg: StudyConfig, data: ImageData, model: nn
     run.log_metrics(summary, step=k)  # flushes the buffered series too
     run.log_text(mask.report(), "mask_report.txt")
     return snapshot or None
+
+
+def _log_trained(run: tracking.Run, cfg: StudyConfig, data: ImageData, model: nn.Module, k: int, tmp: Path) -> None:
+    """The trained round's weights-only checkpoint (the next round reads it); in the last
+    round also a model for users, holding the ticket a trial delivers."""
+    if k == cfg.lottery.rounds:
+        common.log_model(run, model, data, paths.MODEL, step=cfg.lottery.iterations, final=True,
+                         carry=("params", "fraction_remaining"))
+    else:
+        run.log_file(checkpoints.save(model, tmp / paths.CHECKPOINT))
 
 
 def _log_ticket(run: tracking.Run, mask: masks.Mask, start_model: nn.Module, tmp: Path) -> None:
@@ -152,12 +171,12 @@ def round_zero(cfg: StudyConfig, trial: int = 0) -> str:
     masks.check_rounds(lc, model, lc.rounds)  # refuse an impossible study before anything trains
     mask = masks.Mask.ones_like(model)
     with _round_run(cfg, trial, STAGE_TICKET_ROUND_0, f"lottery-t{trial}-r0", 0, "none", mask,
-                    "initialised in this run") as run, tempfile.TemporaryDirectory() as tmp:
+                    "initialised in this run", data) as run, tempfile.TemporaryDirectory() as tmp:
         rewind_to = _train_round(run, cfg, data, model, mask, seed, 0, snapshot_at=lc.rewind_iteration)
         start_model = models.get(cfg.model, **model.spec())
         start_model.load_state_dict(rewind_to)
         _log_ticket(run, mask, start_model, Path(tmp))
-        run.log_file(checkpoints.save(model, Path(tmp) / paths.CHECKPOINT))
+        _log_trained(run, cfg, data, model, 0, Path(tmp))
         return run.run_id
 
 
@@ -191,10 +210,11 @@ def next_round(cfg: StudyConfig, trial: int, model_ref: str | None) -> str:
         new_mask = masks.prune(lc, trained, mask, seed=seed * 1000 + k + 1)
         model = trained  # reuse the module: its weights are replaced by the rewind weights below
         masks.rewind(model, start.state_dict(), new_mask)
-        with _round_run(cfg, trial, STAGE_TICKET, f"lottery-t{trial}-r{k + 1}", k + 1, "none", new_mask, model_ref) as run:
+        with _round_run(cfg, trial, STAGE_TICKET, f"lottery-t{trial}-r{k + 1}", k + 1, "none", new_mask, model_ref,
+                        data, model_ref) as run:
             _log_ticket(run, new_mask, model, Path(tmp))
             _train_round(run, cfg, data, model, new_mask, seed, k + 1, start=lc.rewind_iteration)
-            run.log_file(checkpoints.save(model, Path(tmp) / paths.CHECKPOINT))
+            _log_trained(run, cfg, data, model, k + 1, Path(tmp))
             return run.run_id
 
 
@@ -208,7 +228,8 @@ def reinit_control(cfg: StudyConfig, trial: int, model_ref: str | None) -> str:
         k, model, mask, _ = _read_round(cfg, model_ref, Path(tmp), data.device)
         check_fits(model, data)
         masks.reinitialise(model, mask, seed=100_000 + 1000 * seed + k)
-        with _round_run(cfg, trial, STAGE_REINIT, f"reinit-t{trial}-r{k}", k, "reinit", mask, model_ref) as run:
+        with _round_run(cfg, trial, STAGE_REINIT, f"reinit-t{trial}-r{k}", k, "reinit", mask, model_ref,
+                        data, model_ref) as run:
             _log_ticket(run, mask, model, Path(tmp))
             _train_round(run, cfg, data, model, mask, seed, k)
             return run.run_id
@@ -241,6 +262,7 @@ def summary_frame(rounds: dict[int, dict[int, object]], metrics: list[str]) -> p
     rows = []
     for runs in rounds.values():
         pm = pm_percent(runs)
+        reporting.drew(r.info.run_id for r in runs.values())
         for trial, r in runs.items():
             rows += [(trial, r.info.run_id, key, pm, r.data.metrics[key]) for key in metrics if key in r.data.metrics]
     return pd.DataFrame(rows, columns=["trial", "run_id", "metric", "step", "value"])
@@ -317,6 +339,7 @@ KIND = common.StudyKind(
     steps=steps,
     report=report,
     sections={"lottery": LotteryConfig},
+    deliverable="prune",
     model_protocol=base.Model,  # masks cover the conv and linear weights of any model
     names=(("pruning strategy", "lottery.strategy", method, masks.STRATEGIES),),
 )

@@ -6,6 +6,10 @@
 | `prune` | filter pruning's `prune`: rank, remove `prune.filters_per_step` filters, retrain `prune.finetune_epochs_between` epochs, until `prune.target` remains | a train run | as filter pruning's `prune` plus `retrained_test_*` per step |
 | `finetune` | the whole pruned network, `finetune.epochs` more | a prune run | as filter pruning's `finetune` |
 
+Every run's final model is logged for users (pixels in, pt2 and ONNX); `main`
+registers each trial's `finetune` model, the fully retrained pruned network
+(`StudyKind.deliverable`), as a version of the registered model named after the study.
+
 The report draws accuracy against the share of parameters removed (right
 after each removal and after retraining), the filters left per conv, and a
 before/after table of parameters, MACs, CPU latency and accuracy.
@@ -49,11 +53,10 @@ def train(cfg: StudyConfig, trial: int = 0) -> str:
     # A missing or foreign weights file fails before any run.
     model, source = transfer.build(data, tc.weights, tc.pretrained, tc.head_width)
     model.to(data.device)
-    example = data.normalise(data.test_x[:2])
     with common.stage_run(cfg, trial, "train", f"train-t{trial}", filter_pruning.method(cfg),
-                          params={"weights_source": source}) as run:
+                          params={"weights_source": source}, data=data) as run:
         common.log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
-        run.log_metrics({"skipped_images": data.skipped}, step=0)
+        run.log_metrics({"skipped_images": data.skipped, "fraction_remaining": 1.0}, step=0)
         if cfg.prune.latency_repeats:
             latency = measure.latency_ms(model, data.input_shape, repeats=cfg.prune.latency_repeats,
                                          warmup=min(5, cfg.prune.latency_repeats))
@@ -66,7 +69,8 @@ def train(cfg: StudyConfig, trial: int = 0) -> str:
         transfer.train_head(model, data, cfg.train, seed, tc.feature_batch_size, on_epoch=on_epoch)
         run.log_metrics({"transfer_seconds": time.perf_counter() - start}, step=cfg.train.epochs)
         model.set_features_trainable(True)  # the next stages prune and retrain the features
-        run.log_model(model, paths.MODEL, example, final=True)
+        common.log_model(run, model, data, paths.MODEL, step=cfg.train.epochs, final=True,
+                         carry=common.UNCHANGED_BY_TRAINING)
         return run.run_id
 
 
@@ -179,6 +183,7 @@ KIND = common.StudyKind(
     steps=common.chain("train", "prune", "finetune"),
     report=report,
     sections={"prune": PruneConfig, "finetune": TrainConfig, "transfer": TransferConfig},
+    deliverable="finetune",
     model_protocol=base.TransferBackbone,
     names=(("pruning method", "prune.method", filter_pruning.method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
 )

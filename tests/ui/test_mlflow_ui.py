@@ -1,0 +1,190 @@
+"""What a person sees in the MLflow UI after a study (`make ui-check`): headless Chromium,
+driven by selenium, on a fresh server holding the tiny study. Screenshots of every page it
+checks are kept in $PRUNELAB_UI_CHECK_DIR (default reports/ui-check).
+
+Deselected from `make test`; `make ui-check` runs it (pytest -m ui).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from prunelab import paths, tracking
+
+pytestmark = pytest.mark.ui
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# Every cell of the grid on screen, merged per row (ag-grid splits a row between its pinned
+# and scrolling parts, and renders only the columns in view).
+ROWS_JS = """
+const rows = arguments[0] || {};
+document.querySelectorAll('[role=row][row-index]').forEach(r => {
+  const i = r.getAttribute('row-index');
+  rows[i] = rows[i] || {};
+  r.querySelectorAll('[role=gridcell][col-id]').forEach(c => {
+    const text = c.innerText.trim();
+    if (text) rows[i][c.getAttribute('col-id').replaceAll('&quot;', '"')] = text;
+  });
+});
+return rows;"""
+SCROLLERS = "Array.from(document.querySelectorAll('.ag-body-horizontal-scroll-viewport, .ag-center-cols-viewport'))"
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    folder = Path(os.environ.get("PRUNELAB_UI_CHECK_DIR", "reports/ui-check"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+        pytest.fail(f"no {CHROMIUM} / {CHROMEDRIVER}: install Debian's chromium and chromium-driver (`make ui-check` does, as root)")
+    profile = tempfile.mkdtemp(prefix="ui-check-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--window-size=1600,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait(driver, timeout: float = 30):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.25, ignored_exceptions=(StaleElementReferenceException,))
+
+
+def grid(driver) -> dict[str, dict[str, str]]:
+    """Row index -> {column id: text} of the whole grid, scrolled through from left to right."""
+    rows = driver.execute_script(ROWS_JS, {})
+    width, view = driver.execute_script(f"const v = {SCROLLERS}; return v.length ? [v[0].scrollWidth, v[0].clientWidth] : [0, 1]")
+    for left in range(0, width + view, max(view // 2, 100)):
+        driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = arguments[0])", left)
+        rows = driver.execute_script(ROWS_JS, rows)
+    driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = 0)")
+    return rows
+
+
+def reveal(driver, col_id: str) -> None:
+    """Scroll the grid so that column `col_id` is in view (for the screenshot)."""
+    left_of = ("const c = Array.from(document.querySelectorAll('[role=gridcell][col-id]'))"
+               ".find(e => e.getAttribute('col-id').replaceAll('&quot;', '\"') === arguments[0]);"
+               "return c ? parseInt(c.style.left || '0') : null")
+    width, view = driver.execute_script(f"const v = {SCROLLERS}; return v.length ? [v[0].scrollWidth, v[0].clientWidth] : [0, 1]")
+    for left in range(0, width + view, max(view // 2, 100)):
+        driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = arguments[0])", left)
+        x = driver.execute_script(left_of, col_id)
+        if x is not None:
+            driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = arguments[0])", max(0, x - view // 2))
+            return
+
+
+def close_assistant(driver) -> None:
+    """Close the assistant panel the UI opens on a first visit (it hides a third of the page)."""
+    from selenium.webdriver.common.by import By
+
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+        if button.is_displayed():
+            button.click()
+
+
+def name(text: str) -> str:
+    return text.splitlines()[-1] if text else ""  # a run's or model's name follows its colour chip
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def test_the_study_link_opens_on_its_runs_with_test_accuracy(tiny_study, client, tracking_uri, browser, shots):
+    """The link prunelab prints opens the experiment on its runs (not on GenAI traces); the
+    trials' runs, once the main run is expanded and test_accuracy is chosen as a column,
+    show the accuracy each fine-tuning run logged."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+
+    link = tracking.runs_url(tiny_study["experiment_id"], tracking_uri)
+    assert link in tiny_study["stdout"]
+    browser.get(link)
+    wait(browser).until(lambda d: "main" in {name(r.get("attributes.`Run Name`", "")) for r in grid(d).values()})
+    assert "/runs" in browser.current_url and "genai" not in browser.current_url
+    close_assistant(browser)
+    browser.save_screenshot(str(shots / "1-runs-collapsed.png"))
+    # Expand the main run (its trials' steps are its children), then add the metric column.
+    for expander in browser.find_elements(By.CSS_SELECTOR, "[col-id='attributes.`Run Name`'] button"):
+        expander.click()
+    steps = {f"{stage}-t{t}" for stage in ("train", "prune", "finetune") for t in (0, 1)}
+    wait(browser).until(lambda d: steps <= {name(r.get("attributes.`Run Name`", "")) for r in grid(d).values()})
+    browser.find_element(By.XPATH, "//button[normalize-space()='Columns']").click()
+    wait(browser).until(EC.element_to_be_clickable(
+        (By.XPATH, "//*[normalize-space(text())='test_accuracy' and not(ancestor::*[@role='grid'])]"))).click()
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+
+    def accuracy_by_run(d):
+        rows = grid(d).values()
+        shown = {name(r.get("attributes.`Run Name`", "")): r.get("metrics.`test_accuracy`") for r in rows}
+        return shown if all(shown.get(s) not in (None, "-") for s in steps) else False
+
+    shown = wait(browser).until(accuracy_by_run)
+    reveal(browser, "metrics.`test_accuracy`")
+    browser.save_screenshot(str(shots / "2-runs-test-accuracy.png"))
+    for trial in (0, 1):
+        run = tiny_study["by_stage"][("finetune", trial)]
+        assert number(shown[f"finetune-t{trial}"]) == pytest.approx(run.data.metrics["test_accuracy"], abs=5e-4)
+    assert shown["main"] in (None, "-")  # the parent run holds no accuracy of its own
+
+
+def test_models_page_lists_the_pruned_model_with_its_real_size(tiny_study, client, tracking_uri, browser, shots):
+    """The Models page shows each trial's pruned model with the parameter count its run logged
+    last (not the unpruned count), and the trained model with the unpruned one."""
+    prune = tiny_study["by_stage"][("prune", 0)]
+    pruned_params = prune.data.metrics["params"]
+    assert pruned_params < 126_698
+    browser.get(tracking.runs_url(tiny_study["experiment_id"], tracking_uri).replace("/runs?", "/models?"))
+    params_col = 'metrics.{"metricKey":"params"}'
+
+    def models(d):
+        rows = [r for r in grid(d).values() if r.get("name")]
+        return rows if rows and all(params_col in r for r in rows if name(r["name"]) == "model") else False
+
+    rows = wait(browser).until(models)
+    reveal(browser, params_col)
+    browser.save_screenshot(str(shots / "3-models.png"))
+    by_source = {(r.get("source_run_id"), name(r["name"])): number(r[params_col]) for r in rows if params_col in r}
+    assert by_source[("prune-t0", "model")] == pruned_params
+    assert by_source[("finetune-t0", "model")] == pruned_params
+    assert by_source[("train-t0", "model")] == 126_698
+    rounds = {k: v for k, v in by_source.items() if k[0] == "prune-t0" and k[1].startswith("model_round_")}
+    assert rounds and all(pruned_params < v < 126_698 for v in rounds.values())  # each round its own size
+
+
+def test_a_model_page_and_the_registered_champion(tiny_study, client, tracking_uri, browser, shots):
+    """The fine-tuned model's own page lists its metrics; the registry page shows the champion alias."""
+    from selenium.webdriver.common.by import By
+
+    finetune = tiny_study["by_stage"][("finetune", 0)]
+    model_id = finetune.data.tags[paths.TAG_MODEL_URI].removeprefix("models:/")
+    browser.get(f"{tracking_uri}/#/experiments/{tiny_study['experiment_id']}/models/{model_id}?workflowType=machine_learning")
+    accuracy = f"{finetune.data.metrics['test_accuracy']}"
+    body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    wait(browser).until(lambda d: "test_accuracy" in body(d) and accuracy in body(d) and "fraction_remaining" in body(d))
+    browser.save_screenshot(str(shots / "4-fine-tuned-model.png"))
+    browser.get(f"{tracking_uri}/#/models/{tiny_study['study']}")
+    wait(browser).until(lambda d: paths.CHAMPION in body(d) and "Version 2" in body(d))
+    browser.save_screenshot(str(shots / "5-registered-model.png"))
