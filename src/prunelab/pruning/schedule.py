@@ -21,16 +21,25 @@ def plan_step(scores: dict[str, torch.Tensor], n: int) -> Plan:
         order = torch.argsort(s)
         # The best filter of each layer is never a candidate: a layer cannot be emptied.
         candidates += [(s[i].item(), name, int(i)) for i in order[:-1]]
-    if n > len(candidates):
-        raise ConfigError(
-            f"a step of {n} filters would remove every filter of a layer (only {len(candidates)} can go): "
-            "lower prune.filters_per_step"
-        )
+    _check_step(n, len(candidates))
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
     plan: Plan = {}
     for _, name, idx in candidates[:n]:
         plan.setdefault(name, []).append(idx)
     return {name: sorted(idxs) for name, idxs in plan.items()}
+
+
+def check_step(n: int, widths: dict[str, int]) -> None:
+    """Refuse, before any work, a step of more filters than can go at once (all but one of every layer)."""
+    _check_step(n, sum(w - 1 for w in widths.values()))
+
+
+def _check_step(n: int, removable: int) -> None:
+    if n > removable:
+        raise ConfigError(
+            f"a step of {n} filters would remove every filter of a layer (only {removable} can go): "
+            "lower prune.filters_per_step"
+        )
 
 
 def check_reachable(target: float, kind: str, smallest: float, first_layer: str) -> None:
