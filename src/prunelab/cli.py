@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     # Quiet MLflow's own chatter; our one-line messages say what matters.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not debug:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         with signals_stop():

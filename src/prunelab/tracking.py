@@ -72,19 +72,27 @@ def forbid_pickle() -> None:
 def connect(uri: str | None = None, timeout: float = 5.0) -> str:
     """Point MLflow at `uri` and make sure an MLflow tracking server answers there
     (fails within `timeout` s); bound MLflow's retries unless the user set them."""
-    import mlflow
-
     uri = uri or tracking_uri()
     for key, value in retry_settings(patience()).items():
         os.environ.setdefault(key, value)  # the user's own MLflow settings win
     forbid_pickle()
     if uri.startswith(("http://", "https://")):
-        problem = server.probe(uri, timeout)
+        problem = server.probe(uri, timeout)  # before importing mlflow: the answer comes within `timeout`
         if problem:
             raise TrackingError(f"no MLflow tracking server at {uri}: {problem}; start one with `make server` "
                                 "or point MLFLOW_TRACKING_URI (or --tracking-uri) at a running one")
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow.run) inherit it
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if not uri.startswith(("http://", "https://")):
+        try:  # a local store (file:, sqlite:, ...): MLflow says whether it can use it
+            client().search_experiments(max_results=1)
+        except Exception as exc:
+            mlflow.set_tracking_uri(previous)  # as it was: a refused URI leaves nothing behind
+            raise TrackingError(f"cannot use the tracking URI {uri!r}: {_first_line(exc)[:160]}; pass an "
+                                "http://host:port of an MLflow server (or a file:/sqlite: store)") from None
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow.run) inherit it
     return uri
 
 
