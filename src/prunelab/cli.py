@@ -55,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one line too (the usage is one `--help` away)."""
 
     def error(self, message: str):
-        raise PrunelabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+        raise PrunelabError(f"{message} (see `{self.prog} --help`)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -58,10 +58,10 @@ def check_range(where: str, value: float, low: float | None = None, high: float 
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        lo = "" if low is None else ("(" if low_open else "[") + _number(low)
+        hi = "" if high is None else _number(high) + (")" if high_open else "]")
         bound = f"in {lo}, {hi}" if low is not None and high is not None else (
-            f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
+            f"{'>' if low_open else '>='} {_number(low)}" if low is not None else f"{'<' if high_open else '<='} {_number(high)}")
         raise ConfigError(f"{where} must be {bound}, got {value}" + (f": {hint}" if hint else ""))
 
 
@@ -87,6 +87,10 @@ def check_memory(nbytes: float, what: str, hint: str) -> None:
     if total and nbytes > total:
         raise ConfigError(f"{what} would need {nbytes / 2**30:,.1f} GiB of memory, more than the "
                           f"{total / 2**30:,.1f} GiB here: {hint}")
+
+
+def _number(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
 
 
 @dataclass(frozen=True)
