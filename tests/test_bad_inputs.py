@@ -374,7 +374,7 @@ CASES = [
     # --------------------------------------------------------------- environment and server
     Case("patience-word", lambda c: ["train"], "PRUNELAB_TRACKING_PATIENCE='soon' is not a number",
          env=(("PRUNELAB_TRACKING_PATIENCE", "soon"),)),
-    Case("patience-too-short", lambda c: ["train"], "PRUNELAB_TRACKING_PATIENCE must be in [5, 3600]",
+    Case("patience-too-short", lambda c: ["train"], "PRUNELAB_TRACKING_PATIENCE must be in [8, 3600]",
          env=(("PRUNELAB_TRACKING_PATIENCE", "1"),)),
     Case("server-absent", lambda c: ["train", "--tracking-uri", f"http://127.0.0.1:{server.free_port()}"],
          "no MLflow tracking server at"),

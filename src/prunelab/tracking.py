@@ -49,7 +49,7 @@ def patience() -> float:
         value = float(raw) if raw.strip() else DEFAULT_PATIENCE
     except ValueError:
         raise ConfigError(f"{PATIENCE_ENV}={raw!r} is not a number of seconds (e.g. 30)") from None
-    check_range(PATIENCE_ENV, value, 5, 3600, hint="seconds a tracking call may retry a server that does not answer")
+    check_range(PATIENCE_ENV, value, 8, 3600, hint="seconds a tracking call may retry a server that does not answer")
     return value
 
 
