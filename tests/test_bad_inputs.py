@@ -398,6 +398,8 @@ CASES = [
     Case("images-no-test", imagefolder("no-test"), "has no test/ sub-folder"),
     Case("images-one-class", imagefolder("one-class"), "holds images of only one class"),
     Case("images-dogs-unreadable", imagefolder("dogs-unreadable"), "could be read (2 unreadable): class 'dog'"),
+    Case("images-dogs-unreadable-process", imagefolder("dogs-unreadable"), "could be read (2 unreadable): class 'dog'",
+         process=True),  # no warning line for each unreadable file before the error
     Case("images-empty-class", imagefolder("empty-class"), "holds no image"),
     Case("images-classes-differ", imagefolder("classes-differ"), "have different class folders"),
     Case("images-none", imagefolder("no-images"), "no images in"),

@@ -36,6 +36,8 @@ PATIENCE_ENV = "PRUNELAB_TRACKING_PATIENCE"
 DEFAULT_PATIENCE = 30.0
 # How long a probe may take to tell a server that stopped answering from one that refused a request.
 PROBE_SECONDS = 3.0
+# The server `connect` checked: only a failure talking to it can be blamed on it going away.
+_connected: list[str] = []
 
 
 def tracking_uri() -> str:
@@ -93,6 +95,7 @@ def connect(uri: str | None = None, timeout: float = 5.0) -> str:
             raise TrackingError(f"cannot use the tracking URI {uri!r}: {_first_line(exc)[:160]}; pass an "
                                 "http://host:port of an MLflow server (or a file:/sqlite: store)") from None
     os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow.run) inherit it
+    _connected[:] = [uri]
     return uri
 
 
@@ -125,7 +128,7 @@ def server_gone(exc: BaseException) -> str | None:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
-    if not isinstance(exc, (MlflowException, OSError)) or not uri.startswith(("http://", "https://")):
+    if not isinstance(exc, (MlflowException, OSError)) or uri not in _connected or not uri.startswith(("http://", "https://")):
         return None
     return server.probe(uri, PROBE_SECONDS)
 
