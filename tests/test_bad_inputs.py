@@ -38,6 +38,7 @@ class Inputs:
         self.root, self.fashion, self.dogs_cats, self.cifar, self.uri = root, fashion_dir, dogs_cats_dir, cifar_dir, tracking_uri
         self.marker = root / "code-ran"  # the evil model's __reduce__ would create it
         self._made: dict[str, object] = {}
+        self.running: set[str] = set()  # the RUNNING runs on the server after the previous row
 
     def once(self, key: str, make: Callable[[], object]):
         if key not in self._made:
@@ -498,10 +499,11 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tracking_uri, fashion_dir, dogs_cats_dir, cifar_dir):
+def inputs(tmp_path_factory, tracking_uri, client, fashion_dir, dogs_cats_dir, cifar_dir):
     made = Inputs(tmp_path_factory.mktemp("bad-inputs"), fashion_dir, dogs_cats_dir, cifar_dir, tracking_uri)
     made.spool("empty")
     made.evil_model()  # logged here, so MLflow's warning about pickle is not any row's output
+    made.running = running_runs(client)  # each row compares with the state the previous row left
     yield made
     assert not made.marker.exists(), "a bad input ran code it carried"
 
@@ -534,7 +536,6 @@ def test_bad_input_is_refused_in_one_line(case, inputs, client, tmp_path, monkey
     for key, value in case.env:
         monkeypatch.setenv(key, value)
     argv = argv_of(case, inputs)
-    before = running_runs(client)
     if case.process:
         proc = subprocess.run([sys.executable, "-m", "prunelab", *argv], capture_output=True, text=True, timeout=300,
                               env={**os.environ}, cwd=work)
@@ -547,7 +548,10 @@ def test_bad_input_is_refused_in_one_line(case, inputs, client, tmp_path, monkey
     assert len(lines) == 1 and lines[0].startswith("prunelab: error: "), err[-3000:]
     assert "Traceback" not in err
     assert case.needle in lines[0], lines[0]
-    assert running_runs(client) - before == set(), "a run was left RUNNING"
+    after = running_runs(client)
+    left, inputs.running = after - inputs.running, after
+    assert left == set(), "a run was left RUNNING"
+    assert not inputs.marker.exists(), "a bad input ran code it carried"
     assert list(work.iterdir()) == [], "something was written to the working folder"
     assert not list(tmp_path.rglob("*.part")), "a half-written file was left"
     assert not spool.exists(), "a run was spooled"
