@@ -62,6 +62,26 @@ def test_retry_settings_fit_the_patience(patience):
     assert 3 * int(settings["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5 <= patience
 
 
+@pytest.mark.parametrize("other_end", ["closed port", pytest.param("silent port", marks=pytest.mark.slow)])
+def test_a_call_to_a_gone_server_gives_up_within_the_patience(other_end, monkeypatch):
+    """MLflow's own client, with the settings `connect` gives it, against a port nobody
+    listens on and one that accepts and never answers: both fail within 30 s."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    for key, value in tracking.retry_settings(tracking.DEFAULT_PATIENCE).items():
+        monkeypatch.setenv(key, value)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)  # the kernel accepts connections; nothing ever answers them
+        port = silent.getsockname()[1] if other_end == "silent port" else server.free_port()
+        start = time.monotonic()
+        with pytest.raises(MlflowException):
+            MlflowClient(f"http://127.0.0.1:{port}").log_batch("0" * 32, metrics=[Metric("m", 1.0, 0, 0)])
+        assert time.monotonic() - start <= tracking.DEFAULT_PATIENCE
+
+
 def test_a_model_uri_never_unpickles(tracking_uri, client):
     """The final model's URIs give the run's weights-only checkpoint (a real SimpleCNN);
     a round model is read as a pt2 archive that MLflow checked to be pickle-free."""

@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunelab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunelab: interrupted; the run in progress was marked FAILED", file=sys.stderr)
+        print("prunelab: interrupted; any run in progress was marked FAILED", file=sys.stderr)
         return 130
     except Stopped as exc:
-        print(f"prunelab: error: stopped by {exc.name}; the run in progress was marked FAILED", file=sys.stderr)
+        print(f"prunelab: error: stopped by {exc.name}; any run in progress was marked FAILED", file=sys.stderr)
         return 128 + exc.signum
     except Exception as exc:
         # A tracking server that went away mid-command is the user's to fix, not a bug.

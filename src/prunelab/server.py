@@ -9,6 +9,7 @@ server the same way. A no-op when a server already answers on the port.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
@@ -28,9 +29,21 @@ from pathlib import Path
 _PROBE_PATH = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
 
 
+def _credentials() -> dict[str, str]:
+    """The Authorization header MLflow's client would send (its own environment variables)."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
 def _probe_once(uri: str, timeout: float) -> str | None:
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + _PROBE_PATH, timeout=timeout) as response:
+        request = urllib.request.Request(uri.rstrip("/") + _PROBE_PATH, headers=_credentials())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             status, body = response.status, response.read(1 << 16)
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read(1 << 16)
