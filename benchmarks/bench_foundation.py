@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bench import Row
-from prunelab import config, data, measure, server, studies, tracking
+from prunelab import config, data, server, studies, tracking
 from prunelab.studies import common
 from prunelab.data import fashionmnist
 from prunelab.data.base import ImageData

@@ -71,3 +71,18 @@ def test_main_chains_the_stages_and_reuses_finished_steps(tracking_uri, client, 
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("prunelab: reusing finished") == 3
     assert [r.data.tags.get("stage") for r in runs_of(client, study)] == stages + ["main", "report"]
+
+
+def test_readme_mlflow_run_works_without_activating_the_venv(tracking_uri, client, fashion_dir):
+    """`.venv/bin/mlflow run . -e train` from a shell whose PATH has no Python with
+    prunelab: the entry point finds the repository's .venv by itself."""
+    venv = REPO / ".venv" / "bin"
+    if not (venv / "mlflow").exists():
+        pytest.skip("no .venv in the repository (`make install` makes it)")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "VIRTUAL_ENV")}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, PATH="/usr/bin:/bin")
+    proc = subprocess.run([str(venv / "mlflow"), "run", ".", "-e", "train", "--env-manager", "local",
+                           "--experiment-name", "test-ep-novenv", "-P", f"overrides={TINY} study=test-ep-novenv"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r.info.status for r in runs_of(client, "test-ep-novenv")] == ["FINISHED"]

@@ -58,16 +58,26 @@ def state_dict_of(payload, path: str | Path) -> dict[str, torch.Tensor]:
 def load(path: str | Path, model_name: str | None = None) -> nn.Module:
     payload = read(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        name = payload["model"]
+        name, spec = payload.get("model"), payload.get("spec")
+        if not isinstance(name, str) or not isinstance(spec, dict) or "state_dict" not in payload:
+            raise ModelError(f"{path} is a damaged prunelab checkpoint: it needs 'model' (a name), 'spec' (a dict) "
+                             f"and 'state_dict', and holds {', '.join(map(repr, sorted(payload, key=str)))}; save it again")
         if model_name and model_name != name:
             raise ModelError(f"{path} holds a {name} checkpoint, not {model_name}: pass --model {name}")
-        model = models.get(name, **payload["spec"])
-        return _load_state(model, payload["state_dict"], path, name)
+        if name not in models.MODELS:
+            raise ModelError(f"{path} holds an unknown model {name!r}: known ones are {', '.join(sorted(models.MODELS))}")
+        model = models.from_spec(name, spec, str(path))
+        return _load_state(model, state_dict_of(payload, path), path, name)
     if not model_name:
         raise ModelError(f"{path} does not say which architecture it holds: pass --model NAME ({', '.join(sorted(models.MODELS))})")
     state = state_dict_of(payload, path)
     cls = models.model_class(model_name)
-    return _load_state(cls(**cls.spec_from_state_dict(state)), state, path, model_name)
+    try:
+        spec = cls.spec_from_state_dict(state)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, ZeroDivisionError) as exc:
+        raise ModelError(f"{path} is not a {model_name} state dict ({type(exc).__name__}: {str(exc)[:80]}): "
+                         "pass the --model it was saved from") from None
+    return _load_state(models.from_spec(model_name, spec, str(path)), state, path, model_name)
 
 
 def _load_state(model: nn.Module, state: dict, path: str | Path, name: str) -> nn.Module:

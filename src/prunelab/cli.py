@@ -1,22 +1,26 @@
-"""`prunelab train|prune|finetune|report|run|evaluate|settings`.
+"""`prunelab train|prune|finetune|report|run|evaluate|sync|settings`.
 
 Errors the user can fix print as one line and exit 2; `--debug` shows the
-traceback instead.
+traceback instead. SIGTERM and SIGHUP stop the command like Ctrl-C does: the
+run in progress ends FAILED and the exit code is 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-
+import threading
 from pathlib import Path
+from typing import Iterator
 
-from prunelab import data, studies, tracking
-from prunelab.config import DEFAULT_STUDY, DataConfig
-from prunelab.errors import PrunelabError
+from prunelab import data, files, studies, tracking
+from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range
+from prunelab.errors import PrunelabError, Stopped
 from prunelab.models import is_registered
 from prunelab.studies.common import check_fits, for_users
 from prunelab.study import STEP_RUNNERS, run_study
@@ -50,8 +54,15 @@ def _overrides(args) -> list[str]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line too (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        raise PrunelabError(f"{message} (see `{self.prog} --help`)")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="prunelab", description="Pruning studies for convolutional networks, tracked in MLflow.")
+    top = _Parser(prog="prunelab", description="Pruning studies for convolutional networks, tracked in MLflow.")
     top.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = top.add_subparsers(dest="command", required=True)
 
@@ -79,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", dest="model_name", default=None, help="architecture of a weights file without one")
     p.add_argument("--n-test", type=int, default=0, help="score only the first N test images (0: all)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server, for run ids and model URIs")
+    p = sub.add_parser("sync", help="upload a run kept on disk while the tracking server was gone")
+    p.add_argument("folder", help="the folder named by the error that said the server stopped answering")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: the one the run was meant for)")
     sub.add_parser("settings", help="list every setting a preset or override may set, with its help")
     return top
 
@@ -97,7 +111,15 @@ def dispatch(args) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "sync":
+        return _sync(args)
     cfg = _config(args)
+    if hasattr(args, "trial"):
+        # Every seed a stage derives from seed + trial must stay a valid seed.
+        check_range("--trial", args.trial, 0, MAX_SEED - cfg.seed, hint="trials are numbered from 0")
+    if hasattr(args, "out"):
+        args.out = args.out or report_dir(cfg.study)
+        files.check_writable(args.out, "--out")  # before a step runs, not after the whole study
     if args.system_metrics:
         tracking.system_metrics()  # refused in one line, before any run, when psutil is missing
     tracking.connect(args.tracking_uri)
@@ -105,15 +127,35 @@ def dispatch(args) -> int:
         run_study(args.study, " ".join(_overrides(args)), args.data_dir, args.out, args.steps)
         return 0
     if args.command == "report":
-        run_id = studies.report(cfg, args.out or f"reports/{cfg.study}")
+        run_id = studies.report(cfg, args.out)
     else:  # what each entry point means depends on the study's kind
         run_id = studies.get(cfg.kind).run(args.command, cfg, args.trial, getattr(args, "model_uri", None) or None)
     print(f"prunelab: {args.command} run {run_id} finished", flush=True)
     return 0
 
 
+def report_dir(study: str) -> str:
+    """Where a report writes its figures when no --out is given (study names cannot leave it)."""
+    return f"reports/{study}"
+
+
+def _sync(args) -> int:
+    from prunelab.spool import Spool
+
+    record = Spool.open(args.folder).record
+    tracking.connect(args.tracking_uri or record["tracking_uri"])
+    run_id, uploaded = tracking.sync(args.folder)
+    if uploaded:
+        print(f"prunelab: synced {args.folder} to run {run_id} on {tracking.tracking_uri()}", flush=True)
+    else:
+        print(f"prunelab: {args.folder} was already synced to run {run_id}", flush=True)
+    return 0
+
+
 def _evaluate(args) -> int:
-    cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, n_test=max(args.n_test, 0))
+    check_range("--n-test", args.n_test, 0, hint="the number of test images to score, 0 for all")
+    cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, n_test=args.n_test)
+    cfg.validate("data")
     if not Path(args.model).is_file():
         tracking.connect(args.tracking_uri)
     model = tracking.load_model(args.model, args.model_name)
@@ -127,22 +169,57 @@ def _evaluate(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def signals_stop() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Stopped` where the process is, so every run in
+    progress ends FAILED on the way out; a repeat while stopping is ignored so
+    that the cleanup finishes. The previous handlers come back afterwards."""
+    stopping = []
+
+    def stop(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     # Quiet MLflow's own chatter; our one-line messages say what matters.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if not args.debug:
+    if not debug:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
-        return dispatch(args)
+        with signals_stop():
+            return dispatch(parser().parse_args(argv))
     except PrunelabError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"prunelab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunelab: interrupted", file=sys.stderr)
+        print("prunelab: interrupted; any run in progress was marked FAILED", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        print(f"prunelab: error: stopped by {exc.name}; any run in progress was marked FAILED", file=sys.stderr)
+        return 128 + exc.signum
+    except Exception as exc:
+        # A tracking server that went away mid-command is the user's to fix, not a bug.
+        gone = None if debug else tracking.outage(exc)
+        if gone is None:
+            raise
+        print(f"prunelab: error: {gone}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

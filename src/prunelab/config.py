@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,12 @@ from prunelab.errors import ConfigError
 
 DEFAULT_STUDY = "taylor-cnn-fashionmnist"
 DEFAULT_KIND = "filter_pruning"
+MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds must fit 32 bits
+MAX_IMAGE_SIZE = 4096  # a side beyond this is a typo: one 3 x 4096 x 4096 image is 50 MB as uint8
+# A study name is an MLflow experiment, a tag value and a folder under reports/:
+# letters, digits, '.', '_' and '-', starting with a letter or digit, so it can never
+# name a path outside reports/ (no '/', no '..' alone, nothing hidden).
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def setting(text: str, default: Any) -> Any:
@@ -45,18 +52,46 @@ def section(cls: type) -> Any:
 
 def check_range(where: str, value: float, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False, hint: str = "") -> None:
-    """One-line error unless low <= value <= high (or strict where open); NaN never passes."""
-    ok = not (isinstance(value, float) and math.isnan(value))
+    """One-line error unless low <= value <= high (or strict where open); NaN and infinities never pass."""
+    ok = not (isinstance(value, float) and not math.isfinite(value))
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        lo = "" if low is None else ("(" if low_open else "[") + _number(low)
+        hi = "" if high is None else _number(high) + (")" if high_open else "]")
         bound = f"in {lo}, {hi}" if low is not None and high is not None else (
-            f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
+            f"{'>' if low_open else '>='} {_number(low)}" if low is not None else f"{'<' if high_open else '<='} {_number(high)}")
         raise ConfigError(f"{where} must be {bound}, got {value}" + (f": {hint}" if hint else ""))
+
+
+def memory_bytes() -> int:
+    """Memory this process may use: the machine's, or its container's limit when lower (0: unknown)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = int(Path(limit_file).read_text().strip())
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+        total = min(total, limit) if total else limit
+    return total
+
+
+def check_memory(nbytes: float, what: str, hint: str) -> None:
+    """One-line error when `what` would need more than all the memory there is,
+    before anything allocates it (a MemoryError, or the OOM killer, otherwise)."""
+    total = memory_bytes()
+    if total and nbytes > total:
+        raise ConfigError(f"{what} would need {nbytes / 2**30:,.1f} GiB of memory, more than the "
+                          f"{total / 2**30:,.1f} GiB here: {hint}")
+
+
+def _number(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
 
 
 @dataclass(frozen=True)
@@ -72,6 +107,8 @@ class DataConfig:
     def validate(self, where: str = "data") -> None:
         for name in ("n_train", "n_test", "val_size"):
             check_range(f"{where}.{name}", getattr(self, name), 0)
+        check_range(f"{where}.image_size", self.image_size, 0, MAX_IMAGE_SIZE,
+                    hint="the side in pixels images are resized to (0: their own size)")
 
 
 @dataclass(frozen=True)
@@ -89,7 +126,7 @@ class TrainConfig:
         check_range(f"{where}.epochs", self.epochs, 1, hint="pass a positive number of epochs")
         check_range(f"{where}.batch_size", self.batch_size, 1)
         check_range(f"{where}.lr", self.lr, 0, low_open=True)
-        check_range(f"{where}.momentum", self.momentum, 0)
+        check_range(f"{where}.momentum", self.momentum, 0, 1, high_open=True, hint="SGD momentum is a fraction")
         check_range(f"{where}.weight_decay", self.weight_decay, 0)
 
 
@@ -109,7 +146,11 @@ class StudyConfig:
     train: TrainConfig = section(TrainConfig)
 
     def validate(self) -> "StudyConfig":
-        check_range("trials", self.trials, 1)
+        if not STUDY_NAME.fullmatch(self.study):
+            raise ConfigError(f"study name {self.study!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit (it names the MLflow experiment and the report folder)")
+        check_range("trials", self.trials, 1, 10_000)
+        check_range("seed", self.seed, 0, MAX_SEED - self.trials + 1, hint="trial t uses seed + t, which must fit 32 bits")
         check_range("parallel_trials", self.parallel_trials, 0)
         hardware.check_setting(self.device)
         for f in dataclasses.fields(self):

@@ -25,3 +25,16 @@ class ModelError(PrunelabError):
 
 class TrackingError(PrunelabError):
     """The tracking server cannot be reached or has no such run."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the process was (like KeyboardInterrupt for
+    Ctrl-C) so that every run in progress ends FAILED on the way out. Not an
+    Exception: code that handles errors must not swallow it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from prunelab.errors import ConfigError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -23,3 +25,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Refuse, in one line, a folder that cannot be created or written, before
+    any work that would end by writing there. Creates nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {folder} is a file, not a folder: pass a folder to write into")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {folder} cannot be created: {existing} is a file")
+    try:  # a real write: permission bits say nothing for root or on a read-only file system
+        with tempfile.TemporaryFile(dir=existing, prefix=".prunelab-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {folder} is not writable ({existing}: {exc.strerror or type(exc).__name__}): "
+                          "pass a folder you can write to") from None
+    return folder

@@ -27,3 +27,8 @@ TAG_SEED = "seed"
 TAG_MODEL_URI = "prunelab.model_uri"  # URI of the run's final model, for the next stage
 TAG_SOURCE_RUNS = "prunelab.source_runs"  # report run: the ids of the runs it drew from, comma-separated
 CHAMPION = "champion"                 # registry alias of a study's best trial
+# A run whose server went away mid-run (tracking.Run, tracking.sync)
+TAG_SPOOLED_TO = "prunelab.spooled_to"    # the local folder holding what the server never got
+TAG_SYNCED_FROM = "prunelab.synced_from"  # that folder, once `prunelab sync` has uploaded it
+TAG_OUTAGE = "prunelab.outage"            # why the run was spooled
+TAG_SYNCED_RUN = "prunelab.synced_from_run"  # the original run id, when sync had to create a new run

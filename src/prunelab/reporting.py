@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 from prunelab import paths, tracking  # noqa: E402
 from prunelab.config import StudyConfig  # noqa: E402
 from prunelab.errors import TrackingError  # noqa: E402
+from prunelab.files import atomic_path  # noqa: E402
 
 
 def latest_per_trial(runs: list) -> dict[int, object]:
@@ -169,18 +170,19 @@ def publish(cfg: StudyConfig, figures: dict[str, plt.Figure], table: pd.DataFram
         with tempfile.TemporaryDirectory() as tmp:
             for name, fig in figures.items():
                 fig.savefig(Path(tmp) / name, dpi=120)
-                run.log_figure(fig, f"{paths.REPORT_DIR}/{name}", dpi=120)
             table.to_csv(Path(tmp) / paths.REPORT_TABLE, index=False)
             (Path(tmp) / paths.REPORT_MARKDOWN).write_text(markdown_table(table))
+            if out_dir is not None:
+                # Written once everything was drawn, each file whole or not at all, and
+                # before the upload: a folder that cannot be written leaves no figures in a FAILED run.
+                for f in sorted(Path(tmp).iterdir()):
+                    with atomic_path(Path(out_dir) / f.name) as target:
+                        target.write_bytes(f.read_bytes())
+            for name, fig in figures.items():
+                run.log_figure(fig, f"{paths.REPORT_DIR}/{name}", dpi=120)
             for name in (paths.REPORT_TABLE, paths.REPORT_MARKDOWN):
                 run.log_file(Path(tmp) / name, paths.REPORT_DIR)
             run.log_table(table, paths.REPORT_JSON_TABLE)  # beside figures/, which holds what out_dir gets
-            if out_dir is not None:
-                # Written to disk only once everything was drawn: no half-made folder.
-                out = Path(out_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                for f in Path(tmp).iterdir():
-                    (out / f.name).write_bytes(f.read_bytes())
         for fig in figures.values():
             plt.close(fig)
         return run.run_id

@@ -9,23 +9,69 @@ server the same way. A no-op when a server already answers on the port.
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+# A REST call only an MLflow tracking server answers in its own JSON: the
+# experiment every server creates ({"experiment": ...}), or, where it was
+# deleted, MLflow's error document ({"error_code": "RESOURCE_DOES_NOT_EXIST"}).
+# Any web server answers /health with 200; this tells them apart.
+_PROBE_PATH = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+
+
+def _credentials() -> dict[str, str]:
+    """The Authorization header MLflow's client would send (its own environment variables)."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+def _probe_once(uri: str, timeout: float) -> str | None:
+    try:
+        request = urllib.request.Request(uri.rstrip("/") + _PROBE_PATH, headers=_credentials())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read(1 << 16)
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(1 << 16)
+    except (OSError, ValueError) as exc:  # refused, timed out, or not a URL
+        return f"nothing answers there ({type(getattr(exc, 'reason', exc)).__name__})"
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and ("experiment" in doc or doc.get("error_code") == "RESOURCE_DOES_NOT_EXIST"):
+        return None
+    return f"a web server answers there (HTTP {status}), but not as an MLflow tracking server"
+
+
+def probe(uri: str, timeout: float = 5.0) -> str | None:
+    """None when an MLflow tracking server answers at `uri`; otherwise what answers
+    instead. Returns within `timeout` seconds whatever the other end does (a
+    server that accepts and never answers, or answers a byte at a time)."""
+    outcome: list[str | None] = []
+    worker = threading.Thread(target=lambda: outcome.append(_probe_once(uri, timeout)), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
 
 def healthy(uri: str, timeout: float = 2.0) -> bool:
-    """Whether a server answers `/health` at `uri` within `timeout` seconds."""
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            return response.status == 200
-    except (OSError, ValueError):  # refused, timed out, or not a URL
-        return False
+    """Whether an MLflow tracking server answers at `uri` within `timeout` seconds."""
+    return probe(uri, timeout) is None
 
 
 def free_port() -> int:

@@ -1,10 +1,17 @@
 """The only module that imports mlflow: connect, log, load models, find runs,
-register models, and run or reuse the steps of a study.
+register models, run or reuse the steps of a study, and upload runs kept while
+the server was gone.
 
 Metrics are buffered and sent with `log_batch` (a synchronous call to a
 server costs tens of milliseconds, so never one call per value). A model is
 logged at a step, after the buffer is flushed, so MLflow copies that step's
 metrics onto it; metrics logged later at the same step name it too.
+
+A server that stops answering costs at most `PRUNELAB_TRACKING_PATIENCE`
+seconds (30 by default) of MLflow's own retries; after that the run goes on
+offline: what it would have sent is kept in a spool folder (`prunelab.spool`),
+the stage ends with one line naming that folder, and `prunelab sync FOLDER`
+uploads it once the server is back.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prunelab import checkpoints, export, paths
+from prunelab import checkpoints, export, paths, server
+from prunelab.config import check_range
 from prunelab.errors import ConfigError, ModelError, PrunelabError, TrackingError
-from prunelab.server import healthy
+from prunelab.spool import Spool
 
 DEFAULT_URI = "http://127.0.0.1:5000"
 # Pinned so a logged model reinstalls the versions that trained it; listing them
@@ -36,23 +44,70 @@ MODEL_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 NOTE = "mlflow.note.content"  # a run's description in the UI (markdown)
 DATASET_CONTEXT = "mlflow.data.context"
+PATIENCE_ENV = "PRUNELAB_TRACKING_PATIENCE"
+DEFAULT_PATIENCE = 30.0
+# How long a probe may take to tell a server that stopped answering from one that refused a request.
+PROBE_SECONDS = 3.0
+# The server `connect` checked: only a failure talking to it can be blamed on it going away.
+_connected: list[str] = []
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def patience() -> float:
+    """Seconds a tracking call may keep retrying a server that does not answer ($PRUNELAB_TRACKING_PATIENCE)."""
+    raw = os.environ.get(PATIENCE_ENV, "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_PATIENCE
+    except ValueError:
+        raise ConfigError(f"{PATIENCE_ENV}={raw!r} is not a number of seconds (e.g. 30)") from None
+    check_range(PATIENCE_ENV, value, 8, 3600, hint="seconds a tracking call may retry a server that does not answer")
+    return value
+
+
+def retry_settings(seconds: float) -> dict[str, str]:
+    """MLflow's HTTP settings that give up on a silent server within `seconds`:
+    three attempts, the third 4-5 s after the second (urllib3's backoff
+    2 * 2**(n-1) plus up to 1 s of jitter, none before the first retry), each
+    waiting at most T s for an answer, so 3T + 5 <= seconds (tests/test_tracking.py
+    times it against a closed port and against one that never answers)."""
+    timeout = max(1, int((seconds - 5) // 3))
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
+
+
+def forbid_pickle() -> None:
+    """MLflow's own guard: no model it loads may be unpickled (pt2 archives are checked to be pickle-free)."""
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+
+
 def connect(uri: str | None = None, timeout: float = 5.0) -> str:
-    """Point MLflow at `uri` and make sure a server answers there (fails within `timeout` s)."""
+    """Point MLflow at `uri` and make sure an MLflow tracking server answers there
+    (fails within `timeout` s); bound MLflow's retries unless the user set them."""
+    uri = uri or tracking_uri()
+    for key, value in retry_settings(patience()).items():
+        os.environ.setdefault(key, value)  # the user's own MLflow settings win
+    forbid_pickle()
+    if uri.startswith(("http://", "https://")):
+        problem = server.probe(uri, timeout)  # before importing mlflow: the answer comes within `timeout`
+        if problem:
+            raise TrackingError(f"no MLflow tracking server at {uri}: {problem}; start one with `make server` "
+                                "or point MLFLOW_TRACKING_URI (or --tracking-uri) at a running one")
     import mlflow
 
-    uri = uri or tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        if not healthy(uri, timeout):
-            raise TrackingError(f"no MLflow tracking server answers at {uri}: start one with `make server` "
-                                "or point MLFLOW_TRACKING_URI at a running one")
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow.run) inherit it
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if not uri.startswith(("http://", "https://")):
+        try:  # a local store (file:, sqlite:, ...): MLflow says whether it can use it
+            client().search_experiments(max_results=1)
+        except Exception as exc:
+            mlflow.set_tracking_uri(previous)  # as it was: a refused URI leaves nothing behind
+            raise TrackingError(f"cannot use the tracking URI {uri!r}: {_first_line(exc)[:160]}; pass an "
+                                "http://host:port of an MLflow server (or a file:/sqlite: store)") from None
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow.run) inherit it
+    _connected[:] = [uri]
     return uri
 
 
@@ -69,72 +124,167 @@ def param_text(value: Any) -> str | None:
     return text if text else None
 
 
-class Run:
-    """A thin handle on the active run: buffered metrics, params once, artifacts, models."""
+@contextlib.contextmanager
+def _one_try(timeout: int = 3) -> Iterator[None]:
+    """MLflow calls in the block make one attempt of at most `timeout` s (MLflow
+    reads these settings at every request): for calls to a server already known gone."""
+    keys = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    def __init__(self, run_id: str):
+
+def server_gone(exc: BaseException) -> str | None:
+    """When `exc` is a failed call to a tracking server that no longer answers
+    (checked with one quick probe): what answers there instead; else None."""
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    if not isinstance(exc, (MlflowException, OSError)) or uri not in _connected or not uri.startswith(("http://", "https://")):
+        return None
+    return server.probe(uri, PROBE_SECONDS)
+
+
+def outage(exc: BaseException) -> TrackingError | None:
+    """A one-line error for a failure caused by the tracking server going away, else None."""
+    gone = server_gone(exc)
+    if gone is None:
+        return None
+    return TrackingError(f"the tracking server {tracking_uri()} stopped answering ({gone}); start it again "
+                         f"(`make server`) and rerun: {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+class Run:
+    """A handle on one run: buffered metrics, params once, artifacts, models.
+
+    While the server answers, everything goes to it. Once a call fails because
+    the server is gone, the run is spooled (`self.spool`): the params and tags
+    it was given, and from then on everything else, go to a local folder and
+    no further call is made."""
+
+    def __init__(self, run_id: str, experiment: str = "", stage: str = "", run_name: str = "",
+                 spool_on_outage: bool = True):
         self.run_id = run_id
+        self.experiment, self.stage, self.run_name = experiment, stage, run_name
+        self.spool: Spool | None = None
+        self._spool_on_outage = spool_on_outage
         self._buffer: list = []
+        self._params: dict[str, str] = {}
+        self._tags: dict[str, str] = {}
         self._client = client()
         self._model_at: dict[int, str] = {}  # step -> id of the model logged at that step
+
+    def _send(self, call) -> bool:
+        """Make `call` to the server: True when it went through, False when the run is (now) spooled."""
+        if self.spool is not None:
+            return False
+        try:
+            call()
+            return True
+        except Exception as exc:
+            gone = server_gone(exc)
+            if gone is None:
+                raise
+            if not self._spool_on_outage:
+                raise outage(exc) from None
+            self.spool = Spool.create(tracking_uri=tracking_uri(), experiment=self.experiment, run_id=self.run_id,
+                                      run_name=self.run_name, stage=self.stage, params=self._params,
+                                      tags=self._tags, reason=f"{gone}: {_first_line(exc)}")
+            return False
 
     def log_params(self, params: dict[str, Any]) -> None:
         # `mlflow run` has already logged the MLproject params; MLflow refuses a
         # param logged twice with another value, so existing keys are skipped.
         from mlflow.entities import Param
 
-        existing = self._client.get_run(self.run_id).data.params
-        todo = [Param(k, text) for k, v in params.items() if k not in existing and (text := param_text(v)) is not None]
-        for i in range(0, len(todo), 100):
-            self._client.log_batch(self.run_id, params=todo[i : i + 100])
+        params = {k: text for k, v in params.items() if (text := param_text(v)) is not None}
+        self._params.update(params)
+
+        def send():
+            existing = self._client.get_run(self.run_id).data.params
+            todo = [Param(k, v) for k, v in params.items() if k not in existing]
+            for i in range(0, len(todo), 100):
+                self._client.log_batch(self.run_id, params=todo[i : i + 100])
+
+        if not self._send(send):
+            self.spool.set_params(self._params)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        tags = {k: str(v) for k, v in tags.items()}
+        self._tags.update(tags)
+        if not self._send(lambda: self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])):
+            self.spool.set_tags(self._tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int, flush: bool = True, model_linked: bool = True) -> None:
         """Buffer metrics at `step`; at a step where a model was logged they name that model
         (unless `model_linked` is False: values that describe another state of the network)."""
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         model_id = self._model_at.get(step) if model_linked else None
-        self._buffer += [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
+        self._buffer += [(k, float(v), now, step, model_id) for k, v in metrics.items()]
         if flush or len(self._buffer) >= 1000:
             self.flush()
 
     def flush(self) -> None:
+        from mlflow.entities import Metric
+
         while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self._client.log_batch(self.run_id, metrics=chunk)
+            chunk = self._buffer[:1000]
+            if not self._send(lambda: self._client.log_batch(self.run_id, metrics=[Metric(*m) for m in chunk])):
+                self.spool.add_metrics([m[:4] for m in self._buffer])  # (key, value, time, step)
+                self._buffer = []
+                return
+            self._buffer = self._buffer[1000:]
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._client.log_text(self.run_id, text, artifact_file)
+        if not self._send(lambda: self._client.log_text(self.run_id, text, artifact_file)):
+            self.spool.add_text(text, artifact_file)
 
     def log_dict(self, value: dict | list, artifact_file: str) -> None:
-        self._client.log_dict(self.run_id, value, artifact_file)
+        if not self._send(lambda: self._client.log_dict(self.run_id, value, artifact_file)):
+            self.spool.add_text(json.dumps(value, indent=2), artifact_file)
 
     def log_figure(self, figure, artifact_file: str, dpi: int = 120) -> None:
-        self._client.log_figure(self.run_id, figure, artifact_file, save_kwargs={"dpi": dpi})
+        if not self._send(lambda: self._client.log_figure(self.run_id, figure, artifact_file, save_kwargs={"dpi": dpi})):
+            self.spool.add_figure(figure, artifact_file)
 
     def log_table(self, table, artifact_file: str) -> None:
         """A DataFrame as an MLflow table (JSON), which the UI shows as a table."""
-        self._client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+        if not self._send(lambda: self._client.log_table(self.run_id, data=table, artifact_file=artifact_file)):
+            self.spool.add_text(table.to_json(orient="split"), artifact_file)
 
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
+        if not self._send(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path)):
+            self.spool.add_file(path, artifact_path)
 
     def log_inputs(self, splits=(), model_refs=()) -> None:
         """Lineage: the image sets the run reads (`data.base.Split`s) and the logged models it
-        starts from (each run id or model URI that names one; others are skipped)."""
+        starts from (each run id or model URI that names one; others are skipped). Offline,
+        lineage is not kept: `sync` uploads results, not inputs."""
         from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
 
         datasets = [DatasetInput(_dataset(s), [InputTag(DATASET_CONTEXT, s.context)]) for s in splits]
-        model_ids = list(dict.fromkeys(m for ref in model_refs if (m := logged_model_id(ref))))
-        if datasets or model_ids:
-            self._client.log_inputs(self.run_id, datasets=datasets or None,
-                                    models=[LoggedModelInput(m) for m in model_ids] or None)
+
+        def send():
+            model_ids = list(dict.fromkeys(m for ref in model_refs if (m := logged_model_id(ref))))
+            if datasets or model_ids:
+                self._client.log_inputs(self.run_id, datasets=datasets or None,
+                                        models=[LoggedModelInput(m) for m in model_ids] or None)
+
+        self._send(send)
 
     def log_model(self, model, name: str, example, step: int, final: bool = False, checkpoint=None,
                   metadata: dict | None = None, carry: tuple[str, ...] = ()) -> str:
@@ -146,16 +296,25 @@ class Run:
         `checkpoint`, the bare network, goes out as the weights-only checkpoint the
         next stage reads. `carry` names metrics logged at earlier steps that still
         describe this model (a size that training did not change): their newest
-        values are linked to it too. Returns the model URI."""
+        values are linked to it too. Returns the model URI. Spooled, the bare network
+        is kept as a checkpoint with its example input (returns the folder)."""
+        self.flush()
+        if example.device.type != "cpu":  # exported from a CPU copy: a model trained on a GPU loads anywhere
+            model, example = copy.deepcopy(model).cpu(), example.cpu()
+        uri: list[str] = []
+        if self._send(lambda: uri.append(self._log_model(model, name, example, step, final, checkpoint, metadata, carry))):
+            return uri[0]
+        bare = checkpoint if checkpoint is not None else getattr(model, "network", model)
+        return str(self.spool.add_model(bare, name, example, final, step))
+
+    def _log_model(self, model, name: str, example, step: int, final: bool, checkpoint, metadata: dict | None,
+                   carry: tuple[str, ...]) -> str:
         import mlflow.pytorch
         import numpy as np
         import torch
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        self.flush()
-        if example.device.type != "cpu":  # exported from a CPU copy: a model trained on a GPU loads anywhere
-            model, example = copy.deepcopy(model).cpu(), example.cpu()
         was_training = model.training
         model.eval()  # exported as it predicts (a traced pt2 module cannot switch modes later)
         try:
@@ -175,11 +334,48 @@ class Run:
                     onnx_file = export.to_onnx(model, example, Path(tmp) / export.ONNX_FILE)
                     self._client.log_model_artifact(info.model_id, str(onnx_file), paths.ONNX_DIR)
                     if checkpoint is not None:
-                        self.log_file(checkpoints.save(checkpoint, Path(tmp) / paths.CHECKPOINT))
-                self.set_tags({paths.TAG_MODEL_URI: info.model_uri})
+                        self._client.log_artifact(self.run_id, str(checkpoints.save(checkpoint, Path(tmp) / paths.CHECKPOINT)))
+                self._client.set_tag(self.run_id, paths.TAG_MODEL_URI, info.model_uri)
+                self._tags[paths.TAG_MODEL_URI] = info.model_uri
         finally:
             model.train(was_training)
         return info.model_uri
+
+    def end(self, status: str) -> None:
+        """Flush and end the run with `status`. A spooled run is closed on disk
+        instead, and this raises the one-line error that names its folder."""
+        import mlflow
+
+        try:
+            self.flush()
+        finally:
+            ended = self._send(lambda: mlflow.end_run(status))
+            if not ended:
+                self._end_spooled(status)
+
+    def _end_spooled(self, status: str) -> None:
+        import mlflow
+
+        self.spool.close(status)
+        folder = self.spool.folder
+        # One quick try each: a server that is back by now learns the run failed and
+        # where its rest is; `sync` completes it. Either way the run leaves MLflow's stack.
+        with _one_try():
+            with contextlib.suppress(Exception):
+                self._client.set_tag(self.run_id, paths.TAG_SPOOLED_TO, str(folder))
+            active = mlflow.active_run()
+            with contextlib.suppress(Exception):
+                if active is not None and active.info.run_id == self.run_id:
+                    mlflow.end_run("FAILED")
+                else:
+                    self._client.set_terminated(self.run_id, "FAILED")
+        what = "its model, metrics and params" if self.spool.record["models"] else "its metrics and params"
+        raise TrackingError(
+            f"the tracking server {self.spool.record['tracking_uri']} stopped answering during {self.stage or 'the run'} "
+            f"({self.spool.record['reason'][:120]}); the run went on ({status}) and {what} are kept in {folder}: "
+            f"upload them with `prunelab sync {folder}` once the server is back")
+
+
 
     def _link_newest(self, model_id: str, keys: tuple[str, ...]) -> None:
         # The same metric entity (key, value, step, timestamp) again, now naming the
@@ -244,22 +440,28 @@ def process_tags() -> dict[str, str]:
 def run(experiment: str, stage: str, tags: dict[str, Any], run_name: str | None = None,
         description: str = "") -> Iterator[Run]:
     """Start a run, or resume the one `mlflow run` or an in-process step of `main`
-    created for this stage; a failure marks it FAILED."""
+    created for this stage; it ends FINISHED, or FAILED on any exception (a signal
+    included), or spooled when the server went away."""
     import mlflow
 
     step_run = _STEP_RUN.get()
-    if step_run is None and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment)
     token = _STEP_RUN.set(None)  # a stage resumes its step's run once; later runs are its own
     try:
-        with mlflow.start_run(run_id=step_run, run_name=run_name, nested=mlflow.active_run() is not None) as active:
+        try:
+            if step_run is None and not os.environ.get("MLFLOW_RUN_ID"):
+                mlflow.set_experiment(experiment)
+            active = mlflow.start_run(run_id=step_run, run_name=run_name, nested=mlflow.active_run() is not None)
             _mark_model_training(active.info.experiment_id)
-            handle = Run(active.info.run_id)
+        except Exception as exc:
+            raise outage(exc) or exc from None
+        handle = Run(active.info.run_id, experiment, stage, active.info.run_name or run_name or "")
+        status = "FAILED"
+        try:
             handle.set_tags({paths.TAG_STAGE: stage, **tags, **process_tags(), **({NOTE: description} if description else {})})
-            try:
-                yield handle
-            finally:
-                handle.flush()
+            yield handle
+            status = "FINISHED"
+        finally:
+            handle.end(status)
     finally:
         _STEP_RUN.reset(token)
 
@@ -296,29 +498,128 @@ def log_child_run(parent: Run, run_name: str, tags: dict[str, Any], params: dict
     """One finished child run of `parent`, written in a few calls (create, one
     batch, its inputs, terminate): for sweeps with many points, where a process per
     point would cost seconds each. Its values are computed before it is created, so
-    a failure never leaves a half-written run behind."""
+    a failure never leaves a half-written run behind. A spooled parent keeps it
+    for `sync` (returns "")."""
+    all_tags = {**tags, **({NOTE: description} if description else {})}
+    child: list[str] = []
+    if parent._send(lambda: child.append(_log_child_run(parent._client, parent.run_id, run_name, all_tags, params,
+                                                        metrics, step, files, splits=splits))):
+        return child[0]
+    parent.spool.add_child(run_name, all_tags, params, metrics, step, files)
+    return ""
+
+
+def _log_child_run(c, parent_id: str, run_name: str, tags: dict[str, Any], params: dict[str, Any],
+                   metrics: dict[str, float], step: int = 0, files: list[Path] | None = None,
+                   when: int | None = None, splits=()) -> str:
     from mlflow.entities import Metric, Param
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    c = parent._client
-    experiment_id = experiment_of(parent.run_id)
-    all_tags = {MLFLOW_PARENT_RUN_ID: parent.run_id, **tags, **({NOTE: description} if description else {})}
-    child = c.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    experiment_id = experiment_of(parent_id)
+    all_tags = {MLFLOW_PARENT_RUN_ID: parent_id, **tags}
+    child = c.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()},
+                         start_time=when)
     run_id = child.info.run_id
     try:
-        now = int(time.time() * 1000)
+        now = when or int(time.time() * 1000)
         items = [Param(k, text) for k, v in params.items() if (text := param_text(v)) is not None]
         for i in range(0, max(len(items), 1), 100):  # the server takes at most 100 params per batch
             c.log_batch(run_id, params=items[i : i + 100],
                         metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()] if i == 0 else [])
-        Run(run_id).log_inputs(splits)
+        if splits:
+            Run(run_id).log_inputs(splits)
         for f in files or []:
             c.log_artifact(run_id, str(f))
-        c.set_terminated(run_id, "FINISHED")
+        c.set_terminated(run_id, "FINISHED", end_time=when)
     except BaseException:
-        c.set_terminated(run_id, "FAILED")
+        with _one_try(), contextlib.suppress(Exception):
+            c.set_terminated(run_id, "FAILED")
         raise
     return run_id
+
+
+# --------------------------------------------------------------------------- uploading a spooled run
+
+def sync(folder: str | Path) -> tuple[str, bool]:
+    """Upload a spooled run to the connected server; returns (run id, whether anything was uploaded).
+
+    The run goes into the run it was spooled from when the server still has it
+    (its params, tags, metrics, artifacts, models and child runs completed,
+    then its status set to the spooled one: FINISHED when the stage had
+    finished offline), or else into a new run of the same experiment tagged
+    with the original run id. Either way the run carries `prunelab.synced_from`
+    (the folder) and `prunelab.outage` (why it was spooled). Each part is
+    recorded in the folder once uploaded, so an interrupted sync resumes."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    spooled = Spool.open(folder)
+    record = spooled.record
+    if record["synced_to"]:
+        return record["synced_to"], False
+    c = client()
+    target = record.get("target_run") or _existing_run(c, record["run_id"]) or ""
+    if not target:
+        experiment_id = mlflow.set_experiment(record["experiment"] or "Default").experiment_id
+        created = c.create_run(experiment_id, run_name=record["run_name"] or None, start_time=record["spooled_at"],
+                               tags={paths.TAG_SYNCED_RUN: record["run_id"]})
+        target = created.info.run_id
+    if record.get("target_run") != target:
+        record["target_run"] = target
+        spooled.save()
+    handle = Run(target, record["experiment"], record["stage"], record["run_name"], spool_on_outage=False)
+    handle.log_params(record["params"])
+    handle.set_tags({**record["tags"], paths.TAG_SYNCED_FROM: str(spooled.folder.resolve()),
+                     paths.TAG_OUTAGE: record["reason"][:500]})
+    if not spooled.done("metrics"):
+        metrics = [Metric(m["key"], float(m["value"]), int(m["timestamp"]), int(m["step"])) for m in spooled.metrics()]
+        for i in range(0, len(metrics), 1000):
+            c.log_batch(target, metrics=metrics[i : i + 1000])
+        spooled.mark("metrics")
+    artifacts = spooled.artifacts()
+    if artifacts is not None and not spooled.done("artifacts"):
+        c.log_artifacts(target, str(artifacts))
+        spooled.mark("artifacts")
+    for model in record["models"]:
+        if spooled.done(f"model:{model['name']}"):
+            continue
+        weights, example = spooled.model_files(model["name"])
+        # The bare network the stage kept (its normalisation is not inside: the spool holds no data set).
+        network = checkpoints.load(weights)
+        handle._log_model(network, model["name"], _read_example(example), model.get("step", 0), model["final"],
+                          network if model["final"] else None, None, ())
+        spooled.mark(f"model:{model['name']}")
+    for i, child in enumerate(record["children"]):
+        if spooled.done(f"child:{i}"):
+            continue
+        _log_child_run(c, target, child["run_name"], child["tags"], child["params"], child["metrics"],
+                       child["step"], spooled.child_files(i), when=child["time"])
+        spooled.mark(f"child:{i}")
+    c.set_terminated(target, record["status"] if record["status"] in ("FINISHED", "FAILED") else "FAILED",
+                     end_time=record["end_time"])
+    record["synced_to"] = target
+    spooled.save()
+    return target, True
+
+
+def _existing_run(c, run_id: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_run(run_id).info.run_id
+    except MlflowException as exc:
+        if server_gone(exc):
+            raise
+        return None
+
+
+def _read_example(path: Path):
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{path} is not a saved example input ({type(exc).__name__}): the spool folder is damaged") from None
 
 
 # --------------------------------------------------------------------------- reading back
@@ -334,22 +635,89 @@ def _is_run_id(ref: str) -> bool:
 
 
 def load_model(ref: str, model_name: str | None = None):
-    """The nn.Module behind a weights file, a run id (its weights-only checkpoint) or a model URI, on the CPU."""
+    """The nn.Module behind a weights file, a run id or a model URI, on the CPU; nothing is unpickled.
+
+    A run id, and a URI of a run's final model (`runs:/<run>/model`, or the
+    `models:/m-...` its `prunelab.model_uri` tag names), give the run's
+    weights-only checkpoint. Any other URI must be an MLflow PyTorch model in
+    the traced pt2 format: its MLmodel and file list are read first, and a
+    pickle-format model is refused before a byte of it is loaded."""
     if Path(ref).suffix in (".pt", ".pth", ".th", ".tar") or Path(ref).is_file():
         return checkpoints.load(ref, model_name)
     if _is_run_id(ref):
         return _load_run_checkpoint(ref)
     if not ref.startswith(("runs:/", "models:/")):
         raise ModelError(f"{ref!r} is neither a weights file, a run id nor a model URI (runs:/... or models:/...)")
+    forbid_pickle()
+    run_id = _final_model_run(ref)
+    if run_id:
+        return _load_run_checkpoint(run_id)
+    return _load_pt2(ref)
+
+
+def _final_model_run(ref: str) -> str | None:
+    """The run whose final model `ref` is, when it has a weights-only checkpoint of it."""
+    if ref.startswith("runs:/"):
+        run_id, _, path = ref.removeprefix("runs:/").partition("/")
+        if _is_run_id(run_id) and path.strip("/") == paths.MODEL:
+            return run_id if paths.TAG_MODEL_URI in get_run(run_id).data.tags else None
+        return None
+    model_id = ref.removeprefix("models:/").strip("/")
+    if not model_id.startswith("m-") or "/" in model_id:
+        return None  # a registered model name/version: not one of a run's final models
+    try:
+        source = client().get_logged_model(model_id).source_run_id
+    except Exception as exc:
+        if not _mlflow_error(exc) or server_gone(exc):
+            raise
+        return None  # unknown: _load_pt2 says so in one line
+    if source and get_run(source).data.tags.get(paths.TAG_MODEL_URI) == ref:
+        return source
+    return None
+
+
+def _model_error(ref: str, exc: Exception) -> PrunelabError:
+    return outage(exc) or ModelError(f"cannot load model {ref} from {tracking_uri()}: {_first_line(exc)[:160]}")
+
+
+def _load_pt2(ref: str):
+    """An MLflow PyTorch model in the pt2 format, checked before anything of it is read."""
+    import mlflow.artifacts
     import mlflow.pytorch
+    from mlflow.models import Model
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
     try:
-        model = mlflow.pytorch.load_model(ref, map_location="cpu")
+        meta = Model.load(ref)  # the MLmodel file alone, read as plain YAML
+        flavour = meta.flavors.get("pytorch")
+        base = ModelsArtifactRepository.get_underlying_uri(ref) if ref.startswith("models:/") else ref
+        data = str((flavour or {}).get("model_data", "data"))
+        files = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=f"{base.rstrip('/')}/{data}")}
     except Exception as exc:
         if _mlflow_error(exc) or isinstance(exc, OSError):
-            raise ModelError(f"cannot load model {ref} from {tracking_uri()}: {str(exc).splitlines()[0][:160]}") from None
+            raise _model_error(ref, exc) from None
         raise
-    return model  # pt2 models come back traced in eval mode
+    if not isinstance(flavour, dict):
+        raise ModelError(f"{ref} is not a PyTorch MLflow model (its flavours: {', '.join(meta.flavors) or 'none'}): "
+                         "pass a train, prune or finetune run, its model URI or a weights file")
+    if flavour.get("code"):
+        raise ModelError(f"{ref} carries code ({flavour['code']}) that loading it would import: prunelab loads only "
+                         "pt2 models and weights-only checkpoints")
+    if PT2_FILE not in files or ".." in data:
+        found = ", ".join(sorted(files)) or "no model file"
+        raise ModelError(f"{ref} is a pickle-format MLflow model ({data}/: {found}), and unpickling it could run any "
+                         "code it carries: prunelab loads only pt2 models and weights-only checkpoints "
+                         "(log it with serialization_format='pt2', or pass a checkpoint file)")
+    try:
+        # MLflow checks the archive holds no pickled record before it loads (forbid_pickle).
+        return mlflow.pytorch.load_model(ref, map_location="cpu")  # traced, fixed in eval mode
+    except Exception as exc:
+        if _mlflow_error(exc) or isinstance(exc, OSError):
+            raise _model_error(ref, exc) from None
+        raise
+
+
+PT2_FILE = "model.pt2"  # what mlflow.pytorch writes for serialization_format='pt2'
 
 
 def _load_run_checkpoint(run_id: str):
@@ -367,7 +735,8 @@ def get_run(run_id: str):
         return client().get_run(run_id)
     except Exception as exc:
         if _mlflow_error(exc):
-            raise ModelError(f"no run {run_id} on the tracking server {tracking_uri()}: check the run id") from None
+            raise outage(exc) or ModelError(f"no run {run_id} on the tracking server {tracking_uri()}: "
+                                            "check the run id") from None
         raise
 
 
@@ -379,7 +748,8 @@ def download(run_id: str, artifact_path: str, dst: str | Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
     except Exception as exc:
         if _mlflow_error(exc) or isinstance(exc, OSError):
-            raise ModelError(f"run {run_id} has no artifact {artifact_path}: pass a finished run of this study") from None
+            raise outage(exc) or ModelError(f"run {run_id} has no artifact {artifact_path}: "
+                                            "pass a finished run of this study") from None
         raise
 
 

@@ -1,7 +1,10 @@
 """The real loaders on the real files: FashionMNIST (Debian's copy) and the CIFAR-10 subset."""
 
 import gzip
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pickle
@@ -45,6 +48,41 @@ def test_corrupt_fashionmnist_folder(tmp_path, monkeypatch):
             f.write(b"not an idx file")
     with pytest.raises(DataError, match="corrupt"):
         data.get(config.DataConfig(dataset="fashionmnist", data_dir=str(tmp_path)))
+
+
+def test_a_repaired_fashionmnist_folder_is_read_fresh(fashion_dir, tmp_path, monkeypatch):
+    """The decompressed cache is keyed by the files' content: once the broken file is
+    replaced by the real one, the next load reads it instead of the cached broken copy."""
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    for f in fashion_dir.glob("*.gz"):
+        shutil.copy(f, folder / f.name)
+    labels = folder / "train-labels-idx1-ubyte.gz"
+    with gzip.open(labels, "wb") as f:  # decompresses fine, but is no IDX file
+        f.write(b"broken labels")
+    cfg = config.DataConfig(dataset="fashionmnist", data_dir=str(folder), n_train=100, n_test=100)
+    with pytest.raises(DataError, match="corrupt"):
+        data.get(cfg)
+    shutil.copy(fashion_dir / labels.name, labels)  # repaired
+    d = data.get(cfg)
+    assert d.train_y.tolist() == data.get(config.DataConfig(dataset="fashionmnist", n_train=100, n_test=100)).train_y.tolist()
+    assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def test_two_processes_fill_an_empty_cache_at_once(fashion_dir, tmp_path):
+    """Both read the same real data: each writes its own temporary files and renames them."""
+    env = {**os.environ, "PRUNELAB_CACHE": str(tmp_path / "cache")}
+    read = ("from prunelab import config, data; d = data.get(config.DataConfig(dataset='fashionmnist')); "
+            "print(len(d.train_y), len(d.test_y), int(d.train_x.sum()), int(d.test_y.sum()))")
+    procs = [subprocess.Popen([sys.executable, "-c", read], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    first, second = (out.strip() for out, _ in results)
+    assert first == second and first.startswith("60000 10000 ")
+    assert len(list((tmp_path / "cache").rglob("*-ubyte"))) == 4  # one copy of each file, complete
+    assert not list((tmp_path / "cache").rglob("*.part"))
 
 
 def test_cifar10_subset_reads_despite_other_md5(cifar_dir):

@@ -34,20 +34,45 @@ def _idx_folder(folder: Path) -> Path | None:
     return None
 
 
+CACHE_FORMAT = "fashionmnist-v2"
+HEADER_BYTES = 1 << 16  # enough of each file to tell a replaced or repaired one apart
+
+
+def _content_key(idx_folder: Path) -> str:
+    """The source files' names, sizes, modification times and first bytes: a folder
+    whose files were fixed or replaced gets a fresh cache, never the old copy."""
+    h = hashlib.sha1(f"{CACHE_FORMAT}|{idx_folder.resolve()}".encode())
+    for name in FASHION_MNIST_FILES:
+        source = idx_folder / name if (idx_folder / name).is_file() else idx_folder / f"{name}.gz"
+        st = source.stat()
+        h.update(f"|{source.name}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        with open(source, "rb") as f:
+            h.update(f.read(HEADER_BYTES))
+    return h.hexdigest()[:16]
+
+
 def _torchvision_root(idx_folder: Path) -> Path:
     """A root in torchvision's layout (ROOT/FashionMNIST/raw/<plain IDX files>).
 
     torchvision reads only uncompressed IDX files; Debian ships them gzipped, so
-    they are decompressed once into the cache, keyed by the source folder.
+    they are decompressed once into the cache, keyed by the files' content.
+    Each file is written under a unique temporary name and renamed when
+    complete, so processes filling the cache at once never read a half file.
     """
     if idx_folder.name == "raw" and idx_folder.parent.name == "FashionMNIST" and all(
         (idx_folder / f).is_file() for f in FASHION_MNIST_FILES
     ):
         return idx_folder.parent.parent
-    key = hashlib.sha1(str(idx_folder.resolve()).encode()).hexdigest()[:12]
+    try:
+        key = _content_key(idx_folder)
+    except OSError as exc:
+        raise DataError(f"cannot read the FashionMNIST files in {idx_folder}: {exc}") from None
     root = cache_dir() / f"fashionmnist-{key}"
     raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot write the data cache {raw} ({exc.strerror}): point PRUNELAB_CACHE at a writable folder") from None
     for name in FASHION_MNIST_FILES:
         target = raw / name
         if target.is_file():

@@ -5,7 +5,10 @@ centre crop) and stored as uint8; the decoded tensors are cached on disk,
 keyed by the folder, the listing and the size, so the stages of a study
 decode the images once between them. Images are kept in a fixed shuffled
 order so that `data.n_train=N` takes a mix of classes, not the first class.
-An unreadable image is skipped with a warning and counted, never fatal.
+An unreadable image is skipped and counted (one warning names them once the
+folder has loaded), but every class
+must keep at least one readable image in each split: a class with none would
+train a classifier that can never predict it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from prunelab.config import DataConfig
+from prunelab.config import DataConfig, check_memory
 from prunelab.data.base import ImageData, cache_dir
 from prunelab.errors import DataError
 from prunelab.files import atomic_path
@@ -51,10 +54,14 @@ def _check_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, in
     if len(with_images) < 2:
         raise DataError(f"{split_dir} holds images of only one class ({', '.join(with_images)}): "
                         "a classifier needs at least two class folders with images")
+    empty = [c for c in classes if c not in with_images]
+    if empty:
+        raise DataError(f"class folder {split_dir / empty[0]} holds no image (suffixes {', '.join(IMAGE_SUFFIXES)}): "
+                        "add images or remove the folder")
     return classes, files
 
 
-def _decode(path: Path, size: int) -> torch.Tensor | None:
+def _decode(path: Path, size: int, unreadable: list[str]) -> torch.Tensor | None:
     """uint8 (3, size, size), or None when the file is not a readable image."""
     from PIL import Image, ImageOps
 
@@ -63,27 +70,31 @@ def _decode(path: Path, size: int) -> torch.Tensor | None:
             img = img.convert("RGB")
             img = ImageOps.fit(img, (size, size), method=Image.BILINEAR)  # shorter side, then centre crop
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {str(exc)[:80]}", stacklevel=2)
+        unreadable.append(f"{path} ({type(exc).__name__})")
         return None
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1).clone()
 
 
-def _read_split(files: list[tuple[Path, int]], size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _read_split(files: list[tuple[Path, int]], size: int, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     from tqdm.auto import tqdm
 
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(ORDER_SEED)).tolist()
-    images, labels, skipped = [], [], 0
+    images, labels, unreadable = [], [], []
     for i in tqdm(order, desc="decode", leave=False, disable=None):
         path, label = files[i]
-        x = _decode(path, size)
+        x = _decode(path, size, unreadable)
         if x is None:
-            skipped += 1
             continue
         images.append(x)
         labels.append(label)
     if not images:
         raise DataError(f"none of the {len(files)} images under {files[0][0].parent.parent} could be read: check the files")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+    unread = sorted(set(range(len(classes))) - set(labels))
+    if unread:
+        folder = next(path.parent for path, label in files if label == unread[0])
+        raise DataError(f"no image in {folder} could be read ({sum(1 for _, l in files if l == unread[0])} unreadable): "
+                        f"class {classes[unread[0]]!r} would never be seen in training; fix or remove its images")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), unreadable
 
 
 def _cache_file(root: Path, size: int, listings: list) -> Path:
@@ -129,13 +140,20 @@ def load_imagefolder(cfg: DataConfig) -> ImageData:
     cache = _cache_file(root, size, [train_files, test_files])
     payload = _load_cached(cache)
     if payload is None:
-        train_x, train_y, skipped_train = _read_split(train_files, size)
-        test_x, test_y, skipped_test = _read_split(test_files, size)
+        # Decoded images are held twice while they are stacked.
+        check_memory(2 * 3 * size * size * (len(train_files) + len(test_files)),
+                     f"{len(train_files) + len(test_files):,} images of {size} x {size} px",
+                     "lower data.image_size")
+        train_x, train_y, unread_train = _read_split(train_files, size, train_classes)
+        test_x, test_y, unread_test = _read_split(test_files, size, test_classes)
         payload = {"format": CACHE_FORMAT, "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
-                   "classes": list(train_classes), "skipped": skipped_train + skipped_test}
+                   "classes": list(train_classes), "skipped": len(unread_train) + len(unread_test),
+                   "unreadable": unread_train + unread_test}
         _save_cache(cache, payload)
     if payload["skipped"]:
-        warnings.warn(f"{payload['skipped']} unreadable image(s) under {root} were skipped", stacklevel=2)
+        named = payload.get("unreadable", [])
+        warnings.warn(f"{payload['skipped']} unreadable image(s) under {root} were skipped: "
+                      f"{', '.join(named[:3])}{', ...' if len(named) > 3 else ''}", stacklevel=2)
     return ImageData(f"imagefolder:{root.name}", payload["train_x"], payload["train_y"], payload["test_x"],
                       payload["test_y"], IMAGENET_MEAN, IMAGENET_STD, list(payload["classes"]),
                       skipped=int(payload["skipped"]), source=str(root.resolve()))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 
-from prunelab.errors import ConfigError
+from prunelab.config import check_memory
+from prunelab.errors import ConfigError, ModelError
 from prunelab.models.conv import Conv2, Conv4, Conv6
 from prunelab.models.lenet import LeNet300100
 from prunelab.models.resnet_cifar import DEPTHS as RESNET_CIFAR
@@ -37,8 +39,33 @@ def model_class(name: str) -> type[nn.Module]:
     return cls
 
 
+# Bytes per parameter while training: the weights, their gradients and Adam's two moments, as float32.
+TRAINING_BYTES_PER_PARAM = 16
+
+
+def from_spec(name: str, spec: dict, where: str = "") -> nn.Module:
+    """`name` built from constructor arguments (a checkpoint's spec, or a model's
+    size for the data). Arguments its constructor does not take, and a network
+    too large for this machine's memory, are refused in one line before any
+    weight is allocated: the network is first built on the meta device, which
+    allocates nothing."""
+    cls = model_class(name)
+    where = f"{where}: " if where else ""
+    if not isinstance(spec, dict) or not all(isinstance(k, str) for k in spec):
+        raise ModelError(f"{where}the {name} spec must map argument names to values, got {spec!r:.120}")
+    try:
+        with torch.device("meta"):
+            shape_only = cls(**spec)
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        raise ModelError(f"{where}cannot build {name} from {spec!r:.160}: {str(exc).splitlines()[0][:120]}") from None
+    n = count_params(shape_only)
+    check_memory(n * TRAINING_BYTES_PER_PARAM, f"{where}a {name} with {n:,} parameters",
+                 "its spec asks for far wider layers than the model was made with; check the file or the settings")
+    return cls(**spec)
+
+
 def get(name: str, **kwargs) -> nn.Module:
-    return model_class(name)(**kwargs)
+    return from_spec(name, kwargs)
 
 
 def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -47,7 +74,7 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Modul
     cls = model_class(name)
     wanted = inspect.signature(cls).parameters
     offered = {"in_channels": input_shape[0], "num_classes": num_classes, "image_size": input_shape[-1]}
-    return cls(**{k: v for k, v in offered.items() if k in wanted})
+    return from_spec(name, {k: v for k, v in offered.items() if k in wanted})
 
 
 def name_of(model: nn.Module) -> str:

@@ -30,12 +30,7 @@ def plan_step(scores: dict[str, torch.Tensor], n: int, round_to: int = 1) -> Pla
     # The filters that may go, lowest first; a layer offers at most width - round_to of them.
     candidates = sorted((s[i].item(), name, int(i)) for name, s in scores.items()
                         for i in torch.argsort(s)[: max(0, len(s) - round_to)])
-    if n > len(candidates):
-        raise ConfigError(
-            f"a step of {n} filters would remove every filter of a layer (only {len(candidates)} can go"
-            + (f" while each layer keeps a multiple of prune.round_to={round_to}" if round_to > 1 else "")
-            + "): lower prune.filters_per_step"
-        )
+    _check_step(n, len(candidates), round_to)
     picked: dict[str, int] = {}
     for _, name, _ in candidates[:n]:
         picked[name] = picked.get(name, 0) + 1
@@ -44,6 +39,21 @@ def plan_step(scores: dict[str, torch.Tensor], n: int, round_to: int = 1) -> Pla
         cut = widths[name] - kept(widths[name], count)  # >= count: rounded down to a multiple
         plan[name] = sorted(int(i) for i in torch.argsort(scores[name])[:cut])
     return plan
+
+
+def check_step(n: int, widths: dict[str, int], round_to: int = 1) -> None:
+    """Refuse, before any work, a step of more filters than can go at once (all but one, or
+    all but `round_to`, of every layer)."""
+    _check_step(n, sum(max(0, w - round_to) for w in widths.values()), round_to)
+
+
+def _check_step(n: int, removable: int, round_to: int) -> None:
+    if n > removable:
+        raise ConfigError(
+            f"a step of {n} filters would remove every filter of a layer (only {removable} can go"
+            + (f" while each layer keeps a multiple of prune.round_to={round_to}" if round_to > 1 else "")
+            + "): lower prune.filters_per_step"
+        )
 
 
 def check_reachable(target: float, kind: str, smallest: float, first_layer: str) -> None:

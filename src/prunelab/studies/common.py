@@ -153,7 +153,7 @@ def check_fits(model: nn.Module, data: ImageData, inputs: Callable | None = None
     try:
         with torch.no_grad(), eval_mode(model):
             out = model((inputs or data.normalise)(data.test_x[:2]))
-    except RuntimeError as exc:
+    except Exception as exc:  # whatever a foreign (e.g. traced) model raises on input it was not made for
         raise ModelError(f"the model does not accept {data.name} images {tuple(data.input_shape)}: "
                          f"{str(exc).splitlines()[0][:120]}") from None
     if out.shape[-1] != data.num_classes:

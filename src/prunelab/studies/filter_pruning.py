@@ -61,7 +61,8 @@ class PruneConfig:
         check_range(f"{where}.rank_images", self.rank_images, 0)
         check_range(f"{where}.latency_repeats", self.latency_repeats, 0)
         check_range(f"{where}.rank_batch_size", self.rank_batch_size, 1)
-        check_range(f"{where}.log_models_every", self.log_models_every, 1)
+        check_range(f"{where}.log_models_every", self.log_models_every, 1,
+                    hint="the pruned model is logged every N steps; the last step's always is")
         check_range(f"{where}.round_to", self.round_to, 1)
 
 
@@ -110,6 +111,7 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
     # Refuse an unreachable target before a run starts or a model trains.
     smallest, layer = _smallest_fraction(model, pc.target_kind, example, pc.round_to)
     schedule.check_reachable(pc.target, pc.target_kind, smallest, layer)
+    schedule.check_step(pc.filters_per_step, _filters(model), pc.round_to)
     with common.stage_run(cfg, trial, "prune", f"prune-t{trial}", method(cfg),
                           params={"input_model": model_ref or "trained in this run"}, data=data,
                           model_ref=model_ref) as run:
