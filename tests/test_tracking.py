@@ -13,7 +13,6 @@ import pytest
 from prunelab import paths, tracking
 from without_prunelab import load_and_score
 
-pytestmark = pytest.mark.slow
 
 
 def model_of(client, run):
@@ -29,6 +28,7 @@ def last(client, run_id, key) -> float:
     return max(client.get_metric_history(run_id, key), key=lambda m: m.step).value
 
 
+@pytest.mark.slow
 def test_final_models_carry_the_numbers_of_the_state_they_hold(tiny_study, client):
     """Each prune run's final model has the run's last params, fraction and accuracy; each
     fine-tuned model its run's last test accuracy and the pruned size (not the unpruned one)."""
@@ -45,6 +45,7 @@ def test_final_models_carry_the_numbers_of_the_state_they_hold(tiny_study, clien
         assert (trained["params"], trained["fraction_remaining"]) == (126_698, 1.0)
 
 
+@pytest.mark.slow
 def test_round_models_carry_their_round(tiny_study, client):
     """model_round_k holds the network right after round k: its metrics are step k's."""
     prune = tiny_study["by_stage"][("prune", 0)]
@@ -60,6 +61,7 @@ def test_round_models_carry_their_round(tiny_study, client):
     assert len({model_metrics(lm)["params"] for lm in rounds}) == len(rounds)  # each its own size
 
 
+@pytest.mark.slow
 def test_search_by_metric_finds_the_fine_tuned_models(tiny_study, client):
     tuned = {model_of(client, tiny_study["by_stage"][("finetune", t)]).model_id: t for t in (0, 1)}
     lowest = min(model_metrics(client.get_logged_model(m))["test_accuracy"] for m in tuned)
@@ -79,6 +81,7 @@ def _raw_fashion_test(n: int, folder) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.float32) / 255.0, labels
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_model_works_without_prunelab(tiny_study, client, tracking_uri, fashion_dir, tmp_path):
     """By its URI, in a process where prunelab cannot be imported, on raw pixels in [0, 1]:
     pyfunc and pytorch flavours both score the accuracy the run logged."""
@@ -95,6 +98,7 @@ def test_a_fine_tuned_model_works_without_prunelab(tiny_study, client, tracking_
     assert result["max_abs_diff"] < 1e-5
 
 
+@pytest.mark.slow
 def test_the_signature_and_metadata_say_what_goes_in(tiny_study, client):
     from mlflow.models import get_model_info
 
@@ -106,6 +110,7 @@ def test_the_signature_and_metadata_say_what_goes_in(tiny_study, client):
     assert len(info.metadata["classes"]) == 10
 
 
+@pytest.mark.slow
 def test_every_run_records_its_datasets_and_the_model_it_read(tiny_study, client):
     runs = tiny_study["runs"]
     assert {r.data.tags["stage"] for r in runs} == {"main", "train", "prune", "finetune", "report"}
@@ -124,6 +129,7 @@ def test_every_run_records_its_datasets_and_the_model_it_read(tiny_study, client
     assert len(digests) == 2  # every run read the same two image sets
 
 
+@pytest.mark.slow
 def test_the_experiment_opens_on_runs_and_runs_describe_themselves(tiny_study, client):
     exp = client.get_experiment(tiny_study["experiment_id"])
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -135,6 +141,7 @@ def test_the_experiment_opens_on_runs_and_runs_describe_themselves(tiny_study, c
         assert "" not in own.values() and "data.data_dir" not in own, r.info.run_name
 
 
+@pytest.mark.slow
 def test_report_names_its_sources_and_logs_its_numbers(tiny_study, client):
     report = tiny_study["by_stage"][("report", -1)]
     sources = set(report.data.tags[paths.TAG_SOURCE_RUNS].split(","))
@@ -151,3 +158,24 @@ def test_report_names_its_sources_and_logs_its_numbers(tiny_study, client):
     assert table["model"].tolist() == ["original", "pruned + fine-tuned"]
     assert {"path": paths.REPORT_JSON_TABLE, "type": "table"} in json.loads(report.data.tags["mlflow.loggedArtifacts"])
     assert json.loads(open(client.download_artifacts(report.info.run_id, paths.SOURCE_RUNS)).read())["source_runs"] == sorted(expected)
+
+
+def test_metrics_logged_after_a_model_at_its_step_name_it(tracking_uri, client):
+    """Run.log_model flushes first (the model gets its step's metrics); metrics logged later at
+    that step link to it unless they describe another state; other steps never do."""
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 26 * 26, 3))
+    example = torch.rand(2, 1, 28, 28)
+    with tracking.run("test-model-links", "train", {"study": "test-model-links"}, "links") as run:
+        run.log_metrics({"params": 123, "test_accuracy": 0.5}, step=3, flush=False)  # still buffered
+        run.log_metrics({"test_accuracy": 0.25}, step=2, flush=False)
+        uri = run.log_model(module, "model", example, step=3)
+        run.log_metrics({"latency_ms": 1.5}, step=3)
+        run.log_metrics({"retrained_test_accuracy": 0.75}, step=3, model_linked=False)
+        run.log_metrics({"test_accuracy": 0.9}, step=4)
+    model = client.get_logged_model(uri.removeprefix("models:/"))
+    assert {(m.key, m.step, m.value) for m in model.metrics} == {("params", 3, 123), ("test_accuracy", 3, 0.5),
+                                                                 ("latency_ms", 3, 1.5)}
+    assert [m.step for m in client.get_metric_history(run.run_id, "latency_ms")] == [3]  # a run metric all the same
