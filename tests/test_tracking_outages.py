@@ -12,7 +12,7 @@ import uuid
 import pytest
 import torch
 
-from prunelab import paths, server, tracking
+from prunelab import cli, paths, server, tracking
 from prunelab.errors import TrackingError
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.spool import Spool
@@ -101,7 +101,7 @@ def test_a_model_uri_never_unpickles(tracking_uri, client):
     assert torch.allclose(traced(example), model(example), atol=1e-6)
 
 
-def test_sync_uploads_a_spooled_run_the_server_never_saw(tracking_uri, client, tmp_path, monkeypatch):
+def test_sync_uploads_a_spooled_run_the_server_never_saw(tracking_uri, client, tmp_path, monkeypatch, capsys):
     """A spool whose run the server does not know goes into a new run that says where it came from;
     its params, tags, metrics, text, model and child run all arrive; a second sync uploads nothing."""
     monkeypatch.setenv("PRUNELAB_SPOOL", str(tmp_path / "spool"))
@@ -134,3 +134,6 @@ def test_sync_uploads_a_spooled_run_the_server_never_saw(tracking_uri, client, t
     (child,) = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert child.info.status == "FINISHED" and child.data.metrics["test_accuracy"] == 0.25
     assert tracking.sync(spooled.folder) == (run_id, False)
+    capsys.readouterr()
+    assert cli.main(["sync", str(spooled.folder)]) == 0
+    assert capsys.readouterr().out.strip() == f"prunelab: {spooled.folder} was already synced to run {run_id}"

@@ -48,7 +48,10 @@ def _probe_once(uri: str, timeout: float) -> str | None:
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read(1 << 16)
     except (OSError, ValueError) as exc:  # refused, timed out, or not a URL
-        return f"nothing answers there ({type(getattr(exc, 'reason', exc)).__name__})"
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError):
+            return f"no answer within {timeout:g} s"
+        return f"nothing answers there ({type(reason).__name__})"
     try:
         doc = json.loads(body)
     except ValueError:
@@ -63,6 +66,7 @@ def probe(uri: str, timeout: float = 5.0) -> str | None:
     instead. Returns within `timeout` seconds whatever the other end does (a
     server that accepts and never answers, or answers a byte at a time)."""
     outcome: list[str | None] = []
+    # The socket's own timeout applies to each step (connect, every read); the join bounds the whole.
     worker = threading.Thread(target=lambda: outcome.append(_probe_once(uri, timeout)), daemon=True)
     worker.start()
     worker.join(timeout)
