@@ -128,3 +128,23 @@ def tiny_study(tracking_uri, client, fashion_dir, tmp_path_factory):
     by_stage = {(r.data.tags["stage"], int(r.data.tags.get("trial", -1))): r for r in runs}
     return {"study": TINY_STUDY, "experiment_id": exp.experiment_id, "runs": runs, "by_stage": by_stage,
             "out": out, "stdout": proc.stdout}
+
+
+def start_foreign_server():
+    """Python's own web server answering 200 with a page to every GET (/health included):
+    not an MLflow server. Returns (its URI, the server, for `shutdown()`)."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>OK</html>")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{httpd.server_address[1]}", httpd

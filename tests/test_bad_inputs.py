@@ -7,7 +7,6 @@ training starts."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import pickle
@@ -15,12 +14,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from conftest import start_foreign_server
 import torch
 
 from prunelab import checkpoints, cli, server
@@ -156,18 +155,7 @@ class Inputs:
     def foreign_server(self) -> str:
         """A web server whose every path (/health included) answers 200 with a page."""
         def make():
-            class Page(http.server.BaseHTTPRequestHandler):
-                def do_GET(self):
-                    self.send_response(200)
-                    self.end_headers()
-                    self.wfile.write(b"<html>OK</html>")
-
-                def log_message(self, *args):
-                    pass
-
-            httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-            threading.Thread(target=httpd.serve_forever, daemon=True).start()
-            return f"http://127.0.0.1:{httpd.server_address[1]}"
+            return start_foreign_server()[0]
         return str(self.once("foreign", make))
 
     def silent_server(self) -> str:

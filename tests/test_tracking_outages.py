@@ -3,13 +3,12 @@ bounded retries, model URIs resolved without unpickling, and uploading a spooled
 
 from __future__ import annotations
 
-import http.server
 import socket
-import threading
 import time
 import uuid
 
 import pytest
+from conftest import start_foreign_server
 import torch
 
 from prunelab import cli, paths, server, tracking
@@ -21,18 +20,8 @@ from prunelab.spool import Spool
 @pytest.fixture
 def foreign_server():
     """Python's own web server, answering 200 to every GET (/health included)."""
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"OK")
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    uri, httpd = start_foreign_server()
+    yield uri
     httpd.shutdown()
 
 
