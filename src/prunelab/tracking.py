@@ -405,7 +405,13 @@ def _dataset(split):
 
 
 def _mark_model_training(experiment_id: str) -> None:
-    """Tag the experiment's kind (model training), once."""
+    """Tag the experiment's kind (model training), once per server and experiment in a process:
+    every run start calls this, and a study starts dozens of runs."""
+    _mark_once(tracking_uri(), experiment_id)
+
+
+@functools.lru_cache(maxsize=64)
+def _mark_once(uri: str, experiment_id: str) -> None:
     c = client()
     tags = c.get_experiment(experiment_id).tags
     for key, value in EXPERIMENT_KIND.items():
