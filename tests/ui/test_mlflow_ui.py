@@ -33,6 +33,8 @@ document.querySelectorAll('[role=row][row-index]').forEach(r => {
 });
 return rows;"""
 SCROLLERS = "Array.from(document.querySelectorAll('.ag-body-horizontal-scroll-viewport, .ag-center-cols-viewport'))"
+# ag-grid also renders only the rows near the view: the grid is scrolled down through them.
+VERTICAL = "Array.from(document.querySelectorAll('.ag-body-viewport, .ag-body-vertical-scroll-viewport'))"
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +72,17 @@ def wait(driver, timeout: float = 30):
 
 
 def grid(driver) -> dict[str, dict[str, str]]:
-    """Row index -> {column id: text} of the whole grid, scrolled through from left to right."""
+    """Row index -> {column id: text} of the whole grid, scrolled through from top to bottom
+    and, at each height, from left to right."""
     rows = driver.execute_script(ROWS_JS, {})
+    height, tall = driver.execute_script(f"const v = {VERTICAL}; return v.length ? [v[0].scrollHeight, v[0].clientHeight] : [0, 1]")
     width, view = driver.execute_script(f"const v = {SCROLLERS}; return v.length ? [v[0].scrollWidth, v[0].clientWidth] : [0, 1]")
-    for left in range(0, width + view, max(view // 2, 100)):
-        driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = arguments[0])", left)
-        rows = driver.execute_script(ROWS_JS, rows)
-    driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = 0)")
+    for top in range(0, height + tall, max(tall // 2, 100)):
+        driver.execute_script(f"{VERTICAL}.forEach(v => v.scrollTop = arguments[0])", top)
+        for left in range(0, width + view, max(view // 2, 100)):
+            driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = arguments[0])", left)
+            rows = driver.execute_script(ROWS_JS, rows)
+    driver.execute_script(f"{SCROLLERS}.forEach(v => v.scrollLeft = 0); {VERTICAL}.forEach(v => v.scrollTop = 0)")
     return rows
 
 
@@ -159,9 +165,12 @@ def test_models_page_lists_the_pruned_model_with_its_real_size(tiny_study, clien
     browser.get(tracking.runs_url(tiny_study["experiment_id"], tracking_uri).replace("/runs?", "/models?"))
     params_col = 'metrics.{"metricKey":"params"}'
 
+    wanted = {(f"{stage}-t{t}", "model") for stage in ("train", "prune", "finetune") for t in (0, 1)}
+
     def models(d):
         rows = [r for r in grid(d).values() if r.get("name")]
-        return rows if rows and all(params_col in r for r in rows if name(r["name"]) == "model") else False
+        shown = {(r.get("source_run_id"), name(r["name"])) for r in rows if params_col in r}
+        return rows if wanted <= shown else False
 
     rows = wait(browser).until(models)
     reveal(browser, params_col)
