@@ -106,3 +106,15 @@ def test_report_run_and_figures(study, client):
     table = pd.read_csv(out / paths.REPORT_TABLE)
     prune_run = client.get_run(ids["prune"])
     assert table["params"].tolist() == [126_698, prune_run.data.metrics["params"]]
+
+
+def test_fine_tuning_continues_the_training_epoch_axis(study):
+    """As in the seed's figure: the pruned curve starts at the last training epoch (the pruned
+    model before fine-tuning) and its fine-tuning epochs follow on (3-4 after 2 training epochs)."""
+    cfg, _, _ = study
+    figures, _ = filter_pruning.report(cfg)
+    curves = figures["test_accuracy.png"].axes[0].containers  # one errorbar container per curve
+    lines = {bars.get_label(): list(bars.lines[0].get_xdata()) for bars in curves}
+    original = next(x for label, x in lines.items() if label.startswith("original"))
+    tuned = next(x for label, x in lines.items() if label.startswith("pruned + fine-tuned"))
+    assert original == [1, 2] and tuned == [2, 3, 4]

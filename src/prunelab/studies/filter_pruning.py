@@ -181,14 +181,22 @@ def report(cfg: StudyConfig) -> common.Report:
         raise reporting.no_runs(cfg, "train or finetune runs")
     curves = {"train": reporting.histories(train_runs, CURVE_METRICS),
               "finetune": reporting.histories(ft_runs, CURVE_METRICS)}
+    # One epoch axis, as in the seed's figure: fine-tuning continues where training stopped
+    # (a finetune run's epoch 0, the pruned model before fine-tuning, sits at the last
+    # training epoch; its epochs 1-5 become 6-10).
+    trained_epochs = int(curves["train"].step.max()) if len(curves["train"]) else cfg.train.epochs
+    shown = {"train": curves["train"], "finetune": curves["finetune"].assign(step=curves["finetune"].step + trained_epochs)}
     figures = {}
     for metric, label in (("test_accuracy", "test accuracy"), ("test_loss", "test loss")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for stage, name in (("train", "original"), ("finetune", "pruned + fine-tuned")):
-            table = reporting.band(curves[stage], metric)
-            if len(table):  # a finetune run's epoch 0 is the pruned model before fine-tuning
+            table = reporting.band(shown[stage], metric)
+            if len(table):
                 reporting.plot_band(ax, table, f"{name}, {int(table['count'].max())} trials")
-        figures[f"{metric}.png"] = reporting.finish(fig, ax, "epoch", label, f"{cfg.study}: {label}")
+        if len(curves["finetune"]):
+            ax.axvline(trained_epochs, color="grey", linewidth=0.8, linestyle=":")
+        figures[f"{metric}.png"] = reporting.finish(
+            fig, ax, f"epoch (pruned after epoch {trained_epochs}, then fine-tuned)", label, f"{cfg.study}: {label}")
     return figures, size_table(curves)
 
 
