@@ -10,7 +10,7 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server run test test-fast ui-check browser bench report ui clean lth kmeans vgg-quick
+.PHONY: help install server stop-server run test test-fast ui-check browser bench report ui clean lth lth-lenet kmeans vgg-quick
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -66,6 +66,10 @@ RESNET20 ?= ../shared/models/resnet20-12fca82f.th
 lth: server ## lottery tickets, Conv-2 on CIFAR-10 at CPU scale (CIFAR_DIR=...)
 	$(BIN)/mlflow run . -e main -P study=lth-conv2-cifar10-quick -P data_dir=$(abspath $(CIFAR_DIR)) \
 	  -P out_dir=resources/figures/lth-conv2-cifar10-quick --env-manager local --experiment-name lth-conv2-cifar10-quick
+
+lth-lenet: server ## lottery tickets, LeNet-300-100 on the full FashionMNIST (5 trials, 15 rounds, re-init controls)
+	$(BIN)/mlflow run . -e main -P study=lth-lenet300-fashionmnist \
+	  -P out_dir=resources/figures/lth-lenet300-fashionmnist --env-manager local --experiment-name lth-lenet300-fashionmnist
 
 kmeans: server ## k-means filter clustering of the pretrained ResNet20 (CIFAR_DIR=..., RESNET20=...)
 	$(BIN)/mlflow run . -e main -P study=kmeans-resnet20-cifar10 -P data_dir=$(abspath $(CIFAR_DIR)) \

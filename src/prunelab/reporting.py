@@ -84,10 +84,12 @@ def finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: float | N
     return fig
 
 
-def plot_band(ax, table: pd.DataFrame, label: str, **style) -> None:
-    """Mean line with min/max error bars and a shaded min-max band."""
+def plot_band(ax, table: pd.DataFrame, label: str, say_band: bool = True, **style) -> None:
+    """Mean line with min/max error bars and a shaded min-max band; `say_band=False` leaves
+    ": mean, min-max" out of the legend entry (for figures whose title says it once)."""
     yerr = [table["mean"] - table["min"], table["max"] - table["mean"]]
-    bars = ax.errorbar(table["step"], table["mean"], yerr=yerr, marker="o", capsize=3, label=f"{label}: mean, min-max", **style)
+    label = f"{label}: mean, min-max" if say_band else label
+    bars = ax.errorbar(table["step"], table["mean"], yerr=yerr, marker="o", capsize=3, label=label, **style)
     ax.fill_between(table["step"], table["min"], table["max"], alpha=0.15, color=bars.lines[0].get_color())
 
 

@@ -64,6 +64,11 @@ def test_sweep_logs_one_child_run_per_point(tracking_uri, client, cifar_dir, res
         "accuracy_vs_clusters_pruned_per_layer.png", "accuracy_vs_clusters_pruned_per_stage.png", "report_table.csv", "report_table.md"]
     logged = {a.path for a in client.list_artifacts(report_id, "figures")}
     assert "figures/accuracy_vs_clusters_pruned_per_stage.png" in logged
+    # The stage figure's second panel: the same points against the fraction of layer1's 16 filters.
+    figures, _ = kmeans_clustering.report(cfg)
+    by_count, by_fraction = figures["accuracy_vs_clusters_pruned_per_stage.png"].axes
+    assert [list(bars.lines[0].get_xdata()) for bars in by_count.containers] == [[0, 8]]
+    assert [list(bars.lines[0].get_xdata()) for bars in by_fraction.containers] == [[0.0, 0.5]]
 
 
 def test_bad_names_fail_before_any_run(tracking_uri, client, cifar_dir, resnet20_file):

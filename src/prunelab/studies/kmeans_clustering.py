@@ -210,7 +210,7 @@ def sweep_table(cfg: StudyConfig, sweep: str) -> pd.DataFrame:
             continue
         seen.add(key)
         rows.append({"target": p.get("target"), "trial": int(r.data.tags.get(paths.TAG_TRIAL, -1)),
-                     "run_id": r.info.run_id, **{k: v for k, v in p.items() if k in ("clusters_pruned", "keep", "mid_widths")},
+                     "run_id": r.info.run_id, **{k: v for k, v in p.items() if k in ("clusters_pruned", "clusters", "keep", "mid_widths")},
                      **r.data.metrics})
     reporting.drew(row["run_id"] for row in rows)
     table = pd.DataFrame(rows)
@@ -219,9 +219,9 @@ def sweep_table(cfg: StudyConfig, sweep: str) -> pd.DataFrame:
     return table
 
 
-def _band(rows: pd.DataFrame) -> pd.DataFrame:
-    """reporting.band's shape (step, mean, min, max, count) from a sweep table."""
-    long = pd.DataFrame({"metric": "acc", "step": rows["clusters_pruned"], "value": rows["test_accuracy"]})
+def _band(rows: pd.DataFrame, x: str = "clusters_pruned") -> pd.DataFrame:
+    """reporting.band's shape (step, mean, min, max, count) from a sweep table, against column `x`."""
+    long = pd.DataFrame({"metric": "acc", "step": rows[x], "value": rows["test_accuracy"]})
     return reporting.band(long, "acc")
 
 
@@ -229,12 +229,30 @@ def _trials(rows: pd.DataFrame) -> int:
     return int(rows["trial"].nunique())
 
 
+def fraction_pruned(table: pd.DataFrame) -> pd.Series:
+    """Clusters pruned away as a fraction of the conv's filters: C - K over C, with C = (C - K) + K
+    (`clusters` lists the K of each conv; the convs of one stage have the same width)."""
+    k = table["clusters"].astype(str).str.split(",").str[0].astype(int)
+    return table["clusters_pruned"] / (table["clusters_pruned"] + k)
+
+
 def figure_stages(cfg: StudyConfig, table: pd.DataFrame) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for stage in sorted(table["target"].unique()):
-        rows = table[table.target == stage]
-        reporting.plot_band(ax, _band(rows), f"{stage} (all convs), {_trials(rows)} seeds")
-    return reporting.finish(fig, ax, "clusters pruned away per conv (C - K)", "test accuracy", f"{cfg.study}: k-means per stage", 8)
+    """Per-stage sensitivity against the count and against the fraction of each conv's filters
+    clustered away: stage 1 (16 filters) looks most sensitive by count and least by fraction."""
+    table = table.assign(fraction_pruned=fraction_pruned(table))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for x, ax, xlabel in (("clusters_pruned", axes[0], "clusters pruned away per conv (C - K)"),
+                          ("fraction_pruned", axes[1], "fraction of each conv's filters pruned away ((C - K) / C)")):
+        for stage in sorted(table["target"].unique()):
+            rows = table[table.target == stage]
+            reporting.plot_band(ax, _band(rows, x), f"{stage} (all convs), {_trials(rows)} seeds")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    axes[0].set_ylabel("test accuracy")
+    fig.suptitle(f"{cfg.study}: k-means per stage")
+    fig.tight_layout()
+    return fig
 
 
 def _stage_of(layer: str) -> str:
@@ -242,21 +260,27 @@ def _stage_of(layer: str) -> str:
 
 
 def figure_layers(cfg: StudyConfig, table: pd.DataFrame) -> plt.Figure:
+    """One panel per stage (2 x 2 so that legends stay readable at the figure's size)."""
     order = sorted(table["target"].unique(), key=_network_order)
     panels = list(dict.fromkeys(_stage_of(name) for name in order))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), sharey=True, squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    columns = min(2, len(panels))
+    rows_of_panels = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(5.5 * columns, 4.2 * rows_of_panels),
+                             sharey=True, squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
         names = [n for n in order if _stage_of(n) == panel]
         colours = plt.cm.viridis([i / max(len(names) - 1, 1) for i in range(len(names))])
         for name, colour in zip(names, colours):
             rows = table[table.target == name]
-            reporting.plot_band(ax, _band(rows), name.removeprefix(f"{panel}."), color=colour, markersize=3)
-        ax.set_title(f"{panel}: each conv alone ({_trials(table)} seeds)")
+            reporting.plot_band(ax, _band(rows), name.removeprefix(f"{panel}."), say_band=False, color=colour, markersize=4)
+        ax.set_title(f"{panel}: each conv alone")
         ax.set_xlabel("clusters pruned away (C - K)")
+        ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("test accuracy")
-    fig.suptitle(f"{cfg.study}: k-means per conv layer, in network order")
+        ax.legend(fontsize=9, ncol=2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{cfg.study}: k-means per conv layer, in network order (mean, min-max of {_trials(table)} seeds)")
     fig.tight_layout()
     return fig
 
