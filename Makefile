@@ -10,7 +10,7 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server run test test-fast ui-check browser bench report ui clean lth lth-lenet kmeans vgg-quick
+.PHONY: help install server stop-server run test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans vgg-quick
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -71,13 +71,23 @@ lth-lenet: server ## lottery tickets, LeNet-300-100 on the full FashionMNIST (5 
 	$(BIN)/mlflow run . -e main -P study=lth-lenet300-fashionmnist \
 	  -P out_dir=resources/figures/lth-lenet300-fashionmnist --env-manager local --experiment-name lth-lenet300-fashionmnist
 
+lth-cpu: server ## lottery tickets, Conv-2 on the CIFAR-10 subset at CPU scale (sized for ~90 min on 2 cores, not yet timed; CIFAR_DIR=...)
+	$(BIN)/mlflow run . -e main -P study=lth-conv2-cifar10-cpu -P data_dir=$(abspath $(CIFAR_DIR)) \
+	  -P out_dir=resources/figures/lth-conv2-cifar10-cpu --env-manager local --experiment-name lth-conv2-cifar10-cpu
+
 kmeans: server ## k-means filter clustering of the pretrained ResNet20 (CIFAR_DIR=..., RESNET20=...)
 	$(BIN)/mlflow run . -e main -P study=kmeans-resnet20-cifar10 -P data_dir=$(abspath $(CIFAR_DIR)) \
 	  -P overrides="kmeans.weights=$(abspath $(RESNET20))" -P out_dir=resources/figures/kmeans-resnet20-cifar10 \
 	  --env-manager local --experiment-name kmeans-resnet20-cifar10
 
-report: server ## redraw the README figures of STUDY from the server into resources/figures
-	$(BIN)/prunelab report --study $(STUDY) --out resources/figures/$(STUDY)
+# The studies whose figures the README shows (resources/figures/<study>), each drawn from its
+# runs on the server; a study the server holds no runs of fails in one line, the others are
+# still drawn, and make exits non-zero.
+FIGURE_STUDIES ?= taylor-cnn-fashionmnist lth-lenet300-fashionmnist lth-conv2-cifar10-cpu kmeans-resnet20-cifar10 taylor-resnet20-dogscats
+report: server ## redraw the README figures into resources/figures (STUDY=... for one study) from the runs on the server
+	@status=0; for study in $(if $(filter command line,$(origin STUDY)),$(STUDY),$(FIGURE_STUDIES)); do \
+	  echo "== $$study"; $(BIN)/prunelab report --study $$study --out resources/figures/$$study || status=1; \
+	done; exit $$status
 
 # The VGG16 dogs-vs-cats study at CPU scale (32 px, random features: no weights offline).
 DATA_DIR ?= ../shared/data/dogs-vs-cats

@@ -93,6 +93,8 @@ def test_report_draws_five_trial_bands(five_trials, tmp_path, client):
         row = table[(table.variant == variant) & (table.pm_percent < 99)].iloc[0]
         assert (row.accuracy_mean, row.accuracy_min, row.accuracy_max) == pytest.approx((sum(accs) / 5, min(accs), max(accs)))
         assert len(set(accs)) > 1  # five different trials, not one run counted five times
+    dense = [client.get_run(ids[t][0]).data.metrics["early_stop_test_accuracy"] for t in range(5)]
+    assert list(table.accuracy_vs_dense) == pytest.approx(list(table.accuracy_mean - sum(dense) / 5))
 
     run_id = studies.report(cfg, tmp_path / "out")
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, paths.REPORT_DIR)}

@@ -279,9 +279,24 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, pm_ticks: list[float]
     if pm_ticks:  # the paper's axis: percent remaining, log scale, sparsest on the right, ticks at the Pm levels
         ax.set_xscale("log")
         ax.minorticks_off()
-        ax.set_xticks(pm_ticks, [f"{pm:.3g}" for pm in pm_ticks])
+        # 16 levels of a long study overlap when written flat: slanted and smaller past 8
+        many = len(pm_ticks) > 8
+        ax.set_xticks(pm_ticks, [f"{pm:.3g}" for pm in pm_ticks], rotation=45 if many else 0, fontsize=8 if many else None)
         ax.invert_xaxis()
     return reporting.finish(fig, ax, xlabel, ylabel, title, 8)
+
+
+def _zoom_past_start(ax, tables, iterations: int) -> None:
+    """Fit the y axis to the curves after the first 10 % of training, as the paper's figures
+    do: the untrained network's first points would otherwise squash the differences between Pm
+    levels into a sliver (the early points are drawn, only clipped)."""
+    later = [t[t.step >= 0.1 * iterations] for t in tables]
+    later = [t for t in later if len(t)]
+    if not later:
+        return
+    low, high = min(float(t["min"].min()) for t in later), max(float(t["max"].max()) for t in later)
+    pad = 0.1 * (high - low) or 0.01
+    ax.set_ylim(low - pad, high + pad)
 
 
 def report(cfg: StudyConfig) -> common.Report:
@@ -294,9 +309,10 @@ def report(cfg: StudyConfig) -> common.Report:
     curves = {k: reporting.histories(tickets[k], ["test_accuracy", "test_loss"]) for k in shown}
     for metric, label in (("test_accuracy", "test accuracy"), ("test_loss", "test loss")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for k in shown:
-            table = reporting.band(curves[k], metric)
+        tables = {k: reporting.band(curves[k], metric) for k in shown}
+        for k, table in tables.items():
             reporting.plot_band(ax, table, f"Pm={pm_percent(tickets[k]):.1f}%, {int(table['count'].max())} trials", markersize=3)
+        _zoom_past_start(ax, tables.values(), cfg.lottery.iterations)
         figures[f"{metric}.png"] = _finish(fig, ax, f"{cfg.study}: {label} (winning tickets)", "training iteration", label)
 
     keys = ["early_stop_iteration", "early_stop_test_accuracy"]
@@ -324,7 +340,14 @@ def summary_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
                 row.update({f"{short}_mean": values.mean(), f"{short}_min": values.min(), f"{short}_max": values.max()})
             rows.append(row)
     table = pd.DataFrame(rows)
-    return table.sort_values(["variant", "pm_percent"], ascending=[False, False]) if len(table) else table
+    if not len(table):
+        return table
+    # The paper's reading: a ticket "matches" while its mean early-stop accuracy is at least the
+    # dense network's (round 0, Pm = 100 %); the column says by how much each row is above it.
+    dense = table[(table.variant == "winning ticket") & (table.pm_percent == table.pm_percent.max())]
+    if len(dense):
+        table["accuracy_vs_dense"] = table["accuracy_mean"] - float(dense["accuracy_mean"].iloc[0])
+    return table.sort_values(["variant", "pm_percent"], ascending=[False, False])
 
 
 KIND = common.StudyKind(
