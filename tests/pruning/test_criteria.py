@@ -72,6 +72,23 @@ def test_matches_an_independent_computation_over_several_batches():
         assert torch.allclose(got[name], raw / raw.norm(), atol=1e-5)
 
 
+def test_ranking_keeps_no_feature_map_alive():
+    """Every feature map a ranking pass saw is freed when it returns: a study that runs its
+    steps in one process ranks dozens of times, and kept maps grew it by GBs a step."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = SimpleCNN()
+    seen = []
+    spy = model.features[0].register_forward_hook(lambda _m, _i, out: seen.append(weakref.ref(out)))
+    x, y = torch.rand(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    TaylorCriterion()(model, model.prunable_convs(), batches(x, y, 8, lambda t: t))
+    spy.remove()
+    gc.collect()
+    assert len(seen) == 3 and all(ref() is None for ref in seen)
+
+
 def test_l1_scores_follow_filter_norms():
     model = SimpleCNN()
     with torch.no_grad():

@@ -44,10 +44,16 @@ class TaylorCriterion:
 
         def hook(name):
             def on_forward(_module, _inputs, output):
+                # The gradient hook holds a detached view, never `output` itself: a hook that
+                # refers to the tensor it is registered on is a cycle through autograd's C++
+                # side, which Python's collector cannot see, and every ranked batch's feature
+                # maps would stay in memory for the life of the process (GBs per study).
+                activation = output.detach()
+
                 def on_grad(grad):
                     # Sum over batch and positions now; divide by the count at the end.
-                    sums[name] += (output.detach() * grad).sum(dim=(0, 2, 3)).to(dtype)
-                    counts[name] += output.shape[0] * output.shape[2] * output.shape[3]
+                    sums[name] += (activation * grad).sum(dim=(0, 2, 3)).to(dtype)
+                    counts[name] += activation.shape[0] * activation.shape[2] * activation.shape[3]
                 output.register_hook(on_grad)
             return on_forward
 
