@@ -97,7 +97,19 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _from_here(args) -> None:
+    """A preset file or data folder on the command line is relative to the folder the
+    command was typed in; the steps of a study may run elsewhere (a `mlflow run` process
+    runs in the project's folder), so those paths travel absolute (--out too, below).
+    URIs stay as they are."""
+    if Path(args.study).suffix in (".yaml", ".yml") and Path(args.study).is_file():
+        args.study = os.path.abspath(args.study)
+    if args.data_dir and "://" not in args.data_dir:
+        args.data_dir = os.path.abspath(args.data_dir)
+
+
 def _config(args):
+    _from_here(args)
     overrides = _overrides(args)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
@@ -118,7 +130,7 @@ def dispatch(args) -> int:
         # Every seed a stage derives from seed + trial must stay a valid seed.
         check_range("--trial", args.trial, 0, MAX_SEED - cfg.seed, hint="trials are numbered from 0")
     if hasattr(args, "out"):
-        args.out = args.out or report_dir(cfg.study)
+        args.out = os.path.abspath(args.out or report_dir(cfg.study))
         files.check_writable(args.out, "--out")  # before a step runs, not after the whole study
     if args.system_metrics:
         tracking.system_metrics()  # refused in one line, before any run, when psutil is missing

@@ -21,6 +21,7 @@ import contextvars
 import copy
 import functools
 import hashlib
+import importlib.resources
 import json
 import os
 import socket
@@ -897,11 +898,22 @@ def main_run(experiment: str, tags: dict[str, Any], description: str = "") -> It
 
 
 def project_dir() -> Path:
-    """The folder holding MLproject: the working directory under `mlflow run`, else the repository."""
+    """The folder holding MLproject: the working directory under `mlflow run`, else the
+    repository of a source checkout, else the copy shipped in the package (an installed
+    prunelab runs its steps from any folder)."""
     for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (candidate / "MLproject").is_file():
             return candidate
-    raise ConfigError("no MLproject found: run the study from the prunelab repository")
+    return shipped_project()
+
+
+def shipped_project(variant: str = "") -> Path:
+    """The MLproject folder shipped as package data: the local one, or a variant
+    (`kubernetes`: the project MLflow's Kubernetes backend builds an image from)."""
+    folder = Path(str(importlib.resources.files("prunelab") / "project")) / variant
+    if not (folder / "MLproject").is_file():
+        raise ConfigError(f"no MLproject in {folder}: reinstall prunelab (`pip install .` ships it)")
+    return folder
 
 
 @functools.lru_cache(maxsize=1)
