@@ -390,6 +390,9 @@ CASES = [
     # --------------------------------------------------------------- data folders
     Case("fashion-folder-absent", staged("train", "--set", "study=test-bad-fashion", data_dir=lambda c: str(c.path("absent"))),
          "no FashionMNIST files in"),
+    Case("data-uri-absent", staged("train", "--set", "study=test-bad-data-uri",
+                                   data_dir=lambda c: "runs:/0123456789abcdef0123456789abcdef/fashion"),
+         "could not be downloaded"),
     Case("fashion-truncated", staged("train", "--set", "study=test-bad-fashion", data_dir=lambda c: c.fashion_copy("truncated")),
          "is corrupt"),
     Case("fashion-not-gzip", staged("train", "--set", "study=test-bad-fashion", data_dir=lambda c: c.fashion_copy("badgzip")),

@@ -18,11 +18,11 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from prunelab import data, files, studies, tracking
+from prunelab import files, paths, studies, tracking
 from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range
 from prunelab.errors import PrunelabError, Stopped
 from prunelab.models import is_registered
-from prunelab.studies.common import check_fits, for_users
+from prunelab.studies.common import check_fits, for_users, read_data
 from prunelab.study import STEP_RUNNERS, run_study
 from prunelab.train import evaluate
 
@@ -110,7 +110,7 @@ def _from_here(args) -> None:
     if Path(args.study).suffix in (".yaml", ".yml") and Path(args.study).is_file():
         args.study = os.path.abspath(args.study)
     # On a cluster, a data folder is one inside the step's container, as typed.
-    if args.data_dir and "://" not in args.data_dir and getattr(args, "backend", "local") == "local":
+    if args.data_dir and not paths.is_uri(args.data_dir) and getattr(args, "backend", "local") == "local":
         args.data_dir = os.path.abspath(args.data_dir)
 
 
@@ -190,7 +190,7 @@ def _evaluate(args) -> int:
     if not Path(args.model).is_file():
         tracking.connect(args.tracking_uri)
     model = tracking.load_model(args.model, args.model_name)
-    dataset = data.get(cfg)
+    dataset = read_data(cfg)
     if is_registered(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
         model = for_users(model, dataset)
     # Every logged model takes float pixels in [0, 1] and normalises them itself.

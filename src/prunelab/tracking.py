@@ -38,7 +38,8 @@ import yaml
 
 from prunelab import checkpoints, export, paths, server
 from prunelab.config import check_range
-from prunelab.errors import ConfigError, ModelError, PrunelabError, TrackingError
+from prunelab.data.base import cache_dir
+from prunelab.errors import ConfigError, DataError, ModelError, PrunelabError, TrackingError
 from prunelab.spool import Spool
 
 DEFAULT_URI = "http://127.0.0.1:5000"
@@ -1041,6 +1042,23 @@ def run_step(experiment: str, entry_point: str, params: dict[str, str], key: str
     if key is not None:  # only a step that finished can be reused
         Run(run_id).set_tags({TAG_STEP_KEY: key, TAG_CODE_VERSION: code_version()})
     return run_id
+
+
+@contextlib.contextmanager
+def fetched(uri: str) -> Iterator[Path]:
+    """A data set named by a URI, downloaded through MLflow's artifact repositories (s3://,
+    gs://, ... with their own packages and credentials; mlflow-artifacts:/ and runs:/
+    through the tracking server) into a folder of the cache, removed once it has been read."""
+    import mlflow.artifacts
+
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fetched-", dir=folder) as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        except Exception as exc:
+            raise DataError(f"data.data_dir {uri} could not be downloaded: {_first_line(exc)}") from None
+        yield Path(local)
 
 
 # --------------------------------------------------------------------------- steps on a cluster
