@@ -154,3 +154,24 @@ def test_a_step_that_cannot_be_submitted_ends_failed(tracking_uri, client, monke
     runs = {r.data.tags.get("mlflow.project.entryPoint", "main"): r for r in client.search_runs([exp.experiment_id])}
     assert {name: r.info.status for name, r in runs.items()} == {"main": "FAILED", "train": "FAILED"}
     assert runs["train"].data.tags[tracking.TAG_FAILED_BECAUSE].startswith("not submitted: ")
+
+
+@pytest.mark.slow
+def test_a_study_run_here_is_reused_on_the_cluster(tiny_study, client):
+    """`--backend kubernetes` after the same study ran here: every step of every trial is
+    reused (the step key does not depend on where a step ran), so nothing is submitted."""
+    from conftest import TINY_STUDY_OVERRIDES
+    from prunelab import study
+
+    by_stage = tiny_study["by_stage"]
+    steps = [[by_stage[(stage, trial)] for stage in ("train", "prune", "finetune")] for trial in range(2)]
+    parent = client.create_run(tiny_study["experiment_id"], tags={"stage": "main"}).info.run_id
+    try:
+        chains = study.run_trials_on_cluster(study.StudyArgs("taylor-cnn-fashionmnist", TINY_STUDY_OVERRIDES), parent,
+                                             example_config())
+        assert chains == [[run.info.run_id for run in chain] for chain in steps]
+        assert all(client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent for c in chains for run_id in c)
+    finally:  # the session's study as the other tests read it: its steps under their own main run
+        for run in (run for chain in steps for run in chain):
+            client.set_tag(run.info.run_id, "mlflow.parentRunId", run.data.tags["mlflow.parentRunId"])
+        client.delete_run(parent)

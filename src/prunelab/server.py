@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auth", action="store_true", help="MLflow's basic authentication (first start: export "
                    f"{AUTH_ADMIN_PASSWORD})")
     p.add_argument("--workers", type=int, default=1, help="request-handling processes (default: %(default)s)")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds the server may take to answer (default: "
+                   "%(default)s; more on a loaded machine)")
     p.add_argument("--stop", action="store_true", help="stop the MLflow server and PostgreSQL of --dir")
     args = p.parse_args(argv)
     try:
@@ -429,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             stopped = shutdown(args.dir)
             print(f"stopped {' and '.join(stopped)}" if stopped else f"nothing of {args.dir} was running")
             return 0
-        uri, process = start(args.port, args.dir, workers=args.workers, backend=args.backend, host=args.host,
+        uri, process = start(args.port, args.dir, wait=args.wait, workers=args.workers, backend=args.backend, host=args.host,
                              allowed_hosts=args.allowed_hosts, artifacts_destination=args.artifacts_destination,
                              auth=args.auth)
     except PrunelabError as exc:
