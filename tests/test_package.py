@@ -50,11 +50,13 @@ def in_empty_folder(installed: Path, tmp_path: Path, *args: str, env: dict | Non
 
 def test_the_wheel_ships_the_presets_and_the_project(installed, tmp_path):
     """From an empty folder, the installed package lists and reads every preset of the
-    repository, and finds its MLproject (the one `--steps processes` runs)."""
+    repository, and finds its MLproject (the one `--steps processes` runs) and the
+    cluster variant (`--backend kubernetes`)."""
     script = ("import prunelab, json; from prunelab import config, tracking; "
               "print(json.dumps({'file': prunelab.__file__, 'studies': config.available_studies(), "
               "'preset': config.read_preset('taylor-cnn-fashionmnist'), 'project': str(tracking.project_dir()), "
-              "'mlproject': (tracking.project_dir() / 'MLproject').read_text()}))")
+              "'mlproject': (tracking.project_dir() / 'MLproject').read_text(), "
+              "'cluster': (tracking.shipped_project('kubernetes') / 'MLproject').read_text()}))")
     proc = in_empty_folder(installed, tmp_path, "-c", script)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
@@ -68,6 +70,7 @@ def test_the_wheel_ships_the_presets_and_the_project(installed, tmp_path):
     assert got["preset"] == yaml.safe_load((presets / "taylor-cnn-fashionmnist.yaml").read_text())
     assert Path(got["project"]).is_relative_to(installed)
     assert got["mlproject"] == (REPO / "MLproject").read_text()
+    assert got["cluster"] == (REPO / "deploy" / "kubernetes" / "MLproject").read_text()
 
 
 def test_settings_from_any_folder(installed, tmp_path):
