@@ -17,9 +17,13 @@ from conftest import clean_env
 from prunelab import server
 
 
+# A new store's first start migrates its database(s): minutes on 2 cores busy with other work.
+START_WAIT = 600
+
+
 def serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "prunelab.server", *args], capture_output=True, text=True,
-                          env=env, timeout=180)
+                          env=env, timeout=START_WAIT + 60)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -54,7 +58,7 @@ def test_basic_auth_lets_in_only_known_users(tmp_path):
     MLflow's client sign in with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
     env = {**clean_env(""), server.AUTH_ADMIN_PASSWORD: "a-Strong-passw0rd-for-tests"}
     folder, port = tmp_path / "server", server.free_port()
-    started = serve("--port", str(port), "--dir", str(folder), "--auth", env=env)
+    started = serve("--port", str(port), "--dir", str(folder), "--auth", "--wait", str(START_WAIT), env=env)
     try:
         assert started.returncode == 0, started.stderr[-2000:]
         uri = f"http://127.0.0.1:{port}"
@@ -99,7 +103,7 @@ def test_postgresql_server_keeps_a_study(postgres_folder, fashion_dir, tmp_path)
 
     study, store = "test-postgresql-study", tmp_path / "artifact-store"
     uri, process = server.start(server.free_port(), postgres_folder, backend="postgresql",
-                                artifacts_destination=str(store))
+                                artifacts_destination=str(store), wait=START_WAIT)
     assert process is not None
     overrides = (f"study={study} trials=1 data.n_train=600 data.n_test=200 train.epochs=1 finetune.epochs=1 "
                  "prune.rank_images=200 prune.latency_repeats=0")

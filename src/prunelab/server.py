@@ -360,8 +360,11 @@ def start(port: int, folder: str | Path, wait: float = 120.0, workers: int = 1, 
             break
         time.sleep(0.5)
     stop(process)
+    if backend == "postgresql":
+        stop_postgres(folder)  # nothing else uses it: do not leave it running behind an error
     tail = (folder / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
-    raise ServerError(f"the MLflow server on port {port} did not come up: {' | '.join(tail)}")
+    said = " | ".join(tail) if tail else f"it said nothing within {wait:g} s (a busy machine may need a longer --wait)"
+    raise ServerError(f"the MLflow server on port {port} did not come up: {said}")
 
 
 def stop(process: subprocess.Popen | None) -> None:
@@ -392,7 +395,8 @@ def shutdown(folder: str | Path) -> list[str]:
     stopped = []
     pid_file = folder / "server.pid"
     if pid_file.is_file():
-        pid = int(pid_file.read_text().strip() or 0)
+        text = pid_file.read_text().strip()
+        pid = int(text) if text.isdigit() else 0
         if pid and _is_mlflow_server(pid):
             os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + 30
