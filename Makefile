@@ -6,15 +6,17 @@ BIN := $(VENV)/bin
 PORT ?= 5000
 STUDY ?= taylor-cnn-fashionmnist
 SERVER_DIR ?= .mlflow-server
+BACKEND ?= sqlite
+SERVER_OPTS ?=
 export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server run test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans vgg-quick
+.PHONY: help install server stop-server postgresql run test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans vgg-quick
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: STUDY=$(STUDY) PORT=$(PORT) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI)"
+	@echo "  variables: STUDY=$(STUDY) PORT=$(PORT) BACKEND=$(BACKEND) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI)"
 
 install: $(VENV)/.installed ## create .venv with pinned deps (idempotent); FashionMNIST from Debian when root
 
@@ -29,19 +31,28 @@ $(VENV)/.installed: pyproject.toml
 	  echo "could not install dataset-fashion-mnist: the data will be downloaded instead"; fi
 	touch $@
 
-server: install ## start the MLflow server on 127.0.0.1:$(PORT) (no-op when one answers)
-	$(BIN)/python -m prunelab.server --port $(PORT) --dir $(SERVER_DIR)
+server: install $(if $(filter postgresql,$(BACKEND)),postgresql) ## start the MLflow server on 127.0.0.1:$(PORT) (BACKEND=sqlite|postgresql; SERVER_OPTS="--auth ..."; no-op when one answers)
+	$(BIN)/python -m prunelab.server --port $(PORT) --dir $(SERVER_DIR) --backend $(BACKEND) $(SERVER_OPTS)
 
-stop-server: ## stop the server that `make server` started
-	@if [ -f $(SERVER_DIR)/server.pid ]; then kill $$(cat $(SERVER_DIR)/server.pid) 2>/dev/null || true; rm -f $(SERVER_DIR)/server.pid; fi
+stop-server: ## stop the MLflow server and PostgreSQL that `make server` started
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m prunelab.server --stop --dir $(SERVER_DIR); fi
+
+# Debian's postgresql for BACKEND=postgresql and its test (installed when missing and root;
+# otherwise the server says what is missing and the test skips).
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's postgresql"; \
+	    { $(APT) update >/dev/null && $(APT) install postgresql >/dev/null; } || echo "could not install postgresql"; \
+	  fi; fi
 
 run: server ## the default study end to end (STUDY=...), figures in reports/$(STUDY)
 	$(BIN)/mlflow run . -e main -P study=$(STUDY) --env-manager local --experiment-name $(STUDY)
 
-test: install ## the test suite (starts its own server on a free port)
+test: install postgresql ## the test suite (starts its own server on a free port)
 	$(BIN)/python -m pytest
 
-test-fast: install ## the tests not marked slow
+test-fast: install postgresql ## the tests not marked slow
 	$(BIN)/python -m pytest -m 'not slow'
 
 UI_CHECK_DIR ?= reports/ui-check

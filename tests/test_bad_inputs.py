@@ -25,6 +25,7 @@ import torch
 from prunelab import checkpoints, cli, server
 from prunelab.models.simple_cnn import SimpleCNN
 
+REPO = Path(__file__).resolve().parents[1]
 DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port: settings must fail before any connection
 TINY = "data.n_train=600 data.n_test=200 train.epochs=1 trials=1"
 FORMAT = checkpoints.FORMAT
@@ -213,6 +214,21 @@ def _write(path: Path, content: str) -> Path:
     return path
 
 
+def kube_config(c: Inputs, **changes) -> str:
+    """A backend config for `run --backend kubernetes` (with its Job template), with `changes`."""
+    template = c.text("job-template.yaml", (REPO / "deploy" / "kubernetes" / "job-template.yaml").read_text())
+    config = {"repository-uri": "registry.example.org/prunelab/steps", "kube-job-template-path": template,
+              "image": "registry.example.org/prunelab:0.1.0", **changes}
+    return c.text(f"kube-{abs(hash(json.dumps(config, sort_keys=True)))}.json", json.dumps(config))
+
+
+def kube_run(config: Callable[[Inputs], str], *extra: str) -> Callable[[Inputs], list[str]]:
+    def argv(c: Inputs) -> list[str]:
+        more = [c.text("preset.yaml", "study: test-bad-kube\n") if a == "{preset}" else a for a in extra]
+        return ["run", "--tracking-uri", DEAD, "--backend", "kubernetes", "--backend-config", config(c), *more]
+    return argv
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -374,6 +390,9 @@ CASES = [
     # --------------------------------------------------------------- data folders
     Case("fashion-folder-absent", staged("train", "--set", "study=test-bad-fashion", data_dir=lambda c: str(c.path("absent"))),
          "no FashionMNIST files in"),
+    Case("data-uri-absent", staged("train", "--set", "study=test-bad-data-uri",
+                                   data_dir=lambda c: "runs:/0123456789abcdef0123456789abcdef/fashion"),
+         "could not be downloaded"),
     Case("fashion-truncated", staged("train", "--set", "study=test-bad-fashion", data_dir=lambda c: c.fashion_copy("truncated")),
          "is corrupt"),
     Case("fashion-not-gzip", staged("train", "--set", "study=test-bad-fashion", data_dir=lambda c: c.fashion_copy("badgzip")),
@@ -478,6 +497,22 @@ CASES = [
     Case("run-out-is-file", lambda c: ["run", "--overrides", TINY + " study=test-bad-run", "--out", c.a_file()],
          "is a file, not a folder"),
     Case("report-study-escapes-process", lambda c: ["report", "--set", "study=../../escaped"], "is not allowed", process=True),
+    # --------------------------------------------------------------- steps on Kubernetes (checked before any connection)
+    Case("kube-no-config", lambda c: ["run", "--tracking-uri", DEAD, "--backend", "kubernetes"], "needs --backend-config FILE"),
+    Case("kube-config-without-backend", lambda c: ["run", "--tracking-uri", DEAD, "--backend-config", kube_config(c)],
+         "--backend-config is read only with --backend kubernetes"),
+    Case("kube-config-absent", kube_run(lambda c: str(c.path("absent.json"))), "No such file or directory"),
+    Case("kube-config-not-json", kube_run(lambda c: c.text("kube-bad.json", "{nope")), "is not JSON"),
+    Case("kube-config-list", kube_run(lambda c: c.text("kube-list.json", "[]")), "is not a JSON object"),
+    Case("kube-config-lacks-template", kube_run(lambda c: c.text("kube-lacks.json", '{"repository-uri": "r.example/p"}')),
+         "lacks 'kube-job-template-path'"),
+    Case("kube-template-absent", kube_run(lambda c: kube_config(c, **{"kube-job-template-path": str(c.path("absent.yaml"))})),
+         "No such file or directory"),
+    Case("kube-template-not-a-job", kube_run(lambda c: kube_config(c, **{"kube-job-template-path": c.text("job.yaml", "kind: Job\n")})),
+         "is not a Kubernetes Job with a container"),
+    Case("kube-image-empty", kube_run(lambda c: kube_config(c, image="")), "'image' must name the step image"),
+    Case("kube-tracking-loopback", kube_run(lambda c: kube_config(c)), "pods cannot reach the tracking server at http://127.0.0.1:9"),
+    Case("kube-study-file", kube_run(lambda c: kube_config(c), "--study", "{preset}"), "cannot read the preset file"),
     # --------------------------------------------------------------- sync
     Case("sync-absent", lambda c: ["sync", str(c.path("no-such-spool"))], "is not a spooled run"),
     Case("sync-not-spool", lambda c: ["sync", c.spool("empty")], "is not a spooled run"),

@@ -70,7 +70,7 @@ def test_reuse_keys_on_resolved_settings_not_spelling(tracking_uri, client, fash
     assert stages == ["main", "train", "prune", "finetune", "report", "main", "report"]
 
     preset = tmp_path / "my-study.yaml"
-    preset.write_text((REPO / "resources/configs/taylor-cnn-fashionmnist.yaml").read_text())
+    preset.write_text((REPO / "src/prunelab/presets/taylor-cnn-fashionmnist.yaml").read_text())
     assert cli.main(["run", "--study", str(preset), "--overrides", overrides, "--out", str(tmp_path)]) == 0
     assert len(runs_of(client, name)) == 9  # a preset with the same settings: the steps are reused
     preset.write_text(preset.read_text().replace("lr: 0.001", "lr: 0.002"))

@@ -18,11 +18,11 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from prunelab import data, files, studies, tracking
+from prunelab import files, paths, studies, tracking
 from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range
 from prunelab.errors import PrunelabError, Stopped
 from prunelab.models import is_registered
-from prunelab.studies.common import check_fits, for_users
+from prunelab.studies.common import check_fits, for_users, read_data
 from prunelab.study import STEP_RUNNERS, run_study
 from prunelab.train import evaluate
 
@@ -83,6 +83,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="in-process", choices=STEP_RUNNERS,
                    help="run each step in this process (default; ~10 s less per step) or as a `mlflow run` "
                         "process of its own (as `mlflow run -e <entry point>` does)")
+    p.add_argument("--backend", default="local", choices=("local", "kubernetes"),
+                   help="where the steps run: here (default), or as Kubernetes Jobs through MLflow Projects "
+                        "(needs --backend-config; the registry and the report still run here)")
+    p.add_argument("--backend-config", default=None, metavar="FILE",
+                   help="MLflow's Kubernetes backend config (JSON; deploy/kubernetes/backend-config.json)")
     p = sub.add_parser("evaluate", help="print test loss and accuracy of a model as JSON; logs nothing")
     p.add_argument("model", help="model URI, run id or weights file")
     p.add_argument("--dataset", required=True, help="dataset registry name")
@@ -97,7 +102,20 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _from_here(args) -> None:
+    """A preset file or data folder on the command line is relative to the folder the
+    command was typed in; the steps of a study may run elsewhere (a `mlflow run` process
+    runs in the project's folder), so those paths travel absolute (--out too, below).
+    URIs stay as they are."""
+    if Path(args.study).suffix in (".yaml", ".yml") and Path(args.study).is_file():
+        args.study = os.path.abspath(args.study)
+    # On a cluster, a data folder is one inside the step's container, as typed.
+    if args.data_dir and not paths.is_uri(args.data_dir) and getattr(args, "backend", "local") == "local":
+        args.data_dir = os.path.abspath(args.data_dir)
+
+
 def _config(args):
+    _from_here(args)
     overrides = _overrides(args)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
@@ -118,13 +136,14 @@ def dispatch(args) -> int:
         # Every seed a stage derives from seed + trial must stay a valid seed.
         check_range("--trial", args.trial, 0, MAX_SEED - cfg.seed, hint="trials are numbered from 0")
     if hasattr(args, "out"):
-        args.out = args.out or report_dir(cfg.study)
+        args.out = os.path.abspath(args.out or report_dir(cfg.study))
         files.check_writable(args.out, "--out")  # before a step runs, not after the whole study
     if args.system_metrics:
         tracking.system_metrics()  # refused in one line, before any run, when psutil is missing
+    cluster = _cluster(args) if args.command == "run" else None  # before any connection, like the settings
     tracking.connect(args.tracking_uri)
     if args.command == "run":
-        run_study(args.study, " ".join(_overrides(args)), args.data_dir, args.out, args.steps)
+        run_study(args.study, " ".join(_overrides(args)), args.data_dir, args.out, args.steps, cluster)
         return 0
     if args.command == "report":
         run_id = studies.report(cfg, args.out)
@@ -132,6 +151,18 @@ def dispatch(args) -> int:
         run_id = studies.get(cfg.kind).run(args.command, cfg, args.trial, getattr(args, "model_uri", None) or None)
     print(f"prunelab: {args.command} run {run_id} finished", flush=True)
     return 0
+
+
+def _cluster(args) -> dict | None:
+    """The checked Kubernetes backend config of `run --backend kubernetes`, else None."""
+    if args.backend == "local":
+        if args.backend_config:
+            raise PrunelabError("--backend-config is read only with --backend kubernetes")
+        return None
+    if Path(args.study).is_file():
+        raise PrunelabError(f"--backend kubernetes: the Jobs cannot read the preset file {args.study} on this machine: "
+                            "use a preset shipped with prunelab (prunelab settings lists the keys) and --overrides")
+    return tracking.kubernetes_backend(args.backend_config, args.tracking_uri or tracking.tracking_uri())
 
 
 def report_dir(study: str) -> str:
@@ -159,7 +190,7 @@ def _evaluate(args) -> int:
     if not Path(args.model).is_file():
         tracking.connect(args.tracking_uri)
     model = tracking.load_model(args.model, args.model_name)
-    dataset = data.get(cfg)
+    dataset = read_data(cfg)
     if is_registered(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
         model = for_users(model, dataset)
     # Every logged model takes float pixels in [0, 1] and normalises them itself.

@@ -1,6 +1,6 @@
 """Study configuration: frozen dataclasses whose fields carry their own help.
 
-A study preset (YAML under resources/configs) is the single source of defaults;
+A study preset (YAML shipped in the package, prunelab/presets) is the single source of defaults;
 command-line overrides are `section.field=value` strings. The settings every
 kind shares live here (`StudyConfig`: the study, its model and trials, `data`
 and `train`); each study kind adds its own sections (its module under
@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from prunelab import hardware
 from prunelab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 DEFAULT_STUDY = "taylor-cnn-fashionmnist"
 DEFAULT_KIND = "filter_pruning"
@@ -200,23 +204,23 @@ def _section_class(f: dataclasses.Field) -> type | None:
     return factory if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory) else None
 
 
-def configs_dir() -> Path:
-    """Where the study presets live (the repository's resources/configs)."""
+def presets_dir() -> Traversable:
+    """Where the study presets live: package data (prunelab/presets, read through
+    importlib.resources, so an installed prunelab finds them from any folder), or
+    $PRUNELAB_CONFIGS when set."""
     env = os.environ.get("PRUNELAB_CONFIGS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "resources" / "configs"
+    return Path(env) if env else importlib.resources.files("prunelab") / "presets"
 
 
 def available_studies() -> list[str]:
-    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+    return sorted(p.name[:-len(".yaml")] for p in presets_dir().iterdir() if p.name.endswith(".yaml"))
 
 
 SectionsOf = Callable[[str], dict[str, type]]
 
 
 def load(study: str, overrides: list[str] | str | None, sections_of: SectionsOf) -> StudyConfig:
-    """Preset `study` (a name under resources/configs or a YAML path) plus overrides,
+    """Preset `study` (a preset's name or a YAML path) plus overrides,
     with the sections `sections_of(kind)` declares for the study's kind."""
     raw = read_preset(study)
     if isinstance(overrides, str):
@@ -232,17 +236,21 @@ def load(study: str, overrides: list[str] | str | None, sections_of: SectionsOf)
 
 
 def read_preset(study: str) -> dict:
+    """The settings of a preset file (a path, relative to the working folder) or of a shipped preset."""
     path = Path(study)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = configs_dir() / f"{study}.yaml"
-        if not path.is_file():
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        source, read = path, path.read_text
+    else:
+        shipped = presets_dir() / f"{study}.yaml"
+        if not shipped.is_file():
             raise ConfigError(f"unknown study {study!r}: choose one of {', '.join(available_studies())} or pass a YAML file")
+        source, read = f"{study}.yaml", shipped.read_text
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(read()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"preset {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        raise ConfigError(f"preset {source} is not valid YAML: {exc}".splitlines()[0]) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"preset {path} is not a mapping of settings (study: ..., data: {{...}}): check the file")
+        raise ConfigError(f"preset {source} is not a mapping of settings (study: ..., data: {{...}}): check the file")
     return raw
 
 

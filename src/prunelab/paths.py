@@ -1,5 +1,7 @@
 """Every artifact, tag and file name, defined once."""
 
+import urllib.parse
+
 MODEL = "model"                       # the stage's final model (an MLflow model)
 CHECKPOINT = "checkpoint.pt"          # the same weights as a weights_only checkpoint
 SUMMARY_BEFORE = "summary_before.txt"  # torchinfo summary of the input model
@@ -32,3 +34,9 @@ TAG_SPOOLED_TO = "prunelab.spooled_to"    # the local folder holding what the se
 TAG_SYNCED_FROM = "prunelab.synced_from"  # that folder, once `prunelab sync` has uploaded it
 TAG_OUTAGE = "prunelab.outage"            # why the run was spooled
 TAG_SYNCED_RUN = "prunelab.synced_from_run"  # the original run id, when sync had to create a new run
+
+
+def is_uri(text: str) -> bool:
+    """Whether a data folder setting names a URI (s3://…, gs://…, mlflow-artifacts:/…, runs:/…),
+    which a step downloads where it runs, rather than a local folder."""
+    return len(urllib.parse.urlparse(text).scheme) > 1  # one letter: a Windows drive

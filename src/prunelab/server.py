@@ -1,17 +1,34 @@
-"""Start a local MLflow tracking server (SQLite backend, artifacts served).
+"""Start and stop the MLflow tracking server prunelab talks to.
 
-Used by `make server` and by the test suite's fixture, so both start the
-server the same way. A no-op when a server already answers on the port.
+Used by `make server` / `make stop-server` and by the test suite's fixture, so
+they all start a server the same way. A no-op when a server already answers on
+the port.
 
     python -m prunelab.server --port 5000 --dir .mlflow-server
+    python -m prunelab.server --backend postgresql --dir .mlflow-server   # a team server
+    python -m prunelab.server --stop --dir .mlflow-server
+
+The store is SQLite in the server folder, or (`--backend postgresql`) a
+PostgreSQL cluster created in the server folder on first start, with its
+database and role, reached over a Unix socket only (no TCP port; when run as
+root, PostgreSQL runs as the user `postgres`, since it refuses root). Artifacts
+are always served by the MLflow server (`--serve-artifacts`), so clients never
+need storage credentials; `--artifacts-destination` may name an object store
+(`s3://bucket/prefix`, with the server's own credentials). The server listens
+on 127.0.0.1 unless `--host` names another interface and `--allowed-hosts` the
+host names clients use; `--auth` turns on MLflow's basic authentication.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import ipaddress
 import json
 import os
+import pwd
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +38,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from prunelab.errors import PrunelabError
+
+BACKENDS = ("sqlite", "postgresql")
 
 # A REST call only an MLflow tracking server answers in its own JSON: the
 # experiment every server creates ({"experiment": ...}), or, where it was
@@ -36,13 +57,17 @@ def _credentials() -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+        return _basic(user, password)
     return {}
 
 
-def _probe_once(uri: str, timeout: float) -> str | None:
+def _basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def _probe_once(uri: str, timeout: float, credentials: dict[str, str] | None) -> str | None:
     try:
-        request = urllib.request.Request(uri.rstrip("/") + _PROBE_PATH, headers=_credentials())
+        request = urllib.request.Request(uri.rstrip("/") + _PROBE_PATH, headers=credentials or _credentials())
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, body = response.status, response.read(1 << 16)
     except urllib.error.HTTPError as exc:
@@ -61,21 +86,22 @@ def _probe_once(uri: str, timeout: float) -> str | None:
     return f"a web server answers there (HTTP {status}), but not as an MLflow tracking server"
 
 
-def probe(uri: str, timeout: float = 5.0) -> str | None:
+def probe(uri: str, timeout: float = 5.0, credentials: dict[str, str] | None = None) -> str | None:
     """None when an MLflow tracking server answers at `uri`; otherwise what answers
     instead. Returns within `timeout` seconds whatever the other end does (a
-    server that accepts and never answers, or answers a byte at a time)."""
+    server that accepts and never answers, or answers a byte at a time).
+    `credentials`: the Authorization header (default: what MLflow's client would send)."""
     outcome: list[str | None] = []
     # The socket's own timeout applies to each step (connect, every read); the join bounds the whole.
-    worker = threading.Thread(target=lambda: outcome.append(_probe_once(uri, timeout)), daemon=True)
+    worker = threading.Thread(target=lambda: outcome.append(_probe_once(uri, timeout, credentials)), daemon=True)
     worker.start()
     worker.join(timeout)
     return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
-def healthy(uri: str, timeout: float = 2.0) -> bool:
+def healthy(uri: str, timeout: float = 2.0, credentials: dict[str, str] | None = None) -> bool:
     """Whether an MLflow tracking server answers at `uri` within `timeout` seconds."""
-    return probe(uri, timeout) is None
+    return probe(uri, timeout, credentials) is None
 
 
 def free_port() -> int:
@@ -84,34 +110,261 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(port: int, folder: str | Path, wait: float = 120.0, workers: int = 1) -> tuple[str, subprocess.Popen | None]:
-    """(uri, process) of a server on 127.0.0.1:port; process is None when one already answered."""
-    uri = f"http://127.0.0.1:{port}"
-    if healthy(uri):
-        return uri, None
+class ServerError(PrunelabError):
+    """A server that cannot be started as asked (one line: what, and what to do)."""
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+def check_exposure(host: str, port: int, allowed_hosts: str) -> None:
+    """The server listens beyond this machine only when the user names both the
+    interface (--host) and the host names clients use (--allowed-hosts: MLflow then
+    refuses any other Host header, which stops DNS-rebinding attacks)."""
+    if _loopback(host):
+        return
+    names = [h.strip() for h in allowed_hosts.split(",") if h.strip()]
+    if not names:
+        raise ServerError(f"--host {host} listens beyond this machine: also name the host names clients will use "
+                          f"with --allowed-hosts (e.g. --allowed-hosts mlflow.example.org:{port}), and consider --auth")
+    if "*" in names:
+        raise ServerError("--allowed-hosts '*' lets any Host header through: name the host names clients will use")
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+PG_DATA = "postgres"  # the cluster's folder inside the server folder
+PG_PORT = 5432  # names the socket file only: the cluster listens on no TCP port
+PG_DATABASE = PG_ROLE = "mlflow"
+PG_AUTH_DATABASE = "mlflow_auth"  # MLflow's basic-auth users and permissions (--auth)
+PG_SUPERUSER = "postgres"
+PG_RUN_AS = "postgres"  # PostgreSQL refuses to run as root; Debian's package makes this user
+
+
+def _pg_bin() -> Path:
+    """The folder with initdb and pg_ctl: on PATH, else Debian's newest /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return Path(found).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if versions:
+        return versions[-1].parent
+    raise ServerError("PostgreSQL is not installed: `apt-get install postgresql` (Debian), or put the folder "
+                      "holding initdb and pg_ctl on PATH")
+
+
+def _as_owner(cmd: list) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, its commands run as the user `postgres`."""
+    cmd = [str(c) for c in cmd]
+    return ["runuser", "-u", PG_RUN_AS, "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _pg(cmd: list, what: str, log: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_as_owner(cmd), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        tail = f"; see {log}" if log else ""
+        raise ServerError(f"PostgreSQL could not {what}: {said[-1] if said else f'exit {proc.returncode}'}{tail}")
+    return proc
+
+
+def _pg_init(folder: Path, bin_dir: Path) -> Path:
+    """A cluster in folder/postgres, created on first use: only a Unix socket inside its own
+    folder (mode 0700, so only the user that runs it, and root, can connect) and no TCP port,
+    which is why local connections may be `trust`ed."""
+    data = folder / PG_DATA
+    if (data / "PG_VERSION").is_file():
+        return data
+    if len(str(data / f".s.PGSQL.{PG_PORT}")) > 107:  # sun_path holds 108 bytes
+        raise ServerError(f"the server folder {folder} is too deep for PostgreSQL's socket: choose a shorter --dir")
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam(PG_RUN_AS)
+        except KeyError:
+            raise ServerError(f"as root, PostgreSQL runs as the user {PG_RUN_AS}, and there is none: install "
+                              "Debian's postgresql (it makes the user) or run as another user") from None
+        if subprocess.run(_as_owner(["test", "-x", folder]), stdin=subprocess.DEVNULL).returncode != 0:
+            raise ServerError(f"PostgreSQL runs as the user {PG_RUN_AS}, which cannot reach {folder}: choose a "
+                              f"--dir every folder above which {PG_RUN_AS} may enter, or run as another user")
+    data.mkdir(mode=0o700)
+    try:
+        if os.geteuid() == 0:
+            os.chown(data, owner.pw_uid, owner.pw_gid)
+        _pg([bin_dir / "initdb", "-D", data, "-U", PG_SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-locale"],
+            "create its cluster")
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write(f"\n# prunelab: a Unix socket in this folder only, no TCP port\nlisten_addresses = ''\n"
+                       f"unix_socket_directories = '{data}'\nunix_socket_permissions = 0700\nport = {PG_PORT}\n")
+    except BaseException:
+        shutil.rmtree(data, ignore_errors=True)  # a half-made cluster would stop every later start
+        raise
+    return data
+
+
+def _pg_running(bin_dir: Path, data: Path) -> bool:
+    # pg_ctl status: 0 running, 3 not running, 4 no readable cluster
+    return subprocess.run(_as_owner([bin_dir / "pg_ctl", "-D", data, "status"]), capture_output=True,
+                          stdin=subprocess.DEVNULL).returncode == 0
+
+
+def _psycopg2():
+    try:
+        import psycopg2
+    except ImportError:
+        raise ServerError("the postgresql backend needs psycopg2: pip install 'prunelab[server]'") from None
+    return psycopg2
+
+
+def _pg_ensure_databases(data: Path) -> None:
+    """The role MLflow connects as and its databases, created on first start."""
+    psycopg2 = _psycopg2()
+    conn = psycopg2.connect(host=str(data), port=PG_PORT, user=PG_SUPERUSER, dbname="postgres")
+    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PG_ROLE,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE ROLE "{PG_ROLE}" LOGIN')
+            for name in (PG_DATABASE, PG_AUTH_DATABASE):
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{name}" OWNER "{PG_ROLE}"')
+    finally:
+        conn.close()
+
+
+def postgres_uri(folder: str | Path, database: str = PG_DATABASE) -> str:
+    """The SQLAlchemy URI of a database of the server folder's cluster (through its socket)."""
+    data = Path(folder).resolve() / PG_DATA
+    # psycopg2 named: SQLAlchemy 2.1 would otherwise look for psycopg (3).
+    return f"postgresql+psycopg2://{PG_ROLE}@/{database}?host={data}&port={PG_PORT}"
+
+
+def start_postgres(folder: str | Path) -> str:
+    """The server folder's PostgreSQL cluster, created, started and given its database and
+    role as needed; returns the URI MLflow's store connects to."""
+    folder = Path(folder).resolve()
+    bin_dir = _pg_bin()
+    data = _pg_init(folder, bin_dir)
+    if not _pg_running(bin_dir, data):
+        log = data / "postgres.log"
+        _pg([bin_dir / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start"], "start", log)
+    _pg_ensure_databases(data)
+    return postgres_uri(folder)
+
+
+def stop_postgres(folder: str | Path) -> bool:
+    """Stop the server folder's cluster; False when none runs there."""
+    data = Path(folder).resolve() / PG_DATA
+    if not (data / "PG_VERSION").is_file():
+        return False
+    bin_dir = _pg_bin()
+    if not _pg_running(bin_dir, data):
+        return False
+    _pg([bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop"], "stop")
+    return True
+
+
+# --------------------------------------------------------------------------- MLflow's basic authentication
+
+AUTH_ADMIN_PASSWORD = "MLFLOW_AUTH_ADMIN_PASSWORD"
+AUTH_ADMIN_USERNAME = "MLFLOW_AUTH_ADMIN_USERNAME"
+
+
+def _auth_env(folder: Path, database_uri: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(environment of the server, credentials of the start-up probe) for `--app-name basic-auth`.
+    MLflow creates the admin user on the first start from MLFLOW_AUTH_ADMIN_PASSWORD; the
+    probe then signs in as the user MLflow's client would (MLFLOW_TRACKING_USERNAME/PASSWORD),
+    else as that admin."""
+    try:
+        import flask_wtf  # noqa: F401  (MLflow's auth app refuses to start without it)
+    except ImportError:
+        raise ServerError("--auth needs Flask-WTF: pip install 'prunelab[server]'") from None
+    first = not (folder / "auth.started").exists()
+    admin = os.environ.get(AUTH_ADMIN_USERNAME, "admin")
+    password = os.environ.get(AUTH_ADMIN_PASSWORD)
+    if first and not password:
+        raise ServerError(f"--auth creates an admin user on its first start: export {AUTH_ADMIN_PASSWORD}=<a strong "
+                          f"password> (and {AUTH_ADMIN_USERNAME}, default admin)")
+    credentials = _credentials() or (_basic(admin, password) if password else {})
+    if not credentials:
+        raise ServerError("--auth: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a user of this "
+                          f"server) or {AUTH_ADMIN_PASSWORD}, so that the server's start can be checked")
+    ini = folder / "basic_auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database_uri}\nadmin_username = {admin}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    # MLflow signs its forms with this key; one per server folder, kept across restarts.
+    key_file = folder / "flask_secret_key"
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_hex(32))
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or key_file.read_text()}
+    return env, credentials
+
+
+# --------------------------------------------------------------------------- the MLflow server
+
+def start(port: int, folder: str | Path, wait: float = 120.0, workers: int = 1, backend: str = "sqlite",
+          host: str = "127.0.0.1", allowed_hosts: str = "", artifacts_destination: str = "",
+          auth: bool = False) -> tuple[str, subprocess.Popen | None]:
+    """(uri, process) of a server on host:port; process is None when one already answered.
+    The uri is the one this machine reaches it at."""
+    if backend not in BACKENDS:
+        raise ServerError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    check_exposure(host, port, allowed_hosts)
+    # A server on every interface is reached here through the loopback one.
+    uri = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    log = open(folder / "server.log", "ab")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-           "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
-           "--workers", str(workers)]
-    # MLflow's job runner (a dozen worker processes, ~2 GB between them) serves GenAI jobs that
-    # prunelab never submits: off unless the user asks for it.
+    store = start_postgres(folder) if backend == "postgresql" else f"sqlite:///{folder / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    credentials = None
+    if auth:
+        auth_store = postgres_uri(folder, PG_AUTH_DATABASE) if backend == "postgresql" else f"sqlite:///{folder / 'basic_auth.db'}"
+        extra, credentials = _auth_env(folder, auth_store)
+        env.update(extra)
+    if healthy(uri, credentials=credentials):
+        return uri, None
+    destination = artifacts_destination or str(folder / "artifacts")
+    if "://" not in destination and not destination.startswith("mlflow-artifacts:"):
+        destination = str(Path(destination).resolve())  # the server runs in the server folder
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+           "--backend-store-uri", store, "--artifacts-destination", destination, "--serve-artifacts",
+           "--workers", str(workers)]
+    if not _loopback(host):
+        # This machine's own probes and clients come in through the loopback interface.
+        cmd += ["--allowed-hosts", f"{allowed_hosts},127.0.0.1:{port},localhost:{port}"]
+    if auth:
+        cmd += ["--app-name", "basic-auth"]
+    log = open(folder / "server.log", "ab")
+    # MLflow's job runner (a dozen worker processes, ~2 GB between them) serves GenAI jobs that
+    # prunelab never submits: off unless the user asks for it (above).
     # A session of its own: the server outlives `make server` and ignores the terminal's Ctrl-C.
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=env)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        if healthy(uri):
+        if healthy(uri, credentials=credentials):
             (folder / "server.pid").write_text(str(process.pid))
+            if auth:
+                (folder / "auth.started").touch()
             return uri, process
         if process.poll() is not None:
             break
         time.sleep(0.5)
     stop(process)
+    if backend == "postgresql":
+        stop_postgres(folder)  # nothing else uses it: do not leave it running behind an error
     tail = (folder / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
-    raise RuntimeError(f"the MLflow server on port {port} did not come up: {' | '.join(tail)}")
+    said = " | ".join(tail) if tail else f"it said nothing within {wait:g} s (a busy machine may need a longer --wait)"
+    raise ServerError(f"the MLflow server on port {port} did not come up: {said}")
 
 
 def stop(process: subprocess.Popen | None) -> None:
@@ -125,17 +378,71 @@ def stop(process: subprocess.Popen | None) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
-    p.add_argument("--dir", default=".mlflow-server", help="backend database, artifacts and log go here")
-    args = p.parse_args()
+def _is_mlflow_server(pid: int) -> bool:
+    """Whether pid is still an `mlflow server` (a pid file may outlive its process, and the
+    number may since have gone to another)."""
     try:
-        uri, process = start(args.port, args.dir)
-    except RuntimeError as exc:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"mlflow" in args and b"server" in args
+
+
+def shutdown(folder: str | Path) -> list[str]:
+    """Stop what `start` left running for the server folder: the MLflow server (its process
+    group) and the PostgreSQL cluster. Returns what was stopped."""
+    folder = Path(folder).resolve()
+    stopped = []
+    pid_file = folder / "server.pid"
+    if pid_file.is_file():
+        text = pid_file.read_text().strip()
+        pid = int(text) if text.isdigit() else 0
+        if pid and _is_mlflow_server(pid):
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while _is_mlflow_server(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _is_mlflow_server(pid):
+                os.killpg(pid, signal.SIGKILL)
+            stopped.append(f"MLflow server {pid}")
+        pid_file.unlink()
+    if stop_postgres(folder):
+        stopped.append(f"PostgreSQL in {folder / PG_DATA}")
+    return stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m prunelab.server", description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
+    p.add_argument("--dir", default=".mlflow-server", help="the store, the artifacts (by default) and the log go here")
+    p.add_argument("--backend", default="sqlite", choices=BACKENDS,
+                   help="the store: SQLite, or a PostgreSQL cluster made in the server folder (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="the interface to listen on (default: %(default)s); any other "
+                   "needs --allowed-hosts")
+    p.add_argument("--allowed-hosts", default="", help="comma-separated host names (host:port) clients reach the "
+                   "server by; MLflow refuses requests for any other")
+    p.add_argument("--artifacts-destination", default="", help="where served artifacts are stored: a folder or an "
+                   "object-store URI such as s3://bucket/prefix (default: <dir>/artifacts)")
+    p.add_argument("--auth", action="store_true", help="MLflow's basic authentication (first start: export "
+                   f"{AUTH_ADMIN_PASSWORD})")
+    p.add_argument("--workers", type=int, default=1, help="request-handling processes (default: %(default)s)")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds the server may take to answer (default: "
+                   "%(default)s; more on a loaded machine)")
+    p.add_argument("--stop", action="store_true", help="stop the MLflow server and PostgreSQL of --dir")
+    args = p.parse_args(argv)
+    try:
+        if args.stop:
+            stopped = shutdown(args.dir)
+            print(f"stopped {' and '.join(stopped)}" if stopped else f"nothing of {args.dir} was running")
+            return 0
+        uri, process = start(args.port, args.dir, wait=args.wait, workers=args.workers, backend=args.backend, host=args.host,
+                             allowed_hosts=args.allowed_hosts, artifacts_destination=args.artifacts_destination,
+                             auth=args.auth)
+    except PrunelabError as exc:
         print(f"prunelab: error: {exc}", file=sys.stderr)
         return 2
-    print(f"MLflow server {'started' if process else 'already running'} at {uri}")
+    store = "PostgreSQL" if args.backend == "postgresql" else "SQLite"
+    print(f"MLflow server {'started' if process else 'already running'} at {uri} ({store} store in {args.dir})")
     return 0
 
 

@@ -47,8 +47,11 @@ class StudyArgs:
         return studies.load_config(self.study, self.overrides.split() + extra)
 
 
-def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str = "", steps: str = "in-process") -> str:
-    """Every trial's chain, then the report; returns the report run id."""
+def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str = "", steps: str = "in-process",
+              cluster: dict | None = None) -> str:
+    """Every trial's chain, then the report; returns the report run id. With `cluster` (a
+    checked Kubernetes backend config, `tracking.kubernetes_backend`) the steps run as
+    Kubernetes Jobs through MLflow Projects; the registry and the report run here."""
     if steps not in STEP_RUNNERS:
         raise ConfigError(f"unknown step runner {steps!r}: choose one of {', '.join(STEP_RUNNERS)}")
     args = StudyArgs(study, overrides, data_dir, out_dir, steps)
@@ -63,7 +66,9 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
                    f"{' → '.join(entry for entry, _ in chain)}, then the report.")
     with tracking.main_run(cfg.study, {paths.TAG_STUDY: cfg.study, paths.TAG_STAGE: "main"}, description) as main:
         trials = range(cfg.trials)
-        if workers > 1 and cfg.trials > 1:
+        if cluster is not None:
+            chains = run_trials_on_cluster(args, main.run_id, cluster)
+        elif workers > 1 and cfg.trials > 1:
             # Fresh interpreters (spawn): a forked copy of this process would share its MLflow state.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(workers, cfg.trials), mp_context=context) as pool:
@@ -93,17 +98,40 @@ def run_trial(args: StudyArgs, trial: int, parent_id: str, tracking_uri: str | N
     settings = {k: v for k, v in cfg.flat().items() if k not in EXECUTION_SETTINGS}
     run_ids: list[str] = []
     for entry, source in kind.steps(cfg):
-        params = {"study": args.study, "overrides": args.overrides, "data_dir": args.data_dir, "trial": str(trial)}
         model_ref = run_ids[source] if source is not None else None
-        if model_ref is not None:
-            params["model_uri"] = model_ref
-        key = tracking.step_key(entry, settings, {"trial": trial, "model_uri": model_ref})
+        params, key = step_params(args, entry, trial, model_ref, settings)
         call = None
         if args.steps == "in-process":
             def call(entry=entry, model_ref=model_ref):
                 return kind.run(entry, cfg, trial, model_ref)
         run_ids.append(tracking.run_step(cfg.study, entry, params, key=key, call=call, parent_id=parent_id))
     return run_ids
+
+
+def step_params(args: StudyArgs, entry: str, trial: int, model_ref: str | None,
+                settings: dict) -> tuple[dict[str, str], str]:
+    """A step's MLproject parameters and its step key (what makes two runs of it the same)."""
+    params = {"study": args.study, "overrides": args.overrides, "data_dir": args.data_dir, "trial": str(trial)}
+    if model_ref is not None:
+        params["model_uri"] = model_ref
+    return params, tracking.step_key(entry, settings, {"trial": trial, "model_uri": model_ref})
+
+
+def run_trials_on_cluster(args: StudyArgs, parent_id: str, config: dict) -> list[list[str]]:
+    """Every trial's chain as Kubernetes Jobs: each step of all the trials is submitted at
+    once (MLflow, not waiting), then waited for, since a trial's next step reads the run
+    its previous one made. Finished steps are reused as in `run_trial`."""
+    cfg = args.config()
+    kind = studies.get(cfg.kind)
+    settings = {k: v for k, v in cfg.flat().items() if k not in EXECUTION_SETTINGS}
+    project = tracking.kubernetes_project(config)
+    chains: list[list[str]] = [[] for _ in range(cfg.trials)]
+    for entry, source in kind.steps(cfg):
+        steps = [(entry, *step_params(args, entry, trial, run_ids[source] if source is not None else None, settings))
+                 for trial, run_ids in enumerate(chains)]
+        for run_ids, run_id in zip(chains, tracking.run_on_cluster(cfg.study, steps, parent_id, project, config)):
+            run_ids.append(run_id)
+    return chains
 
 
 def deliverable_runs(kind: StudyKind, steps: list[Step], chains: list[list[str]]) -> dict[int, str]:

@@ -21,18 +21,25 @@ import contextvars
 import copy
 import functools
 import hashlib
+import importlib.resources
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import yaml
+
 from prunelab import checkpoints, export, paths, server
 from prunelab.config import check_range
-from prunelab.errors import ConfigError, ModelError, PrunelabError, TrackingError
+from prunelab.data.base import cache_dir
+from prunelab.errors import ConfigError, DataError, ModelError, PrunelabError, TrackingError
 from prunelab.spool import Spool
 
 DEFAULT_URI = "http://127.0.0.1:5000"
@@ -897,11 +904,22 @@ def main_run(experiment: str, tags: dict[str, Any], description: str = "") -> It
 
 
 def project_dir() -> Path:
-    """The folder holding MLproject: the working directory under `mlflow run`, else the repository."""
+    """The folder holding MLproject: the working directory under `mlflow run`, else the
+    repository of a source checkout, else the copy shipped in the package (an installed
+    prunelab runs its steps from any folder)."""
     for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (candidate / "MLproject").is_file():
             return candidate
-    raise ConfigError("no MLproject found: run the study from the prunelab repository")
+    return shipped_project()
+
+
+def shipped_project(variant: str = "") -> Path:
+    """The MLproject folder shipped as package data: the local one, or a variant
+    (`kubernetes`: the project MLflow's Kubernetes backend builds an image from)."""
+    folder = Path(str(importlib.resources.files("prunelab") / "project")) / variant
+    if not (folder / "MLproject").is_file():
+        raise ConfigError(f"no MLproject in {folder}: reinstall prunelab (`pip install .` ships it)")
+    return folder
 
 
 @functools.lru_cache(maxsize=1)
@@ -1024,3 +1042,177 @@ def run_step(experiment: str, entry_point: str, params: dict[str, str], key: str
     if key is not None:  # only a step that finished can be reused
         Run(run_id).set_tags({TAG_STEP_KEY: key, TAG_CODE_VERSION: code_version()})
     return run_id
+
+
+@contextlib.contextmanager
+def fetched(uri: str) -> Iterator[Path]:
+    """A data set named by a URI, downloaded through MLflow's artifact repositories (s3://,
+    gs://, ... with their own packages and credentials; mlflow-artifacts:/ and runs:/
+    through the tracking server) into a folder of the cache, removed once it has been read."""
+    import mlflow.artifacts
+
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fetched-", dir=folder) as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        except Exception as exc:
+            raise DataError(f"data.data_dir {uri} could not be downloaded: {_first_line(exc)}") from None
+        yield Path(local)
+
+
+# --------------------------------------------------------------------------- steps on a cluster
+
+KUBE_TRACKING_ENV = "KUBE_MLFLOW_TRACKING_URI"  # the server's address as the cluster's pods reach it (MLflow's)
+KUBE_CONFIG_KEYS = ("repository-uri", "kube-job-template-path")  # what MLflow requires of a backend config
+
+
+def kubernetes_backend(config_file: str | None, uri: str) -> dict:
+    """The backend config of `--backend kubernetes`, checked before any run starts: the
+    optional packages, MLflow's keys, the Job template, Docker, and a tracking server the
+    pods can reach (`uri` here, or KUBE_MLFLOW_TRACKING_URI). Every problem is one line."""
+    try:
+        import docker  # noqa: F401  (MLflow pulls and pushes the step image with it)
+        import kubernetes  # noqa: F401  (MLflow submits and watches the Jobs with it)
+    except ImportError as exc:
+        raise ConfigError(f"--backend kubernetes needs the {exc.name} package: pip install 'prunelab[kubernetes]'") from None
+    if not config_file:
+        raise ConfigError("--backend kubernetes needs --backend-config FILE (deploy/kubernetes/backend-config.json "
+                          "is an example)")
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--backend-config {config_file}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--backend-config {config_file} is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--backend-config {config_file} is not a JSON object of MLflow's Kubernetes settings")
+    missing = [k for k in KUBE_CONFIG_KEYS if not isinstance(config.get(k), str) or not config[k]]
+    if missing:
+        raise ConfigError(f"--backend-config {config_file} lacks {missing[0]!r}: MLflow's Kubernetes backend needs "
+                          f"{' and '.join(KUBE_CONFIG_KEYS)}")
+    template = Path(config["kube-job-template-path"])
+    try:
+        job = yaml.safe_load(template.read_text())
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert isinstance(container, dict) and isinstance(job["metadata"], dict)
+    except OSError as exc:
+        raise ConfigError(f"kube-job-template-path {template} (relative to this folder): "
+                          f"{exc.strerror or exc}") from None
+    except (yaml.YAMLError, KeyError, IndexError, TypeError, AssertionError):
+        raise ConfigError(f"kube-job-template-path {template} is not a Kubernetes Job with a container "
+                          "(spec.template.spec.containers): see deploy/kubernetes/job-template.yaml") from None
+    if "image" in config and (not isinstance(config["image"], str) or not config["image"]):
+        raise ConfigError(f"--backend-config {config_file}: 'image' must name the step image (registry/name:tag)")
+    reached_at = os.environ.get(KUBE_TRACKING_ENV) or uri
+    host = urllib.parse.urlparse(reached_at).hostname or ""
+    if host in ("localhost", "") or host.startswith("127.") or host == "::1":
+        raise ConfigError(f"the cluster's pods cannot reach the tracking server at {reached_at}: export "
+                          f"{KUBE_TRACKING_ENV}=<its address as the cluster sees it> (a team server, docs/scaling.md)")
+    found = shutil.which("docker")
+    if found is None:
+        raise ConfigError("--backend kubernetes pulls and pushes the step image with Docker: no docker on PATH")
+    info = subprocess.run([found, "info"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if info.returncode != 0:
+        said = (info.stderr or info.stdout).strip().splitlines()
+        raise ConfigError(f"--backend kubernetes: the Docker daemon does not answer (`docker info`: "
+                          f"{said[-1] if said else info.returncode}): start it")
+    return config
+
+
+def kubernetes_project(config: dict) -> Path:
+    """The project MLflow's Kubernetes backend runs: the shipped one (docker_env), or, when the
+    backend config names an "image", a copy of it naming that image instead."""
+    project = shipped_project("kubernetes")
+    if "image" not in config:
+        return project
+    spec = yaml.safe_load((project / "MLproject").read_text())
+    spec["docker_env"]["image"] = config["image"]
+    folder = Path(tempfile.mkdtemp(prefix="prunelab-kubernetes-project-"))
+    (folder / "MLproject").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder
+
+
+class PendingStep:
+    """A step submitted to the cluster (or reused: then `submitted` is None)."""
+
+    def __init__(self, entry_point: str, run_id: str, submitted=None, key: str | None = None):
+        self.entry_point, self.run_id, self.submitted, self.key = entry_point, run_id, submitted, key
+
+
+def submit_step(experiment: str, entry_point: str, params: dict[str, str], key: str | None, parent_id: str,
+                project: Path, config: dict) -> PendingStep:
+    """Submit one MLproject entry point as a Kubernetes Job through MLflow (not waiting for
+    it), or reuse a finished run with the same step key, as `run_step` does."""
+    import mlflow.projects
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    if key is not None:
+        found = already_ran(experiment, key)
+        if found is not None:
+            print(f"prunelab: reusing finished {entry_point} run {found.info.run_id}", flush=True)
+            Run(found.info.run_id).set_tags({MLFLOW_PARENT_RUN_ID: parent_id})
+            return PendingStep(entry_point, found.info.run_id)
+    backend_config = {k: v for k, v in config.items() if k != "image"}
+    try:
+        submitted = mlflow.projects.run(str(project), entry_point=entry_point, parameters=params,
+                                        experiment_name=experiment, backend="kubernetes",
+                                        backend_config=backend_config, synchronous=False)
+    except Exception as exc:
+        # MLflow makes the step's run before it builds and submits anything: do not leave it RUNNING.
+        _fail_children(experiment, parent_id, entry_point, f"not submitted: {_first_line(exc)}")
+        raise PrunelabError(f"step {entry_point} could not be submitted to Kubernetes: {_first_line(exc)}") from None
+    Run(submitted.run_id).set_tags({TAG_STEP_RUNNER: "kubernetes", MLFLOW_PARENT_RUN_ID: parent_id})
+    print(f"prunelab: submitted {entry_point} run {submitted.run_id} as Kubernetes Job "
+          f"{getattr(submitted, '_job_name', '?')}", flush=True)
+    return PendingStep(entry_point, submitted.run_id, submitted, key)
+
+
+def run_on_cluster(experiment: str, steps: list[tuple[str, dict[str, str], str | None]], parent_id: str,
+                   project: Path, config: dict) -> list[str]:
+    """Submit every (entry point, params, step key) at once as Kubernetes Jobs, then wait for
+    all of them; returns their run ids in order. A step whose Job failed (or whose pod died
+    before its run ended) ends FAILED, and then this raises one line; when a submission
+    fails, or on Ctrl-C or a signal, the Jobs already submitted are cancelled."""
+    pending: list[PendingStep] = []
+    failed = []
+    try:
+        for entry_point, params, key in steps:
+            pending.append(submit_step(experiment, entry_point, params, key, parent_id, project, config))
+        for step in pending:
+            if step.submitted is None:
+                continue
+            ok = step.submitted.wait()
+            c = client()
+            if c.get_run(step.run_id).info.status == "RUNNING":  # the pod ended without ending its run
+                c.set_tag(step.run_id, TAG_FAILED_BECAUSE, f"its Kubernetes Job ended {'' if ok else 'un'}successfully "
+                          "without ending the run")
+                c.set_terminated(step.run_id, "FINISHED" if ok else "FAILED")
+            if ok and step.key is not None:  # only a step that finished can be reused
+                Run(step.run_id).set_tags({TAG_STEP_KEY: step.key, TAG_CODE_VERSION: code_version()})
+            elif not ok:
+                failed.append(step)
+    except BaseException:
+        for step in pending:
+            if step.submitted is not None:
+                step.submitted.cancel()
+                c = client()
+                if c.get_run(step.run_id).info.status == "RUNNING":
+                    c.set_tag(step.run_id, TAG_FAILED_BECAUSE, "cancelled: another step of its study could not go on")
+                    c.set_terminated(step.run_id, "FAILED")
+        raise
+    if failed:
+        first = failed[0]
+        raise PrunelabError(f"{len(failed)} step(s) failed on the cluster, first {first.entry_point} run {first.run_id} "
+                            f"(`kubectl logs job/{getattr(first.submitted, '_job_name', '<its Job>')}` says why)")
+    return [step.run_id for step in pending]
+
+
+def _fail_children(experiment: str, parent_id: str, entry_point: str, why: str) -> None:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
+
+    c = client()
+    for r in find_runs(experiment, f"attributes.status = 'RUNNING' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' "
+                                   f"and tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}'", finished_only=False):
+        c.set_tag(r.info.run_id, TAG_FAILED_BECAUSE, why[:250])
+        c.set_terminated(r.info.run_id, "FAILED")

@@ -21,7 +21,7 @@ def preset_of(kind: str) -> str:
     for name in config.available_studies():
         if config.read_preset(name).get("kind", config.DEFAULT_KIND) == kind:
             return name
-    pytest.fail(f"no preset in resources/configs names kind {kind}")
+    pytest.fail(f"no preset in src/prunelab/presets names kind {kind}")
 
 
 @pytest.fixture(params=KINDS)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from prunelab import data as datasets, hardware, measure, models, paths, reporting, tracking
-from prunelab.config import StudyConfig, TrainConfig
+from prunelab.config import DataConfig, StudyConfig, TrainConfig
 from prunelab.data.base import ImageData, random_crop_flip
 from prunelab.errors import ConfigError, ModelError
 from prunelab.models import base
@@ -162,7 +162,16 @@ def check_fits(model: nn.Module, data: ImageData, inputs: Callable | None = None
 
 def load_data(cfg: StudyConfig) -> ImageData:
     """The study's data, on its device."""
-    return datasets.get(cfg.data).to(hardware.resolve(cfg.device))
+    return read_data(cfg.data).to(hardware.resolve(cfg.device))
+
+
+def read_data(cfg: DataConfig) -> ImageData:
+    """The data set; one whose folder is a URI (an object store, the tracking server's
+    artifacts) is downloaded first, where the step runs, and read from there."""
+    if paths.is_uri(cfg.data_dir):
+        with tracking.fetched(cfg.data_dir) as local:
+            return datasets.get(dataclasses.replace(cfg, data_dir=str(local)))
+    return datasets.get(cfg)
 
 
 def new_model(cfg: StudyConfig, data: ImageData, seed: int) -> nn.Module:
