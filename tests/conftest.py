@@ -35,7 +35,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
-    uri, process = server.start(server.free_port(), folder)
+    # A new store migrates its tables on the first start: minutes on 2 cores busy with other work.
+    uri, process = server.start(server.free_port(), folder, wait=600)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     import mlflow
