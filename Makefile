@@ -82,7 +82,7 @@ lth-lenet: server ## lottery tickets, LeNet-300-100 on the full FashionMNIST (5 
 	$(BIN)/mlflow run . -e main -P study=lth-lenet300-fashionmnist \
 	  -P out_dir=resources/figures/lth-lenet300-fashionmnist --env-manager local --experiment-name lth-lenet300-fashionmnist
 
-lth-cpu: server ## lottery tickets, Conv-2 on the CIFAR-10 subset at CPU scale (sized for ~90 min on 2 cores, not yet timed; CIFAR_DIR=...)
+lth-cpu: server ## lottery tickets, Conv-2 on the CIFAR-10 subset at CPU scale (2 trials, 7 rounds, re-init controls; about an hour on 2 cores; CIFAR_DIR=...)
 	$(BIN)/mlflow run . -e main -P study=lth-conv2-cifar10-cpu -P data_dir=$(abspath $(CIFAR_DIR)) \
 	  -P out_dir=resources/figures/lth-conv2-cifar10-cpu --env-manager local --experiment-name lth-conv2-cifar10-cpu
 
