@@ -45,3 +45,21 @@ def test_unknown_study_lists_the_presets():
 def test_every_setting_has_help():
     helps = studies.field_help()
     assert "prune.filters_per_step" in helps and all(helps.values())
+
+
+def test_auto_precision_resolves_to_what_the_hardware_computes_natively():
+    """`auto` (the default) never reaches a run: loading resolves it, in every training section,
+    to bf16 where the device computes bfloat16 natively and fp32 elsewhere; a precision named
+    outright stays as it is, and an unknown one is refused in one line."""
+    import torch
+
+    from prunelab import hardware
+
+    chosen = "bf16" if hardware.supports_bf16(torch.device("cpu")) else "fp32"
+    cfg = studies.load_config(overrides="device=cpu")
+    assert (cfg.train.precision, cfg.finetune.precision) == (chosen, chosen)
+    assert cfg.flat()["train.precision"] == chosen
+    cfg = studies.load_config(overrides="device=cpu train.precision=fp32 finetune.precision=bf16")
+    assert (cfg.train.precision, cfg.finetune.precision) == ("fp32", "bf16")
+    with pytest.raises(ConfigError, match=r"unknown precision 'fp8' \(train.precision must be one of auto, bf16, fp16, fp32\)"):
+        studies.load_config(overrides="train.precision=fp8")

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from prunelab import cli, study, tracking
+from prunelab import cli, hardware, study, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +131,9 @@ def test_device_is_logged_and_an_absent_one_refused(tracking_uri, client, fashio
     assert cli.main(["train", "--overrides", f"{TINY} study={name} device=cpu"]) == 0
     (run,) = runs_of(client, name)
     assert run.data.tags["device"] == "cpu" and run.data.tags["hardware"]
+    # The default precision, auto, is logged as what this CPU got: bf16 where it is native.
+    chosen = "bf16" if hardware.supports_bf16(torch.device("cpu")) else "fp32"
+    assert run.data.params["train.precision"] == chosen
     capsys.readouterr()
     assert cli.main(["train", "--overrides", f"{TINY} study={name} device=cuda:3"]) == 2
     err = capsys.readouterr().err.strip()

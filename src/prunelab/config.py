@@ -123,8 +123,9 @@ class TrainConfig:
     lr: float = setting("learning rate", 1e-3)
     momentum: float = setting("SGD momentum", 0.9)
     weight_decay: float = setting("L2 penalty", 0.0)
-    precision: str = setting("arithmetic of forward and backward passes: fp32, bf16 (autocast) or fp16 (autocast with "
-                             "gradient scaling, GPUs only); evaluation is always fp32", "fp32")
+    precision: str = setting("arithmetic of forward and backward passes: auto (bf16 where the hardware has it natively, "
+                             "else fp32; logged as the one chosen), fp32, bf16 (autocast) or fp16 (autocast with "
+                             "gradient scaling, GPUs only); evaluation is always fp32", "auto")
 
     def validate(self, where: str = "train") -> None:
         check_range(f"{where}.epochs", self.epochs, 1, hint="pass a positive number of epochs")

@@ -32,8 +32,9 @@ def load_config(study: str = config.DEFAULT_STUDY, overrides: list[str] | str | 
     """Preset plus overrides, with the sections of the study's kind, validated and
     checked against the registries (names, and what the model offers)."""
     cfg = config.load(study, overrides, lambda kind: get(kind).sections)
-    get(cfg.kind).check(cfg)
-    return cfg
+    kind = get(cfg.kind)
+    kind.check(cfg)
+    return kind.resolved(cfg)
 
 
 def field_help() -> dict[str, str]:

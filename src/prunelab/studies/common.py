@@ -25,7 +25,7 @@ from prunelab.data.base import ImageData, random_crop_flip
 from prunelab.errors import ConfigError, ModelError
 from prunelab.models import base
 from prunelab.models.pixels import PixelInput
-from prunelab.train import OPTIMIZERS, PRECISIONS, check_precision, eval_mode, evaluate, fit
+from prunelab.train import OPTIMIZERS, PRECISION_SETTINGS, check_precision, eval_mode, evaluate, fit, resolve_precision
 
 Stage = Callable[..., str]
 Step = tuple[str, "int | None"]  # (entry point, index of the earlier step whose run it reads, or None)
@@ -63,20 +63,31 @@ class StudyKind:
         shared = (("model", "model", lambda c: c.model, models.MODELS),
                   ("dataset", "data.dataset", lambda c: c.data.dataset, datasets.DATASETS),
                   ("optimizer", "train.optimizer", lambda c: c.train.optimizer, OPTIMIZERS),
-                  ("precision", "train.precision", lambda c: c.train.precision, PRECISIONS))
+                  ("precision", "train.precision", lambda c: c.train.precision, PRECISION_SETTINGS))
         for what, key, value_of, registry in shared + self.names:
             value = value_of(cfg)
             if value not in registry:
                 raise ConfigError(f"unknown {what} {value!r} ({key} must be one of {', '.join(sorted(registry))})")
         device = hardware.resolve(cfg.device)  # an absent device: one line naming what there is
-        for section in ("train", *self.sections):
-            if isinstance(getattr(cfg, section), TrainConfig):
-                check_precision(getattr(cfg, section).precision, device, f"{section}.precision")
+        for section in self._training_sections(cfg):
+            check_precision(getattr(cfg, section).precision, device, f"{section}.precision")
         lacks = base.missing(models.MODELS[cfg.model], self.model_protocol)
         if lacks:
             fits = sorted(n for n, cls in models.MODELS.items() if not base.missing(cls, self.model_protocol))
             raise ConfigError(f"model {cfg.model!r} cannot be used in a {self.name} study: it offers no {', '.join(lacks)} "
                               f"({self.model_protocol.__doc__.splitlines()[0].rstrip('.')}); choose one of {', '.join(fits)}")
+
+    def _training_sections(self, cfg: StudyConfig) -> list[str]:
+        """The sections that configure a training loop (train, and finetune where the kind has one)."""
+        return [s for s in ("train", *self.sections) if isinstance(getattr(cfg, s), TrainConfig)]
+
+    def resolved(self, cfg: StudyConfig) -> StudyConfig:
+        """`cfg` with every `auto` precision replaced by the one this machine's device gets, so
+        that runs log, and reuse compares, the arithmetic that was actually used."""
+        device = hardware.resolve(cfg.device)
+        chosen = {s: dataclasses.replace(getattr(cfg, s), precision=resolve_precision(getattr(cfg, s).precision, device))
+                  for s in self._training_sections(cfg)}
+        return dataclasses.replace(cfg, **chosen)
 
     def run(self, entry_point: str, cfg: StudyConfig, trial: int, model_ref: str | None = None) -> str:
         """Run one entry point of this kind; returns the run id."""
@@ -95,7 +106,7 @@ class StudyKind:
 
 # The name check of kinds that own a `finetune` section.
 FINETUNE_OPTIMIZER = ("optimizer", "finetune.optimizer", lambda c: c.finetune.optimizer, OPTIMIZERS)
-FINETUNE_PRECISION = ("precision", "finetune.precision", lambda c: c.finetune.precision, PRECISIONS)
+FINETUNE_PRECISION = ("precision", "finetune.precision", lambda c: c.finetune.precision, PRECISION_SETTINGS)
 
 
 def chain(*entries: str) -> Callable[[StudyConfig], list[Step]]:
