@@ -72,3 +72,19 @@ def test_pruning_removes_block_internal_channels_only(study, client):
     accuracy = evaluate(pruned, images.test_x, images.test_y, images.normalise)["accuracy"]
     assert accuracy == pytest.approx(history(prune_id, "test_accuracy")[-1], abs=1e-6)
     assert client.get_run(prune_id).data.tags[paths.TAG_MODEL_URI]
+
+
+def test_the_report_names_the_block_convs_and_holds_the_logged_numbers(study, client, tmp_path):
+    """The report draws from the prune run alone (no finetune run yet): its table's sizes and
+    filter counts are the logged ones."""
+    import pandas as pd
+
+    cfg, _, prune_id = study
+    studies.report(cfg, tmp_path)
+    assert {"accuracy_vs_params_removed.png", "filters_left.png"} <= {p.name for p in tmp_path.iterdir()}
+    table = pd.read_csv(tmp_path / paths.REPORT_TABLE)
+    assert list(table["model"]) == ["before pruning (transfer only)", "pruned, before fine-tuning"]
+    assert table["params"].tolist() == [history(prune_id, "params")[0], history(prune_id, "params")[-1]]
+    assert table["filters"].tolist() == [history(prune_id, "filters")[0], history(prune_id, "filters")[-1]]
+    assert transfer_stages._layer_keys({0: client.get_run(prune_id)})[:4] == [
+        "filters_left.layer1.0.conv1", "filters_left.layer1.1.conv1", "filters_left.layer1.2.conv1", "filters_left.layer2.0.conv1"]
