@@ -76,7 +76,7 @@ def test_pruning_removes_block_internal_channels_only(study, client):
 
 def test_the_report_names_the_block_convs_and_holds_the_logged_numbers(study, client, tmp_path):
     """The report draws from the prune run alone (no finetune run yet): its table's sizes and
-    filter counts are the logged ones."""
+    filter counts, in total and per block conv, are the logged ones."""
     import pandas as pd
 
     cfg, _, prune_id = study
@@ -86,5 +86,8 @@ def test_the_report_names_the_block_convs_and_holds_the_logged_numbers(study, cl
     assert list(table["model"]) == ["before pruning (transfer only)", "pruned, before fine-tuning"]
     assert table["params"].tolist() == [history(prune_id, "params")[0], history(prune_id, "params")[-1]]
     assert table["filters"].tolist() == [history(prune_id, "filters")[0], history(prune_id, "filters")[-1]]
+    for s, i in ((1, 0), (3, 2)):  # the layers' own columns: what each kept, as logged
+        name = f"layer{s}.{i}.conv1"
+        assert table[name].tolist() == [STAGE_WIDTHS[s - 1], history(prune_id, f"filters_left.{name}")[-1]]
     assert transfer_stages._layer_keys({0: client.get_run(prune_id)})[:4] == [
         "filters_left.layer1.0.conv1", "filters_left.layer1.1.conv1", "filters_left.layer1.2.conv1", "filters_left.layer2.0.conv1"]

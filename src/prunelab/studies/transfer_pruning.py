@@ -140,7 +140,7 @@ def report(cfg: StudyConfig) -> common.Report:
     final = reporting.histories(ft_runs, ["test_accuracy", "params"])
     figures = {"accuracy_vs_params_removed.png": _accuracy_figure(cfg, steps, final, len(prune_runs)),
                "filters_left.png": _filters_figure(cfg, steps, layers, len(prune_runs))}
-    return figures, before_after_table(steps, final)
+    return figures, before_after_table(steps, final, layers)
 
 
 def _accuracy_figure(cfg: StudyConfig, steps: pd.DataFrame, final: pd.DataFrame, trials: int) -> plt.Figure:
@@ -184,15 +184,18 @@ def _filters_figure(cfg: StudyConfig, steps: pd.DataFrame, layers: list[str], tr
     return fig
 
 
-def before_after_table(steps: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
+def before_after_table(steps: pd.DataFrame, final: pd.DataFrame, layers: list[str] = ()) -> pd.DataFrame:
     """Mean over trials (accuracy also min and max) of the model before pruning, right after the
-    last pruning step, and after the final fine-tuning."""
+    last pruning step, and after the final fine-tuning; then the mean filters of each pruned
+    layer (`layers`: its `filters_left.<layer>` metrics), one column per layer."""
     rows = []
 
     def row(name, pick, acc):
         rows.append({"model": name, "trials": len(acc), "params": pick(steps, "params").mean(),
-                     "filters": pick(steps, "filters").mean(), "macs": pick(steps, "macs").mean(), "latency_ms": pick(steps, "latency_ms").mean(),
-                     "test_accuracy_mean": acc.mean(), "test_accuracy_min": acc.min(), "test_accuracy_max": acc.max()})
+                     "filters": pick(steps, "filters").mean(), "macs": pick(steps, "macs").mean(),
+                     "latency_ms": pick(steps, "latency_ms").mean(),
+                     "test_accuracy_mean": acc.mean(), "test_accuracy_min": acc.min(), "test_accuracy_max": acc.max(),
+                     **{key.removeprefix("filters_left."): pick(steps, key).mean() for key in layers}})
 
     row("before pruning (transfer only)", _first, _first(steps, "test_accuracy"))
     row("pruned, before fine-tuning", _last, _last(steps, "test_accuracy"))
@@ -202,7 +205,8 @@ def before_after_table(steps: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame
     table = pd.DataFrame(rows)
     for col in ("params", "macs", "latency_ms"):
         table[f"{col}_fraction"] = table[col] / table[col].iloc[0]
-    return table
+    names = [key.removeprefix("filters_left.") for key in layers]
+    return table[[c for c in table.columns if c not in names] + names]  # the layers last
 
 
 KIND = common.StudyKind(
