@@ -12,10 +12,10 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server postgresql run test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans vgg-quick
+.PHONY: help install server stop-server postgresql run test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans vgg-quick transfer-resnet20
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: STUDY=$(STUDY) PORT=$(PORT) BACKEND=$(BACKEND) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI)"
 
 install: $(VENV)/.installed ## create .venv with pinned deps (idempotent); FashionMNIST from Debian when root
@@ -107,6 +107,15 @@ VGG_QUICK ?= data.image_size=32 data.n_train=120 data.n_test=100 trials=2 transf
 vgg-quick: server ## VGG16 transfer + Taylor pruning at CPU scale; needs DATA_DIR=<folder with train/ and test/>
 	@test -d "$(DATA_DIR)" || { echo "no folder DATA_DIR=$(DATA_DIR): pass DATA_DIR=<folder with train/<class>/ and test/<class>/>"; exit 2; }
 	$(BIN)/mlflow run . -e main -P study=taylor-vgg16-dogscats -P data_dir=$(abspath $(DATA_DIR)) -P "overrides=$(VGG_QUICK)" -P out_dir=resources/figures/taylor-vgg16-dogscats --env-manager local --experiment-name taylor-vgg16-dogscats
+
+# Transfer pruning with a real pretrained network offline: the CIFAR-10 ResNet20 (RESNET20) as
+# the frozen feature extractor for dogs vs cats at 32 px (DATA_DIR).
+transfer-resnet20: server ## ResNet20 transfer + Taylor pruning on dogs vs cats (DATA_DIR=..., RESNET20=...)
+	@test -d "$(DATA_DIR)" || { echo "no folder DATA_DIR=$(DATA_DIR): pass DATA_DIR=<folder with train/<class>/ and test/<class>/>"; exit 2; }
+	@test -f "$(RESNET20)" || { echo "no file RESNET20=$(RESNET20): pass RESNET20=<the CIFAR-10 resnet20 checkpoint, e.g. resnet20-12fca82f.th>"; exit 2; }
+	$(BIN)/mlflow run . -e main -P study=taylor-resnet20-dogscats -P data_dir=$(abspath $(DATA_DIR)) \
+	  -P overrides="transfer.weights=$(abspath $(RESNET20))" -P out_dir=resources/figures/taylor-resnet20-dogscats \
+	  --env-manager local --experiment-name taylor-resnet20-dogscats
 
 ui: server ## print the address of the MLflow UI
 	@echo "MLflow UI: $(MLFLOW_TRACKING_URI)"

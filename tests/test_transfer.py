@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from prunelab import config, data, transfer
+from prunelab import config, data, models, transfer
 from prunelab.config import TrainConfig
 from prunelab.errors import ModelError
 from prunelab.models.simple_cnn import SimpleCNN
@@ -68,7 +68,7 @@ def test_local_weights_file_loads_into_the_features(tmp_path, small_data):
     reference = torchvision.models.vgg16(weights=None)
     path = tmp_path / "vgg16.pth"
     torch.save(reference.state_dict(), path)
-    model, source = transfer.build(small_data, weights=str(path), pretrained=True, head_width=16)
+    model, source = transfer.build("vgg16", small_data, weights=str(path), pretrained=True, head_width=16)
     assert source == str(path)
     assert torch.equal(model.features[28].weight, reference.features[28].weight)
     assert torch.equal(model.features[0].bias, reference.features[0].bias)
@@ -79,7 +79,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path, small_data):
     path = tmp_path / "simple.pt"
     torch.save(SimpleCNN().state_dict(), path)
     with pytest.raises(ModelError) as err:
-        transfer.build(small_data, weights=str(path), pretrained=True, head_width=16)
+        transfer.build("vgg16", small_data, weights=str(path), pretrained=True, head_width=16)
     assert "is not a VGG16 state dict" in str(err.value) and str(path) in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -90,12 +90,50 @@ def test_missing_pretrained_weights_point_to_both_options(small_data):
     if hub.exists():
         pytest.skip("torchvision's VGG16 weights are cached on this machine")
     with pytest.raises(ModelError) as err:
-        transfer.build(small_data, weights="", pretrained=True, head_width=16)
+        transfer.build("vgg16", small_data, weights="", pretrained=True, head_width=16)
     message = str(err.value)
     assert "--weights PATH" in message and "--no-pretrained" in message and "\n" not in message
 
 
 def test_random_features_need_no_file(small_data):
     """transfer.pretrained=false builds without weights."""
-    model, source = transfer.build(small_data, weights="", pretrained=False, head_width=16)
+    model, source = transfer.build("vgg16", small_data, weights="", pretrained=False, head_width=16)
     assert source == "random" and model.spec()["hidden"] == 16
+
+
+def test_the_cifar_resnet20_checkpoint_gives_the_features_and_a_new_head(small_data, resnet20_file):
+    """Every weight and BN statistic but the CIFAR-10 classifier comes from the checkpoint; the
+    head is a new Linear(64, 2) on the pooled features, the only part left trainable when frozen."""
+    from prunelab import checkpoints
+
+    model, source = transfer.build("resnet20", small_data, weights=str(resnet20_file), pretrained=True, head_width=0)
+    reference = checkpoints.state_dict_of(checkpoints.read(resnet20_file), resnet20_file)
+    assert source == str(resnet20_file)
+    for key, value in model.state_dict().items():
+        if key.startswith("linear."):
+            assert value.shape[0] == 2 and reference[key].shape[0] == 10
+        elif key in reference:
+            assert torch.equal(value, reference[key]), key
+    assert model.head() is model.linear and model.head_input(torch.zeros(3, 3, 32, 32)).shape == (3, 64)
+    model.set_features_trainable(False)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"linear.weight", "linear.bias"}
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: models.get("resnet20", mid_widths=[8] * 9).state_dict(), "does not fit an unpruned resnet20 (layer1.0.conv1.weight"),
+    (lambda: models.get("resnet32").state_dict(), "the checkpoint is for resnet32"),
+    (lambda: SimpleCNN().state_dict(), "holds no CIFAR ResNet"),
+])
+def test_a_resnet_state_dict_that_does_not_fit_is_refused(tmp_path, small_data, make, words):
+    """A pruned ResNet20, another depth or another network: one line naming the file."""
+    path = tmp_path / "other.pt"
+    torch.save(make(), path)
+    with pytest.raises(ModelError) as err:
+        transfer.build("resnet20", small_data, weights=str(path), pretrained=True, head_width=0)
+    assert words in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_resnet_without_a_weights_file_says_which_to_pass(small_data):
+    with pytest.raises(ModelError) as err:
+        transfer.build("resnet20", small_data, weights="", pretrained=True, head_width=0)
+    assert "--weights PATH" in str(err.value) and "resnet20-12fca82f.th" in str(err.value) and "\n" not in str(err.value)

@@ -113,9 +113,9 @@ def find_study_runs(cfg: StudyConfig, filter_string: str, ignore: frozenset[str]
     return [r for r in runs if same_settings(r, cfg, ignore)]
 
 
-def stage_runs(cfg: StudyConfig, stage: str) -> dict[int, object]:
-    """The newest finished run per trial of one stage of the study, at these settings."""
-    return latest_per_trial(find_study_runs(cfg, f"tags.{paths.TAG_STAGE} = '{stage}'"))
+def stage_runs(cfg: StudyConfig, stage: str, ignore: frozenset[str] = frozenset()) -> dict[int, object]:
+    """The newest finished run per trial of one stage of the study, at these settings (but `ignore`)."""
+    return latest_per_trial(find_study_runs(cfg, f"tags.{paths.TAG_STAGE} = '{stage}'", ignore))
 
 
 def no_runs(cfg: StudyConfig, what: str, hint: str = "") -> TrackingError:

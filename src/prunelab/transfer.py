@@ -15,41 +15,31 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunelab import checkpoints
+from prunelab import checkpoints, models
 from prunelab.config import TrainConfig
 from prunelab.data.base import ImageData, batches
 from prunelab.errors import ModelError
-from prunelab.models.vgg import VGG16Transfer
+from prunelab.models.base import TransferBackbone
 from prunelab.train import EpochResult, fit
 
-NO_WEIGHTS_HINT = ("pass --weights PATH (or transfer.weights=PATH) with a local VGG16 state dict such as "
-                   "torchvision's vgg16-397923af.pth, or --no-pretrained (transfer.pretrained=false) to start from random features")
+NO_WEIGHTS_HINT = ("pass --weights PATH (or transfer.weights=PATH) with a local state dict of the pretrained network, "
+                   "or --no-pretrained (transfer.pretrained=false) to start from random features")
 
 
-def build(data: ImageData, weights: str, pretrained: bool, head_width: int) -> tuple[VGG16Transfer, str]:
-    """A fresh VGG16 with a new head; its features come from the state-dict file
-    `weights`, else torchvision's ImageNet weights when `pretrained`, else stay
+def build(name: str, data: ImageData, weights: str, pretrained: bool, head_width: int) -> tuple[TransferBackbone, str]:
+    """A fresh `name` (a `TransferBackbone`) for the data, with a new head (`head_width` wide
+    hidden layers where its head has them, 0 where it is one Linear); its features come from the
+    state-dict file `weights`, else the model's published weights when `pretrained`, else stay
     random. Returns (model, where the weights came from)."""
-    channels, side = data.input_shape[0], data.input_shape[-1]
-    model = VGG16Transfer(in_channels=channels, num_classes=data.num_classes, hidden=head_width, image_size=side)
+    model = models.build(name, data.input_shape, data.num_classes, **({"hidden": head_width} if head_width else {}))
     if weights:
         state, source = read_state_dict(weights), weights
     elif pretrained:
-        state, source = _torchvision_weights(), "torchvision:VGG16_Weights.IMAGENET1K_V1"
+        state, source = model.published_features()
     else:
         return model, "random"
-    load_features(model, state, source)
+    model.load_features(state, source)
     return model, source
-
-
-def _torchvision_weights() -> dict:
-    from torchvision.models import VGG16_Weights
-
-    try:
-        return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except Exception as exc:
-        reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-        raise ModelError(f"torchvision's ImageNet VGG16 weights are not available here ({reason}): {NO_WEIGHTS_HINT}") from None
 
 
 def read_state_dict(path: str | Path) -> dict:
@@ -57,19 +47,6 @@ def read_state_dict(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise ModelError(f"no weights file at {path}: {NO_WEIGHTS_HINT}")
     return checkpoints.state_dict_of(checkpoints.read(path), path)
-
-
-def load_features(model: VGG16Transfer, state: dict, source: str) -> None:
-    """Copy VGG16's conv weights from `state` (torchvision's key names); refuse any other architecture."""
-    expected = {k: v.shape for k, v in model.features.state_dict().items()}
-    found = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-    missing = sorted(set(expected) - set(found))
-    wrong = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k])]
-    if missing or wrong:
-        example = missing[0] if missing else f"{wrong[0]} is {tuple(found[wrong[0]].shape)}, expected {tuple(expected[wrong[0]])}"
-        raise ModelError(f"{source} is not a VGG16 state dict (features.{example} missing or mismatched): "
-                         "pass torchvision's vgg16 weights")
-    model.features.load_state_dict({k: found[k] for k in expected})
 
 
 @dataclass
@@ -81,7 +58,7 @@ class FeatureData(ImageData):
 
 
 @torch.no_grad()
-def head_inputs(model: VGG16Transfer, x: torch.Tensor, normalise, batch_size: int, desc: str = "features") -> torch.Tensor:
+def head_inputs(model: TransferBackbone, x: torch.Tensor, normalise, batch_size: int, desc: str = "features") -> torch.Tensor:
     """The frozen features of every image, computed once (eval mode, no gradients)."""
     was_training = model.training
     model.eval()
@@ -92,14 +69,14 @@ def head_inputs(model: VGG16Transfer, x: torch.Tensor, normalise, batch_size: in
     return torch.cat(out)
 
 
-def feature_data(model: VGG16Transfer, data: ImageData, batch_size: int) -> FeatureData:
+def feature_data(model: TransferBackbone, data: ImageData, batch_size: int) -> FeatureData:
     """`data` with every image replaced by its cached head input."""
     train = head_inputs(model, data.train_x, data.normalise, batch_size, "features train")
     test = head_inputs(model, data.test_x, data.normalise, batch_size, "features test")
     return FeatureData(f"{data.name}:features", train, data.train_y, test, data.test_y, (), (), list(data.classes))
 
 
-def train_head(model: VGG16Transfer, data: ImageData, cfg: TrainConfig, seed: int, feature_batch_size: int,
+def train_head(model: TransferBackbone, data: ImageData, cfg: TrainConfig, seed: int, feature_batch_size: int,
                on_epoch=None) -> list[EpochResult]:
     """Train only the head, on features computed once; the features stay frozen.
 
@@ -111,10 +88,10 @@ def train_head(model: VGG16Transfer, data: ImageData, cfg: TrainConfig, seed: in
     model.set_features_trainable(False)
     cached = feature_data(model, data, feature_batch_size)
     torch.manual_seed(seed)
-    return fit(model.classifier, cached, cfg, seed, on_epoch=on_epoch, desc="head")
+    return fit(model.head(), cached, cfg, seed, on_epoch=on_epoch, desc="head")
 
 
-def train_head_uncached(model: VGG16Transfer, data: ImageData, cfg: TrainConfig, seed: int) -> list[EpochResult]:
+def train_head_uncached(model: TransferBackbone, data: ImageData, cfg: TrainConfig, seed: int) -> list[EpochResult]:
     """The same training through the frozen convolutions every step (the reference the cache must match)."""
     model.set_features_trainable(False)
     torch.manual_seed(seed)
@@ -122,4 +99,4 @@ def train_head_uncached(model: VGG16Transfer, data: ImageData, cfg: TrainConfig,
 
 
 def head_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.classifier.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.head().state_dict().items()}

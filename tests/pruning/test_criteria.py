@@ -5,6 +5,7 @@ import math
 import torch
 from torch import nn
 
+from prunelab import models
 from prunelab.data.base import batches
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.pruning.criteria import L1Criterion, TaylorCriterion
@@ -96,3 +97,38 @@ def test_l1_scores_follow_filter_norms():
         model.features[0].weight[3] = 1.0
     scores = L1Criterion()(model, model.prunable_convs())["features.0"]
     assert scores.argmax().item() == 3 and scores.sum().item() == 1.0
+
+
+def test_a_resnet_block_is_scored_after_its_batchnorm_and_relu():
+    """Where BatchNorm sits between conv and ReLU (a ResNet block), the scores are those of the
+    post-ReLU map a filter's removal deletes, |mean(z * dL/dz)|, computed here independently
+    by making bn1 emit the ReLU's output itself; the conv's own output ranks differently."""
+    torch.manual_seed(0)
+    model = models.get("resnet20", num_classes=2).eval()
+    with torch.no_grad():  # BN statistics away from the identity, as in a trained network
+        for _, block in model.blocks():
+            block.bn1.running_mean.normal_(0, 0.5)
+            block.bn1.bias.normal_(0, 0.5)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,))
+    layers = model.prunable_convs()
+    got = TaylorCriterion()(model, layers, [(x, y)], outputs=model.feature_maps())
+
+    kept = {}
+
+    def emit_relu(name):
+        def hook(_module, _inputs, output):
+            z = nn.functional.relu(output)  # the block's own F.relu then changes nothing
+            z.retain_grad()
+            kept[name] = z
+            return z
+        return hook
+
+    handles = [block.bn1.register_forward_hook(emit_relu(f"{name}.conv1")) for name, block in model.blocks()]
+    nn.functional.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    for name, z in kept.items():
+        raw = (z * z.grad).mean(dim=(0, 2, 3)).abs()
+        assert torch.allclose(got[name], raw / raw.norm(), atol=1e-5), name
+    conv_scores = TaylorCriterion()(model, layers, [(x, y)])
+    assert any(not torch.allclose(got[n], conv_scores[n], atol=1e-3) for n in layers)

@@ -14,20 +14,30 @@ from prunelab.models import base
 from prunelab.studies import common
 
 KINDS = sorted(studies.KINDS)
+PRESETS = config.available_studies()
+
+
+def kind_of(preset: str) -> str:
+    return config.read_preset(preset).get("kind", config.DEFAULT_KIND)
 
 
 def preset_of(kind: str) -> str:
     """A shipped preset of this kind (every kind ships at least one)."""
-    for name in config.available_studies():
-        if config.read_preset(name).get("kind", config.DEFAULT_KIND) == kind:
+    for name in PRESETS:
+        if kind_of(name) == kind:
             return name
     pytest.fail(f"no preset in src/prunelab/presets names kind {kind}")
 
 
-@pytest.fixture(params=KINDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_ships_a_preset(kind):
+    assert preset_of(kind)
+
+
+@pytest.fixture(params=PRESETS)
 def kind_and_cfg(request):
-    kind = studies.get(request.param)
-    return kind, studies.load_config(preset_of(kind.name))
+    """Every shipped preset (a kind with several, such as a model of its own, is checked with each)."""
+    return studies.get(kind_of(request.param)), studies.load_config(request.param)
 
 
 def test_every_kind_names_its_entry_points(kind_and_cfg):

@@ -68,13 +68,19 @@ def get(name: str, **kwargs) -> nn.Module:
     return from_spec(name, kwargs)
 
 
-def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build(name: str, input_shape: tuple[int, ...], num_classes: int, **options) -> nn.Module:
     """A fresh `name` sized for the data: passes whichever of in_channels,
-    num_classes and image_size its constructor takes."""
+    num_classes and image_size its constructor takes, and `options` as they are
+    (one its constructor does not take is refused in one line)."""
     cls = model_class(name)
     wanted = inspect.signature(cls).parameters
     offered = {"in_channels": input_shape[0], "num_classes": num_classes, "image_size": input_shape[-1]}
-    return from_spec(name, {k: v for k, v in offered.items() if k in wanted})
+    return from_spec(name, {**{k: v for k, v in offered.items() if k in wanted}, **options})
+
+
+def takes(name: str, argument: str) -> bool:
+    """Whether the constructor of model `name` takes `argument` (e.g. `hidden`, a head's width)."""
+    return argument in inspect.signature(model_class(name)).parameters
 
 
 def name_of(model: nn.Module) -> str:

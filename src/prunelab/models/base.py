@@ -30,6 +30,11 @@ class FilterPrunable(Model, Protocol):
     def prunable_convs(self) -> dict[str, nn.Conv2d]:
         """Layer name -> conv; removing its filters never breaks a residual sum."""
 
+    def feature_maps(self) -> dict[str, nn.Module]:
+        """Layer name (as in `prunable_convs`) -> the module whose output is the feature map
+        that removing one of the conv's filters deletes: the conv itself, or the BatchNorm
+        after it. What a data-driven criterion scores."""
+
 
 class Clusterable(Model, Protocol):
     """k-means filter clustering: convs grouped into stages, and basic blocks to merge."""
@@ -45,13 +50,25 @@ class Clusterable(Model, Protocol):
 
 
 class TransferBackbone(FilterPrunable, Protocol):
-    """Transfer learning: frozen features under a trainable `classifier` head."""
+    """Transfer learning: pretrained features, frozen, under a new trainable head."""
+
+    def head(self) -> nn.Module:
+        """The new head: what trains on the cached features."""
 
     def head_input(self, x):
         """What the head sees (cached while the features are frozen)."""
 
     def set_features_trainable(self, trainable: bool) -> None:
         """Freeze or unfreeze the feature extractor."""
+
+    def load_features(self, state: dict, source: str) -> None:
+        """Copy the feature extractor's weights from a pretrained state dict (`source` names
+        it); the head stays new. Another architecture's state dict is a one-line ModelError."""
+
+    @classmethod
+    def published_features(cls) -> tuple[dict, str]:
+        """The published pretrained weights (fetched when needed) and where they came from;
+        a one-line ModelError naming the file to pass where they cannot be had."""
 
 
 def members(protocol: type) -> list[str]:

@@ -86,11 +86,51 @@ class ResNetCifar(nn.Module):
     def blocks_per_stage(cls) -> int:
         return (cls.DEPTH - 2) // 6
 
-    def forward(self, x):
+    def head_input(self, x):
+        """The pooled features the classifier sees (64 per image)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def forward(self, x):
+        return self.linear(self.head_input(x))
+
+    # Transfer learning (models/base.TransferBackbone): everything but `linear` is the
+    # feature extractor, so a CIFAR-10 checkpoint gives the features and a new
+    # `linear` of the new task's classes is the head.
+
+    def head(self) -> nn.Module:
+        return self.linear
+
+    def set_features_trainable(self, trainable: bool) -> None:
+        for name, p in self.named_parameters():
+            if not name.startswith("linear."):
+                p.requires_grad_(trainable)
+
+    def load_features(self, state: dict, source: str) -> None:
+        """Every weight and BN statistic but the classifier's, from a state dict of this depth
+        at full widths (the reference checkpoints); anything else is refused in one line."""
+        try:
+            type(self).spec_from_state_dict(state)  # names the depth a checkpoint of another one fits
+        except ModelError as exc:
+            raise ModelError(f"{source}: {exc}") from None
+        except KeyError as exc:
+            raise ModelError(f"{source} is not a CIFAR ResNet state dict ({exc.args[0]} missing)") from None
+        # The reference checkpoints predate BatchNorm's num_batches_tracked, which eval never reads.
+        own = {k: v for k, v in self.state_dict().items()
+               if not k.startswith("linear.") and not k.endswith("num_batches_tracked")}
+        wrong = [k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+        if wrong:
+            found = tuple(state[wrong[0]].shape) if wrong[0] in state else "missing"
+            raise ModelError(f"{source} does not fit an unpruned resnet{self.DEPTH} ({wrong[0]} is {found}, expected "
+                             f"{tuple(own[wrong[0]].shape)}): pass the pretrained checkpoint, not a pruned or merged one")
+        self.load_state_dict({k: state[k] for k in own}, strict=False)
+
+    @classmethod
+    def published_features(cls) -> tuple[dict, str]:
+        raise ModelError(f"resnet{cls.DEPTH} has no published weights prunelab can fetch: pass --weights PATH "
+                         "(or transfer.weights=PATH) with a CIFAR-10 checkpoint of it, such as the reference "
+                         "resnet20-12fca82f.th, or --no-pretrained (transfer.pretrained=false) to start from random features")
 
     def blocks(self) -> list[tuple[str, BasicBlock]]:
         """(name, block) of every basic block in network order."""
@@ -113,6 +153,10 @@ class ResNetCifar(nn.Module):
         """Only block-internal convs: the others feed residual sums whose option-A
         shortcut (subsample + pad) no tracer can follow."""
         return {f"{name}.conv1": b.conv1 for name, b in self.blocks()}
+
+    def feature_maps(self) -> dict[str, nn.Module]:
+        """Each block's conv1 feeds bn1, then ReLU: the normalised map is the one a filter's removal deletes."""
+        return {f"{name}.conv1": b.bn1 for name, b in self.blocks()}
 
     @classmethod
     def spec_from_state_dict(cls, state: dict) -> dict:

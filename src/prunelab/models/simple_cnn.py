@@ -41,6 +41,10 @@ class SimpleCNN(nn.Module):
         """Convs whose filters may be removed (both: nothing downstream is residual)."""
         return {"features.0": self.features[0], "features.2": self.features[2]}
 
+    def feature_maps(self) -> dict[str, nn.Module]:
+        """ReLU follows each conv directly: the conv's output is the feature map."""
+        return self.prunable_convs()
+
     @staticmethod
     def spec_from_state_dict(state: dict) -> dict:
         """Widths read off a (possibly pruned) state dict."""

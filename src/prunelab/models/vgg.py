@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from prunelab.errors import ModelError
+
 # Output channels of VGG16's convs; "M" is a 2x2 max-pool (torchvision's cfg "D").
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 VGG16_WIDTHS = tuple(c for c in VGG16_LAYOUT if c != "M")
 POOLED_SIDE = 7
+WEIGHTS_HINT = ("pass --weights PATH (or transfer.weights=PATH) with a local VGG16 state dict such as "
+                "torchvision's vgg16-397923af.pth, or --no-pretrained (transfer.pretrained=false) to start from random features")
 
 
 def make_features(widths, in_channels: int = 3) -> nn.Sequential:
@@ -56,6 +60,9 @@ class VGG16Transfer(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
+    def head(self) -> nn.Module:
+        return self.classifier
+
     def head_input(self, x):
         """What the head sees: pooled, flattened features (cached while the features are frozen)."""
         return self.flatten(self.avgpool(self.features(x)))
@@ -77,9 +84,36 @@ class VGG16Transfer(nn.Module):
         """All 13 convs: a plain chain, nothing residual, so any filter may go."""
         return {f"features.{i}": m for i, m in enumerate(self.features) if isinstance(m, nn.Conv2d)}
 
+    def feature_maps(self) -> dict[str, nn.Module]:
+        """ReLU follows each conv directly: the conv's output is the feature map."""
+        return self.prunable_convs()
+
     def set_features_trainable(self, trainable: bool) -> None:
         for p in self.features.parameters():
             p.requires_grad_(trainable)
+
+    def load_features(self, state: dict, source: str) -> None:
+        """Copy VGG16's conv weights from `state` (torchvision's key names); refuse any other architecture."""
+        expected = {k: v.shape for k, v in self.features.state_dict().items()}
+        found = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        missing = sorted(set(expected) - set(found))
+        wrong = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k])]
+        if missing or wrong:
+            example = missing[0] if missing else f"{wrong[0]} is {tuple(found[wrong[0]].shape)}, expected {tuple(expected[wrong[0]])}"
+            raise ModelError(f"{source} is not a VGG16 state dict (features.{example} missing or mismatched): "
+                             "pass torchvision's vgg16 weights")
+        self.features.load_state_dict({k: found[k] for k in expected})
+
+    @classmethod
+    def published_features(cls) -> tuple[dict, str]:
+        """torchvision's ImageNet weights (downloaded once into torch's hub cache)."""
+        from torchvision.models import VGG16_Weights
+
+        try:
+            return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False), "torchvision:VGG16_Weights.IMAGENET1K_V1"
+        except Exception as exc:
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise ModelError(f"torchvision's ImageNet VGG16 weights are not available here ({reason}): {WEIGHTS_HINT}") from None
 
     @staticmethod
     def spec_from_state_dict(state: dict) -> dict:

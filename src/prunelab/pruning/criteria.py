@@ -29,12 +29,20 @@ class TaylorCriterion:
     where a_k is the conv's output. For a conv followed by ReLU this equals the
     same product taken after the ReLU (where the ReLU is off both factors vanish),
     so hooking the conv output serves either reading of the paper.
+
+    Where a BatchNorm sits between the conv and its ReLU, `outputs` names it and
+    its output is a_k: removing the filter deletes the normalised map (BN's channel
+    goes too), while zeroing the conv's output would leave BN's shift in place, a
+    different change of the loss.
     """
 
     name = "taylor"
 
     def __call__(self, model: nn.Module, layers: dict[str, nn.Conv2d],
-                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], total: int | None = None) -> dict[str, torch.Tensor]:
+                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], total: int | None = None,
+                 outputs: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
+        """Scores of each conv in `layers`; `outputs` maps a layer to the module whose output
+        is its feature map (`FilterPrunable.feature_maps`; default: the conv itself)."""
         # Accumulated in float64 (long ranking passes), except on Apple's MPS, which has no float64.
         dtype = torch.float32 if next(iter(layers.values())).weight.device.type == "mps" else torch.float64
         sums = {name: torch.zeros(conv.out_channels, dtype=dtype, device=conv.weight.device)
@@ -58,7 +66,7 @@ class TaylorCriterion:
             return on_forward
 
         for name, conv in layers.items():
-            handles.append(conv.register_forward_hook(hook(name)))
+            handles.append((outputs or {}).get(name, conv).register_forward_hook(hook(name)))
         was_training = model.training
         model.eval()  # rank the network as it predicts: no dropout noise in the scores
         try:
@@ -79,7 +87,7 @@ class L1Criterion:
 
     name = "l1"
 
-    def __call__(self, model, layers, batches=None, total=None):
+    def __call__(self, model, layers, batches=None, total=None, outputs=None):
         return {name: l2_normalise(conv.weight.detach().abs().sum(dim=(1, 2, 3)).cpu()) for name, conv in layers.items()}
 
 
@@ -91,7 +99,7 @@ class RandomCriterion:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, model, layers, batches=None, total=None):
+    def __call__(self, model, layers, batches=None, total=None, outputs=None):
         return {name: torch.rand(conv.out_channels, generator=self.generator) for name, conv in layers.items()}
 
 

@@ -56,6 +56,8 @@ class StudyKind:
     model_protocol: type = base.Model
     # (what, setting key, value getter, registry) of the names this kind's settings hold
     names: tuple[tuple[str, str, Callable[[StudyConfig], str], Any], ...] = ()
+    # The kind's own checks of its settings against each other and the model, run last (one line each)
+    checks: tuple[Callable[[StudyConfig], None], ...] = ()
 
     def check(self, cfg: StudyConfig) -> None:
         """Refuse, in one line, an unknown model, dataset or name setting, or a model this
@@ -76,6 +78,8 @@ class StudyKind:
             fits = sorted(n for n, cls in models.MODELS.items() if not base.missing(cls, self.model_protocol))
             raise ConfigError(f"model {cfg.model!r} cannot be used in a {self.name} study: it offers no {', '.join(lacks)} "
                               f"({self.model_protocol.__doc__.splitlines()[0].rstrip('.')}); choose one of {', '.join(fits)}")
+        for check in self.checks:
+            check(cfg)
 
     def _training_sections(self, cfg: StudyConfig) -> list[str]:
         """The sections that configure a training loop (train, and finetune where the kind has one)."""

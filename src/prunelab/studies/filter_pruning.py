@@ -147,7 +147,7 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
             k += 1
             rb = pc.rank_batch_size
             scores = criterion(model, model.prunable_convs(), batches(rank_x, rank_y, rb, data.normalise),
-                               total=(len(rank_y) + rb - 1) // rb)
+                               total=(len(rank_y) + rb - 1) // rb, outputs=model.feature_maps())
             remover.remove(schedule.plan_step(scores, pc.filters_per_step, pc.round_to))
             log_round(k)
             done = remaining() <= pc.target

@@ -1,10 +1,14 @@
-"""Transfer pruning (kind `transfer_pruning`): VGG16 features, a new head, iterative Taylor pruning.
+"""Transfer pruning (kind `transfer_pruning`): pretrained features, a new head, iterative Taylor pruning.
 
 | entry point | does | reads | logs |
 |---|---|---|---|
 | `train` | transfer: pretrained (or random) features, frozen, computed once per image; a new head trained on them | the data, `transfer.weights` | as filter pruning's `train`, plus `skipped_images`, `latency_ms`, `transfer_seconds`, `weights_source` |
 | `prune` | filter pruning's `prune`: rank, remove `prune.filters_per_step` filters, retrain `prune.finetune_epochs_between` epochs, until `prune.target` remains | a train run | as filter pruning's `prune` plus `retrained_test_*` per step |
 | `finetune` | the whole pruned network, `finetune.epochs` more | a prune run | as filter pruning's `finetune` |
+
+The model is any `models/base.TransferBackbone`: VGG16 (ImageNet features, all 13
+convs prunable; `taylor-vgg16-dogscats`) or a CIFAR ResNet (a CIFAR-10 checkpoint's
+features, the first conv of each basic block prunable; `taylor-resnet20-dogscats`).
 
 Every run's final model is logged for users (pixels in, pt2 and ONNX); `main`
 registers each trial's `finetune` model, the fully retrained pruned network
@@ -17,6 +21,7 @@ before/after table of parameters, MACs, CPU latency and accuracy.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -24,8 +29,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from prunelab import measure, paths, reporting, transfer
+from prunelab import measure, models, paths, reporting, transfer
 from prunelab.config import StudyConfig, TrainConfig, check_range, setting
+from prunelab.errors import ConfigError
 from prunelab.models import base
 from prunelab.pruning import criteria
 from prunelab.studies import common, filter_pruning
@@ -35,23 +41,41 @@ from prunelab.studies.filter_pruning import PruneConfig
 @dataclass(frozen=True)
 class TransferConfig:
     pretrained: bool = setting("start from torchvision's ImageNet weights (or transfer.weights); false: random features", True)
-    weights: str = setting("local state-dict file of the pretrained network (e.g. torchvision's vgg16-397923af.pth)", "")
-    head_width: int = setting("width of the head's two hidden Linear layers", 4096)
+    weights: str = setting("local state-dict file of the pretrained network (e.g. torchvision's vgg16-397923af.pth, "
+                           "a CIFAR ResNet's resnet20-12fca82f.th)", "")
+    head_width: int = setting("width of the head's two hidden Linear layers (vgg16); 0 for a model whose head is one "
+                              "Linear (the CIFAR ResNets)", 4096)
     feature_batch_size: int = setting("images per forward pass when the frozen features are computed once", 64)
 
     def validate(self, where: str = "transfer") -> None:
-        check_range(f"{where}.head_width", self.head_width, 1)
+        check_range(f"{where}.head_width", self.head_width, 0)
         check_range(f"{where}.feature_batch_size", self.feature_batch_size, 1)
 
 
+def check_head(cfg: StudyConfig) -> None:
+    """transfer.head_width fits the model's head: hidden layers need a width, a single Linear has none."""
+    width = cfg.transfer.head_width
+    if models.takes(cfg.model, "hidden"):
+        if width < 1:
+            raise ConfigError(f"transfer.head_width must be >= 1 for {cfg.model}, whose head has hidden layers that wide; "
+                              f"got {width}")
+    elif width:
+        raise ConfigError(f"transfer.head_width must be 0 for {cfg.model}, whose head is one Linear on the pooled features; "
+                          f"got {width}: set transfer.head_width=0")
+
+
+# A weights path says where the same weights were read from: not a setting that changes a result.
+REPORT_IGNORES = frozenset({"transfer.weights"})
+
+
 def train(cfg: StudyConfig, trial: int = 0) -> str:
-    """Transfer: pretrained (or random) VGG16 features, frozen; a new head trained on cached features."""
+    """Transfer: pretrained (or random) features, frozen; a new head trained on cached features."""
     tc = cfg.transfer
     seed = common.seed_of(cfg, trial)
     data = common.load_data(cfg)
     torch.manual_seed(seed)
     # A missing or foreign weights file fails before any run.
-    model, source = transfer.build(data, tc.weights, tc.pretrained, tc.head_width)
+    model, source = transfer.build(cfg.model, data, tc.weights, tc.pretrained, tc.head_width)
     model.to(data.device)
     with common.stage_run(cfg, trial, "train", f"train-t{trial}", filter_pruning.method(cfg),
                           params={"weights_source": source}, data=data) as run:
@@ -86,9 +110,14 @@ STEP_METRICS = ["params", "macs", "latency_ms", "fraction_remaining", "filters",
                 "retrained_test_accuracy", "retrained_test_loss"]
 
 
+def _network_order(key: str) -> list:
+    """features.2 before features.10, layer1.2.conv1 before layer2.0.conv1: numbers compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
 def _layer_keys(runs: dict) -> list[str]:
     keys = {k for r in runs.values() for k in r.data.metrics if k.startswith("filters_left.")}
-    return sorted(keys, key=lambda k: int(k.rsplit(".", 1)[1]))  # features.N: in network order
+    return sorted(keys, key=_network_order)
 
 
 def _last(df: pd.DataFrame, metric: str) -> pd.Series:
@@ -103,7 +132,7 @@ def _first(df: pd.DataFrame, metric: str) -> pd.Series:
 
 
 def report(cfg: StudyConfig) -> common.Report:
-    prune_runs, ft_runs = reporting.stage_runs(cfg, "prune"), reporting.stage_runs(cfg, "finetune")
+    prune_runs, ft_runs = (reporting.stage_runs(cfg, stage, REPORT_IGNORES) for stage in ("prune", "finetune"))
     if not prune_runs:
         raise reporting.no_runs(cfg, "prune runs", " --data-dir DIR")
     layers = _layer_keys(prune_runs)
@@ -111,7 +140,7 @@ def report(cfg: StudyConfig) -> common.Report:
     final = reporting.histories(ft_runs, ["test_accuracy", "params"])
     figures = {"accuracy_vs_params_removed.png": _accuracy_figure(cfg, steps, final, len(prune_runs)),
                "filters_left.png": _filters_figure(cfg, steps, layers, len(prune_runs))}
-    return figures, before_after_table(steps, final)
+    return figures, before_after_table(steps, final, layers)
 
 
 def _accuracy_figure(cfg: StudyConfig, steps: pd.DataFrame, final: pd.DataFrame, trials: int) -> plt.Figure:
@@ -133,33 +162,40 @@ def _accuracy_figure(cfg: StudyConfig, steps: pd.DataFrame, final: pd.DataFrame,
 
 
 def _filters_figure(cfg: StudyConfig, steps: pd.DataFrame, layers: list[str], trials: int) -> plt.Figure:
+    """Per prunable conv, in network order: its filters before pruning and at the end (mean,
+    min-max over trials), each bar labelled with what is left of it."""
     names = [k.removeprefix("filters_left.") for k in layers]
     start = [_first(steps, k).mean() for k in layers]
     end = [_last(steps, k) for k in layers]
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(layers) + 2), 4.8))
     pos = range(len(layers))
     ax.bar(pos, start, color="none", edgecolor="gray", label="before pruning")
     means = [e.mean() for e in end]
     err = [[m - e.min() for m, e in zip(means, end)], [e.max() - m for m, e in zip(means, end)]]
     ax.bar(pos, means, yerr=err, capsize=3, color="tab:blue", alpha=0.8, label=f"left at the end: mean, min-max of {trials} trials")
+    for x, (m, s) in enumerate(zip(means, start)):
+        ax.annotate(f"{m:.0f}/{s:.0f}", (x, s), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
     ax.set_xticks(list(pos))
-    ax.set_xticklabels([f"conv{i + 1} ({n})" for i, n in enumerate(names)], fontsize=7, rotation=40, ha="right")
+    ax.set_xticklabels(names, fontsize=7, rotation=40, ha="right")
     ax.set_ylabel("filters")
-    ax.set_title(f"{cfg.study}: filters per conv layer")
+    ax.set_title(f"{cfg.study}: filters per pruned conv (left / before)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def before_after_table(steps: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
+def before_after_table(steps: pd.DataFrame, final: pd.DataFrame, layers: list[str] = ()) -> pd.DataFrame:
     """Mean over trials (accuracy also min and max) of the model before pruning, right after the
-    last pruning step, and after the final fine-tuning."""
+    last pruning step, and after the final fine-tuning; then the mean filters of each pruned
+    layer (`layers`: its `filters_left.<layer>` metrics), one column per layer."""
     rows = []
 
     def row(name, pick, acc):
         rows.append({"model": name, "trials": len(acc), "params": pick(steps, "params").mean(),
-                     "macs": pick(steps, "macs").mean(), "latency_ms": pick(steps, "latency_ms").mean(),
-                     "test_accuracy_mean": acc.mean(), "test_accuracy_min": acc.min(), "test_accuracy_max": acc.max()})
+                     "filters": pick(steps, "filters").mean(), "macs": pick(steps, "macs").mean(),
+                     "latency_ms": pick(steps, "latency_ms").mean(),
+                     "test_accuracy_mean": acc.mean(), "test_accuracy_min": acc.min(), "test_accuracy_max": acc.max(),
+                     **{key.removeprefix("filters_left."): pick(steps, key).mean() for key in layers}})
 
     row("before pruning (transfer only)", _first, _first(steps, "test_accuracy"))
     row("pruned, before fine-tuning", _last, _last(steps, "test_accuracy"))
@@ -169,7 +205,8 @@ def before_after_table(steps: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame
     table = pd.DataFrame(rows)
     for col in ("params", "macs", "latency_ms"):
         table[f"{col}_fraction"] = table[col] / table[col].iloc[0]
-    return table
+    names = [key.removeprefix("filters_left.") for key in layers]
+    return table[[c for c in table.columns if c not in names] + names]  # the layers last
 
 
 KIND = common.StudyKind(
@@ -186,4 +223,5 @@ KIND = common.StudyKind(
     deliverable="finetune",
     model_protocol=base.TransferBackbone,
     names=(("pruning method", "prune.method", filter_pruning.method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
+    checks=(check_head,),
 )
