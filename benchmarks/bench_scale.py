@@ -80,7 +80,11 @@ def _timed_study(uri: str, steps: str, study: str, out: Path) -> tuple[float, li
                    env=env, cwd=REPO, check=True, capture_output=True)
     wall = time.perf_counter() - start
     runs = tracking.find_runs(study)
-    return wall, [r for r in runs if r.data.tags.get("stage") != "main"]
+    return wall, runs
+
+
+def _seconds(run) -> float:
+    return (run.info.end_time - run.info.start_time) / 1000
 
 
 def main_rows() -> list[Row]:
@@ -92,17 +96,25 @@ def main_rows() -> list[Row]:
             walls = {}
             for steps in ("processes", "in-process"):
                 walls[steps], runs = _timed_study(uri, steps, f"bench-main-{steps}", Path(tmp) / steps)
-            in_steps = sum((r.info.end_time - r.info.start_time) / 1000 for r in runs)
-            overhead = (walls["in-process"] - in_steps) / len(runs)
         finally:
             server.stop(process)
+    (main,) = [r for r in runs if r.data.tags.get("stage") == "main"]
+    steps = [r for r in runs if r.data.tags.get("stage") != "main"]
+    in_steps = sum(_seconds(r) for r in steps)
+    # Between the `main` run's start and end, whatever is not inside a step run is what running
+    # steps in process costs per step (creating runs, resolving settings, reuse lookups, registering
+    # models); before the `main` run starts, the process pays its imports once per study.
+    per_step = (_seconds(main) - in_steps) / len(steps)
+    once = walls["in-process"] - _seconds(main)
     return [
         Row("default study (2 trials, 1 epoch): per-process / in-process steps", walls["processes"] / walls["in-process"],
             ">= 1.0x", f"{walls['processes']:.0f} s with a `mlflow run` process per step, {walls['in-process']:.0f} s in process "
-                       f"({len(runs)} steps)"),
-        Row("in-process `main`: overhead per step (s)", overhead, "<= 1s",
-            f"wall {walls['in-process']:.1f} s minus {in_steps:.1f} s inside the {len(runs)} step runs, "
-            "start-up and report included"),
+                       f"({len(steps)} steps)"),
+        Row("in-process `main`: overhead per step (s)", per_step, "<= 1s",
+            f"main run {_seconds(main):.1f} s minus {in_steps:.1f} s inside its {len(steps)} step runs (report included); "
+            f"start-up once per study: {once:.1f} s of the {walls['in-process']:.1f} s wall"),
+        Row("in-process `main`: everything outside the step runs, per step (s)", (walls["in-process"] - in_steps) / len(steps),
+            "<= 2s", f"wall {walls['in-process']:.1f} s minus {in_steps:.1f} s inside the {len(steps)} step runs, start-up included"),
     ]
 
 
