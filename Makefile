@@ -15,7 +15,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 .PHONY: help install server stop-server postgresql run test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans vgg-quick transfer-resnet20
 
 help: ## list the targets
-	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 	@echo "  variables: STUDY=$(STUDY) PORT=$(PORT) BACKEND=$(BACKEND) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI)"
 
 install: $(VENV)/.installed ## create .venv with pinned deps (idempotent); FashionMNIST from Debian when root
@@ -74,7 +74,7 @@ bench: install ## benchmarks: a table of speed ratios measured in one run
 # The k-means study starts from the reference ResNet20 weights; point these at your copies.
 CIFAR_DIR ?= ../shared/data/cifar10-subset
 RESNET20 ?= ../shared/models/resnet20-12fca82f.th
-lth: server ## lottery tickets, Conv-2 on CIFAR-10 at CPU scale (CIFAR_DIR=...)
+lth: server ## lottery tickets, Conv-2 on CIFAR-10: the quick pipeline check, 40 iterations a round (CIFAR_DIR=...)
 	$(BIN)/mlflow run . -e main -P study=lth-conv2-cifar10-quick -P data_dir=$(abspath $(CIFAR_DIR)) \
 	  -P out_dir=resources/figures/lth-conv2-cifar10-quick --env-manager local --experiment-name lth-conv2-cifar10-quick
 
