@@ -83,7 +83,10 @@ def train_head(model: TransferBackbone, data: ImageData, cfg: TrainConfig, seed:
     Images are not augmented here: augmenting would change the features every
     epoch and defeat the cache. The global RNG is seeded with `seed` (dropout
     masks), so the same seed trains the same head as `fit` on the whole model
-    with frozen features would.
+    with frozen features would. The features are computed once in fp32, whatever
+    `cfg.precision` says (only the head's steps use it): computed once, they cost
+    little, and fp32 is what evaluation sees; so in bf16 the head differs from one
+    trained through the convolutions by bf16's rounding of the features.
     """
     model.set_features_trainable(False)
     cached = feature_data(model, data, feature_batch_size)
