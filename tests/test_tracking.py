@@ -179,3 +179,38 @@ def test_metrics_logged_after_a_model_at_its_step_name_it(tracking_uri, client):
     assert {(m.key, m.step, m.value) for m in model.metrics} == {("params", 3, 123), ("test_accuracy", 3, 0.5),
                                                                  ("latency_ms", 3, 1.5)}
     assert [m.step for m in client.get_metric_history(run.run_id, "latency_ms")] == [3]  # a run metric all the same
+
+
+def test_runs_that_record_one_new_data_set_at_once_all_record_it(client):
+    """Parallel trials start their runs together, and each records the same data set. MLflow's
+    server inserts a new data set with a lookup then an insert, not atomically, so all but one
+    of several simultaneous first uses fail on its unique key unless the call is made again.
+    Every run must end up with the data set."""
+    import threading
+    import uuid
+
+    from prunelab.data.base import Split
+
+    tag = uuid.uuid4().hex
+    split = Split(name=f"race-{tag[:8]}", context="train", digest=tag[:16], source="test://race",
+                  images=10, image_shape=(1, 28, 28))
+    experiment = client.create_experiment(f"test-input-race-{tag[:8]}")
+    runs = [tracking.Run(client.create_run(experiment).info.run_id) for _ in range(8)]
+    start, errors = threading.Barrier(len(runs)), []
+
+    def record(run):
+        start.wait()
+        try:
+            run.log_inputs([split])
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=record, args=(run,)) for run in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for run in runs:
+        inputs = client.get_run(run.run_id).inputs.dataset_inputs
+        assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [(split.name, split.digest)]

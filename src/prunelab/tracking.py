@@ -287,9 +287,16 @@ class Run:
 
         def send():
             model_ids = list(dict.fromkeys(m for ref in model_refs if (m := logged_model_id(ref))))
-            if datasets or model_ids:
-                self._client.log_inputs(self.run_id, datasets=datasets or None,
-                                        models=[LoggedModelInput(m) for m in model_ids] or None)
+            if not (datasets or model_ids):
+                return
+            models = [LoggedModelInput(m) for m in model_ids] or None
+            for attempt in range(INPUT_RACE_TRIES):
+                try:
+                    self._client.log_inputs(self.run_id, datasets=datasets or None, models=models)
+                    return
+                except Exception as exc:
+                    if attempt == INPUT_RACE_TRIES - 1 or not lost_insert_race(exc):
+                        raise
 
         self._send(send)
 
@@ -397,6 +404,20 @@ class Run:
                 newest.append(Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id))
         if newest:
             self._client.log_batch(self.run_id, metrics=newest)
+
+
+# MLflow's server records a run's data sets by looking each one up and inserting the missing
+# ones, not atomically: two runs logging the same new data set at once (parallel trials) can
+# both find it missing, and the second insert fails on the table's unique key. Its transaction
+# is rolled back whole, and by then the data set exists, so the same call is simply made again.
+INPUT_RACE_TRIES = 5
+_UNIQUE_KEY_FAILURES = ("UNIQUE constraint failed", "duplicate key value violates unique constraint")
+
+
+def lost_insert_race(exc: BaseException) -> bool:
+    """Whether the server refused a call because a concurrent call inserted the same row first
+    (SQLite's and PostgreSQL's words for a unique-key violation)."""
+    return any(words in str(exc) for words in _UNIQUE_KEY_FAILURES)
 
 
 def _dataset(split):
