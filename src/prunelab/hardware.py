@@ -62,6 +62,7 @@ def name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+@functools.lru_cache(maxsize=8)
 def supports_bf16(device: torch.device) -> bool:
     """Whether the hardware computes bfloat16 natively (CPUs with AVX-512 BF16 or AMX, recent GPUs)."""
     if device.type == "cuda":
