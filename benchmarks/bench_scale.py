@@ -1,11 +1,15 @@
-"""Studies at full scale: mixed precision, `main` without a process per step,
-hardware-aligned widths, surgery that traces once, and (with a GPU) one
-lottery-ticket round.
+"""Studies at full scale: mixed precision, the device's memory layout, `main`
+without a process per step, hardware-aligned widths, surgery that traces once,
+and (with a GPU) one lottery-ticket round.
 
-- bf16 / fp32 training step, Conv-2 (batch 60, CIFAR-10) and the FashionMNIST CNN (batch 128);
+- bf16 / fp32 training step, Conv-2 (batch 60, CIFAR-10) and the FashionMNIST CNN (batch 128),
+  both in the layout training uses (`layout.native`);
+- default layout (NCHW) / the device's layout (channels-last on the CPU), bf16 training step of
+  the CNN (unpruned and at the widths the default study ends at) and Conv-2;
 - default study (2 trials, 1 epoch): wall time with one `mlflow run` process per
   step / in process, and the in-process overhead per step;
-- pruned latency speed-up / MACs ratio with and without prune.round_to;
+- pruned latency speed-up / MACs ratio with and without prune.round_to, in PyTorch and in
+  onnxruntime (the logged model's ONNX file);
 - VGG16 at 224 px, a step touching all 13 convs: surgery seconds with a graph
   per layer (before) / one graph (after);
 - on CUDA only: a Conv-2 lottery round of 20,000 iterations, and 5 trials in parallel / serial.
@@ -13,8 +17,10 @@ lottery-ticket round.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bench import Row
-from prunelab import config, data, hardware, measure, models, server, tracking
+from prunelab import config, data, export, hardware, layout, measure, models, server, tracking
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.pruning import surgery
 from prunelab.train import Precision, make_optimizer, train_step
@@ -36,38 +42,68 @@ CIFAR = Path(os.environ.get("PRUNELAB_CIFAR10", REPO.parent / "shared" / "data" 
 WIDTHS_FREE, WIDTHS_ROUNDED, ROUND_TO = [7, 9], [8, 8], 8
 
 
-def _step_seconds(model, batch, precision: str, steps: int = 20) -> float:
-    """Fastest of `steps` optimiser steps (after warm-up) of `model` on one real batch."""
+def _step_seconds(model, batch, precision: str, steps: int = 20, native_layout: bool = True) -> float:
+    """Fastest of `steps` optimiser steps (after warm-up) of `model` on one real batch, in the
+    device's layout as training runs them (or, with native_layout=False, in NCHW)."""
     xb, yb = batch
-    optimizer = make_optimizer(model, config.TrainConfig(optimizer="adam"))
-    amp = Precision(precision, xb.device)
-    for _ in range(3):
-        train_step(model, optimizer, xb, yb, precision=amp)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        train_step(model, optimizer, xb, yb, precision=amp)
-        times.append(time.perf_counter() - start)
+    with layout.native(model) if native_layout else contextlib.nullcontext():
+        optimizer = make_optimizer(model, config.TrainConfig(optimizer="adam"))
+        amp = Precision(precision, xb.device)
+        for _ in range(3):
+            train_step(model, optimizer, xb, yb, precision=amp)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            train_step(model, optimizer, xb, yb, precision=amp)
+            times.append(time.perf_counter() - start)
     return min(times)
 
 
-def precision_rows() -> list[Row]:
-    rows = []
+def _cases() -> list[tuple[str, config.DataConfig, int]]:
     cases = [("simple_cnn", config.DataConfig(dataset="fashionmnist", n_train=512, n_test=8), 128)]
     if CIFAR.is_dir():
         cases.append(("conv2", config.DataConfig(dataset="cifar10", data_dir=str(CIFAR), n_train=512, n_test=8), 60))
     else:
-        print(f"bench_scale: Conv-2 row skipped, no CIFAR-10 subset at {CIFAR} (set PRUNELAB_CIFAR10)")
+        print(f"bench_scale: Conv-2 rows skipped, no CIFAR-10 subset at {CIFAR} (set PRUNELAB_CIFAR10)")
+    return cases
+
+
+def _batch(d, batch_size: int):
+    return d.normalise(d.train_x[:batch_size]), d.train_y[:batch_size]
+
+
+def precision_rows() -> list[Row]:
+    rows = []
     native = hardware.supports_bf16(torch.device("cpu"))
-    for name, cfg, batch_size in cases:
+    for name, cfg, batch_size in _cases():
         d = data.get(cfg)
-        batch = (d.normalise(d.train_x[:batch_size]), d.train_y[:batch_size])
+        batch = _batch(d, batch_size)
         torch.manual_seed(0)
         model = models.build(name, d.input_shape, d.num_classes)
         fp32, bf16 = _step_seconds(copy.deepcopy(model), batch, "fp32"), _step_seconds(copy.deepcopy(model), batch, "bf16")
         rows.append(Row(f"{name} train step: fp32 / bf16 time (batch {batch_size})", fp32 / bf16,
                         ">= 1.5x" if native else ">= 0.0x",
                         f"fp32 {1000 * fp32:.1f} ms, bf16 {1000 * bf16:.1f} ms (fastest of 20; CPU native bf16: {native})"))
+    return rows
+
+
+def layout_rows() -> list[Row]:
+    """What training in the CPU's channels-last layout gains over NCHW, in the precision `auto` picks."""
+    cpu = torch.device("cpu")
+    precision = "bf16" if hardware.supports_bf16(cpu) else "fp32"
+    rows = []
+    for name, cfg, batch_size in _cases():
+        d = data.get(cfg)
+        batch = _batch(d, batch_size)
+        shapes = [("", {})] + ([(f" pruned {WIDTHS_FREE}", {"channels": WIDTHS_FREE})] if name == "simple_cnn" else [])
+        for label, spec in shapes:
+            torch.manual_seed(0)
+            model = models.get(name, **spec) if spec else models.build(name, d.input_shape, d.num_classes)
+            nchw = _step_seconds(copy.deepcopy(model), batch, precision, native_layout=False)
+            native = _step_seconds(copy.deepcopy(model), batch, precision)
+            rows.append(Row(f"{name}{label} train step: NCHW / {str(layout.memory_format(cpu)).removeprefix('torch.')} time ({precision}, batch {batch_size})",
+                            nchw / native, ">= 1.0x",
+                            f"NCHW {1000 * nchw:.1f} ms, native {1000 * native:.1f} ms (fastest of 20)"))
     return rows
 
 
@@ -130,7 +166,31 @@ def latency_rows() -> list[Row]:
             speedup = t_orig / t_pruned
             rows.append(Row(f"pruned latency speed-up / MACs ratio, {label} {widths}, batch {batch}", speedup / macs_ratio,
                             ">= 0.9x", f"{t_orig:.3f} -> {t_pruned:.3f} ms (1 thread) = {speedup:.2f}x; MACs {macs_ratio:.2f}x fewer"))
+        # The same networks as their ONNX files run them (onnxruntime, one thread), to tell
+        # PyTorch's per-operator overhead apart from what the network itself costs.
+        with tempfile.TemporaryDirectory() as tmp:
+            sessions = [export.session(export.to_onnx(m.eval(), torch.zeros(2, *shape), Path(tmp) / f"{i}.onnx"))
+                        for i, m in enumerate((original, pruned))]
+            for batch in (1, 256):
+                t_orig, t_pruned = _paired_onnx_ms(*sessions, torch.rand(batch, *shape).numpy())
+                speedup = t_orig / t_pruned
+                rows.append(Row(f"onnxruntime: pruned latency speed-up / MACs ratio, {label} {widths}, batch {batch}",
+                                speedup / macs_ratio, ">= 0.9x",
+                                f"{t_orig:.3f} -> {t_pruned:.3f} ms (1 thread) = {speedup:.2f}x; MACs {macs_ratio:.2f}x fewer"))
     return rows
+
+
+def _paired_onnx_ms(a, b, x, rounds: int = 20, chunk: int = 10) -> tuple[float, float]:
+    """Median latency of two onnxruntime sessions timed in alternating chunks (same machine load)."""
+    def chunk_ms(session) -> float:
+        start = time.perf_counter()
+        for _ in range(chunk):
+            export.run(session, x)
+        return (time.perf_counter() - start) / chunk * 1000
+    for session in (a, b):
+        chunk_ms(session)  # warm-up
+    times = [(chunk_ms(a), chunk_ms(b)) for _ in range(rounds)]
+    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
 
 
 def _surgery_per_layer(model, plan, example) -> None:
@@ -180,4 +240,4 @@ def cuda_rows() -> list[Row]:
 
 
 def rows() -> list[Row]:
-    return precision_rows() + main_rows() + latency_rows() + surgery_rows() + cuda_rows()
+    return precision_rows() + layout_rows() + main_rows() + latency_rows() + surgery_rows() + cuda_rows()

@@ -24,8 +24,9 @@ FORMAT = "prunelab-checkpoint-v1"
 
 def save(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
-    # CPU tensors: a checkpoint made on a GPU loads on a machine without one.
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # CPU tensors in the default layout: a checkpoint made on a GPU, or in a device's own
+    # layout (channels-last on the CPU), reads the same everywhere.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "model": models.name_of(model), "spec": model.spec(), "state_dict": state}
     with atomic_path(path) as tmp:  # never a half-written checkpoint under the real name
         torch.save(payload, tmp)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunelab import hardware
+from prunelab import hardware, layout
 from prunelab.config import TrainConfig
 from prunelab.errors import ConfigError
 from prunelab.data.base import ImageData, batches
@@ -123,7 +123,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalise, batc
         # would need tens of GB for VGG16's first activations.
         batch_size = max(1, min(1000, 2**22 // max(1, x[0].numel())))
     loss_sum, correct = 0.0, 0
-    with eval_mode(model):
+    with eval_mode(model), layout.native(model):
         for xb, yb in batches(x, y, batch_size, normalise):
             out = model(xb)
             loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
@@ -172,18 +172,19 @@ def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
         after_step: Callable[[], None] | None = None, augment=None) -> list[EpochResult]:
     """Train for `cfg.epochs` epochs, evaluating on the test set after each."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = make_optimizer(model, cfg)
-    precision = Precision(cfg.precision, device_of(model))
     history = []
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        train_loss, train_acc = train_epoch(model, data, cfg, optimizer, generator, f"{desc} {epoch}/{cfg.epochs}",
-                                            after_step, augment, precision)
-        test = evaluate(model, data.test_x, data.test_y, data.normalise)
-        result = EpochResult(epoch, train_loss, train_acc, test["loss"], test["accuracy"], time.perf_counter() - start)
-        history.append(result)
-        if on_epoch is not None:
-            on_epoch(result)
+    with layout.native(model):
+        optimizer = make_optimizer(model, cfg)
+        precision = Precision(cfg.precision, device_of(model))
+        for epoch in range(1, cfg.epochs + 1):
+            start = time.perf_counter()
+            train_loss, train_acc = train_epoch(model, data, cfg, optimizer, generator, f"{desc} {epoch}/{cfg.epochs}",
+                                                after_step, augment, precision)
+            test = evaluate(model, data.test_x, data.test_y, data.normalise)
+            result = EpochResult(epoch, train_loss, train_acc, test["loss"], test["accuracy"], time.perf_counter() - start)
+            history.append(result)
+            if on_epoch is not None:
+                on_epoch(result)
     return history
 
 
@@ -236,14 +237,15 @@ def fit_iterations(model: nn.Module, data: ImageData, cfg: TrainConfig, iteratio
             on_eval(result)
 
     model.train()
-    evaluate_now(start)
-    for iteration in tqdm(range(start + 1, iterations + 1), desc=desc, leave=False, disable=None):
-        xb, yb = next(stream)
-        loss, _ = train_step(model, optimizer, xb, yb, after_step, precision)
-        loss_sum += loss
-        steps += 1
-        if iteration % eval_every == 0 or iteration == iterations:
-            evaluate_now(iteration)
+    with layout.native(model):
+        evaluate_now(start)
+        for iteration in tqdm(range(start + 1, iterations + 1), desc=desc, leave=False, disable=None):
+            xb, yb = next(stream)
+            loss, _ = train_step(model, optimizer, xb, yb, after_step, precision)
+            loss_sum += loss
+            steps += 1
+            if iteration % eval_every == 0 or iteration == iterations:
+                evaluate_now(iteration)
     return history
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunelab import checkpoints, models
+from prunelab import checkpoints, layout, models
 from prunelab.config import TrainConfig
 from prunelab.data.base import ImageData, batches
 from prunelab.errors import ModelError
@@ -63,8 +63,9 @@ def head_inputs(model: TransferBackbone, x: torch.Tensor, normalise, batch_size:
     was_training = model.training
     model.eval()
     dummy = torch.zeros(len(x), dtype=torch.long)
-    out = [model.head_input(xb) for xb, _ in tqdm(batches(x, dummy, batch_size, normalise), desc=desc, leave=False,
-                                                  disable=None, total=(len(x) + batch_size - 1) // batch_size)]
+    with layout.native(model):
+        out = [model.head_input(xb) for xb, _ in tqdm(batches(x, dummy, batch_size, normalise), desc=desc, leave=False,
+                                                      disable=None, total=(len(x) + batch_size - 1) // batch_size)]
     model.train(was_training)
     return torch.cat(out)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunelab import layout
 from prunelab.errors import ConfigError
 
 
@@ -70,10 +71,11 @@ class TaylorCriterion:
         was_training = model.training
         model.eval()  # rank the network as it predicts: no dropout noise in the scores
         try:
-            for xb, yb in tqdm(batches, total=total, desc="rank", leave=False, disable=None):
-                model.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(xb), yb)
-                loss.backward()
+            with layout.native(model):
+                for xb, yb in tqdm(batches, total=total, desc="rank", leave=False, disable=None):
+                    model.zero_grad(set_to_none=True)
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                    loss.backward()
         finally:
             for h in handles:
                 h.remove()

@@ -107,7 +107,7 @@ class Mask(dict):
 
     def state(self) -> dict[str, torch.Tensor]:
         """Plain dict of bool CPU tensors (saves and loads with weights_only=True, on any machine)."""
-        return {name: keep.cpu() for name, keep in self.items()}
+        return {name: keep.cpu().contiguous() for name, keep in self.items()}
 
 
 # --------------------------------------------------------------------------- strategies
