@@ -8,8 +8,8 @@ and (with a GPU) one lottery-ticket round.
   the CNN (unpruned and at the widths the default study ends at) and Conv-2;
 - default study (2 trials, 1 epoch): wall time with one `mlflow run` process per
   step / in process, and the in-process overhead per step;
-- pruned latency speed-up / MACs ratio with and without prune.round_to, in PyTorch and in
-  onnxruntime (the logged model's ONNX file);
+- pruned latency speed-up / MACs ratio with and without prune.round_to (onnxruntime's
+  are in bench_onnx);
 - VGG16 at 224 px, a step touching all 13 convs: surgery seconds with a graph
   per layer (before) / one graph (after);
 - on CUDA only: a Conv-2 lottery round of 20,000 iterations, and 5 trials in parallel / serial.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench import Row
-from prunelab import config, data, export, hardware, layout, measure, models, server, tracking
+from prunelab import config, data, hardware, layout, measure, models, server, tracking
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.pruning import surgery
 from prunelab.train import Precision, make_optimizer, train_step
@@ -166,31 +165,7 @@ def latency_rows() -> list[Row]:
             speedup = t_orig / t_pruned
             rows.append(Row(f"pruned latency speed-up / MACs ratio, {label} {widths}, batch {batch}", speedup / macs_ratio,
                             ">= 0.9x", f"{t_orig:.3f} -> {t_pruned:.3f} ms (1 thread) = {speedup:.2f}x; MACs {macs_ratio:.2f}x fewer"))
-        # The same networks as their ONNX files run them (onnxruntime, one thread), to tell
-        # PyTorch's per-operator overhead apart from what the network itself costs.
-        with tempfile.TemporaryDirectory() as tmp:
-            sessions = [export.session(export.to_onnx(m.eval(), torch.zeros(2, *shape), Path(tmp) / f"{i}.onnx"))
-                        for i, m in enumerate((original, pruned))]
-            for batch in (1, 256):
-                t_orig, t_pruned = _paired_onnx_ms(*sessions, torch.rand(batch, *shape).numpy())
-                speedup = t_orig / t_pruned
-                rows.append(Row(f"onnxruntime: pruned latency speed-up / MACs ratio, {label} {widths}, batch {batch}",
-                                speedup / macs_ratio, ">= 0.9x",
-                                f"{t_orig:.3f} -> {t_pruned:.3f} ms (1 thread) = {speedup:.2f}x; MACs {macs_ratio:.2f}x fewer"))
     return rows
-
-
-def _paired_onnx_ms(a, b, x, rounds: int = 20, chunk: int = 10) -> tuple[float, float]:
-    """Median latency of two onnxruntime sessions timed in alternating chunks (same machine load)."""
-    def chunk_ms(session) -> float:
-        start = time.perf_counter()
-        for _ in range(chunk):
-            export.run(session, x)
-        return (time.perf_counter() - start) / chunk * 1000
-    for session in (a, b):
-        chunk_ms(session)  # warm-up
-    times = [(chunk_ms(a), chunk_ms(b)) for _ in range(rounds)]
-    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
 
 
 def _surgery_per_layer(model, plan, example) -> None:
