@@ -2,15 +2,15 @@
 
 On the CPU, oneDNN's convolutions work on channels-last (NHWC) tensors; a
 network held in PyTorch's default NCHW layout is reordered around every call.
-Measured on a 2-core AVX-512 CPU: the FashionMNIST CNN's bf16 training step
-(batch 128) drops from 11.9 to 8.9 ms, and its pruned (7, 9)-filter version
-from 15.1 to 5.7 ms (NCHW kernels for odd widths are the slowest of all);
-Conv-2's bf16 step (batch 60) from 63 to 51 ms; evaluating Conv-2 and ResNet20
-is 1.3-1.5x faster. One image at a time is the other way round (the CNN: 0.10
-ms in NCHW, 0.30 ms channels-last), so a network rests in the default layout,
-as it is logged, saved and timed, and takes its device's layout only for the
-passes over many images: training, ranking, evaluation (`native`). Elsewhere
-(CUDA, MPS) the default layout is kept: nothing was measured there.
+Measured on a 2-core AVX-512 CPU (`benchmarks/bench_scale.py`): the
+FashionMNIST CNN's bf16 training step (batch 128) drops from 8.1 to 6.8 ms,
+its pruned (7, 9)-filter version from 12.5 to 5.2 ms (NCHW kernels for odd
+widths are the slowest of all), Conv-2's (batch 60) from 81 to 52 ms. One
+image at a time is the other way round (the same bench times the CNN both
+ways), so a network rests in the default layout, as it is logged, saved and
+timed, and takes its device's layout only for the passes over many images:
+training, ranking, evaluation (`native`). Elsewhere (CUDA, MPS) the default
+layout is kept: nothing was measured there.
 
 Gradients flowing back through a Flatten arrive in NCHW order (the flattened
 vector is laid out that way); left so, the ReLU and convolution before it run
