@@ -9,7 +9,7 @@ and (with a GPU) one lottery-ticket round.
 - default study (2 trials, 1 epoch): wall time with one `mlflow run` process per
   step / in process, and the in-process overhead per step;
 - pruned latency speed-up / MACs ratio with and without prune.round_to (onnxruntime's
-  are in bench_onnx);
+  are in bench_onnx), and the best of a sweep over widths the study could end at;
 - VGG16 at 224 px, a step touching all 13 convs: surgery seconds with a graph
   per layer (before) / one graph (after);
 - on CUDA only: a Conv-2 lottery round of 20,000 iterations, and 5 trials in parallel / serial.
@@ -184,7 +184,25 @@ def latency_rows() -> list[Row]:
     t_cl, t_nchw = measure.paired_latency_ms(channels_last, original, shape, 1, repeats=100)
     rows.append(Row("unpruned CNN latency at batch 1: channels-last / NCHW time", t_cl / t_nchw, ">= 1.0x",
                     f"channels-last {t_cl:.3f} ms, NCHW {t_nchw:.3f} ms (1 thread)"))
-    return rows + allocator_rows()
+    return rows + width_rows(original, shape) + allocator_rows()
+
+
+# Widths a pruning of the default study could end at (<= 62 % of the parameters), multiples of
+# 8 and 4 among them: whether any width choice, any round_to, brings latency to the MACs ratio.
+SWEEP_WIDTHS = ([7, 9], [8, 8], [6, 10], [4, 8], [8, 4], [2, 10])
+
+
+def width_rows(original, shape, batch: int = 256) -> list[Row]:
+    macs0 = measure.size(original, shape).macs
+    found = []
+    for widths in SWEEP_WIDTHS:
+        pruned = SimpleCNN(channels=widths)
+        macs_ratio = macs0 / measure.size(pruned, shape).macs
+        t_orig, t_pruned = measure.paired_latency_ms(original, pruned, shape, batch, repeats=40)
+        found.append(((t_orig / t_pruned) / macs_ratio, widths, t_orig / t_pruned, macs_ratio))
+    best = max(found)
+    return [Row(f"best latency speed-up / MACs ratio over {len(found)} pruned widths, batch {batch}", best[0], ">= 0.9x",
+                "; ".join(f"{w}: {s:.2f}x / {m:.2f}x" for _, w, s, m in found))]
 
 
 # Timing one batch-256 forward pass in a fresh process, printed in ms. Its 12.8 MB feature maps
