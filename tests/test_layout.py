@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from prunelab import checkpoints, config, data, layout
+from prunelab.models.pixels import PixelInput
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.train import evaluate, fit
 
@@ -23,7 +24,13 @@ def test_a_network_is_channels_last_inside_the_block_and_in_the_default_layout_a
     assert layout.memory_format(torch.device("cpu")) == CL
     with layout.native(model):
         assert _is_channels_last(model.features[2].weight)
+        # One input channel is contiguous in both layouts; it must still carry channels-last
+        # strides, or oneDNN runs that conv in NCHW (slower, and other sums).
+        assert model.features[0].weight.stride() == (9, 1, 3, 1)
         with layout.native(model):  # an evaluation inside training leaves the outer block's layout alone
+            pass
+        assert _is_channels_last(model.features[2].weight)
+        with layout.native(PixelInput(model, (0.5,), (0.25,))):  # and so does one over a wrapper of it
             pass
         assert _is_channels_last(model.features[2].weight)
         assert model.classifier[1].weight.is_contiguous()  # only 4-D tensors change

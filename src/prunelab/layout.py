@@ -2,10 +2,10 @@
 
 On the CPU, oneDNN's convolutions work on channels-last (NHWC) tensors; a
 network held in PyTorch's default NCHW layout is reordered around every call.
-Measured on a 2-core AVX-512 CPU (`benchmarks/bench_scale.py`): the
-FashionMNIST CNN's bf16 training step (batch 128) drops from 8.1 to 6.8 ms,
-its pruned (7, 9)-filter version from 12.5 to 5.2 ms (NCHW kernels for odd
-widths are the slowest of all), Conv-2's (batch 60) from 81 to 52 ms. One
+Measured on a 2-core AVX-512 CPU (`benchmarks/bench_scale.py`, the README's
+"Scale" rows): a bf16 training step is 1.27x faster for the FashionMNIST CNN
+(batch 128), 2.59x for its pruned (7, 9)-filter version (NCHW kernels for odd
+widths are the slowest of all) and 1.36x for Conv-2 (batch 60). One
 image at a time is the other way round (the same bench times the CNN both
 ways), so a network rests in the default layout, as it is logged, saved and
 timed, and takes its device's layout only for the passes over many images:
@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 _LAYOUTS = {"cpu": torch.channels_last}
-_ACTIVE: set[int] = set()  # models inside a `native` block (an evaluation within training nests)
+# The weights a `native` block has put in its device's layout, by identity: a block inside it
+# (an evaluation within training, or one over a wrapper of the same network) leaves them there.
+_IN_LAYOUT: set[int] = set()
 
 
 def memory_format(device: torch.device | str) -> torch.memory_format:
@@ -37,12 +39,12 @@ def memory_format(device: torch.device | str) -> torch.memory_format:
 
 @contextlib.contextmanager
 def native(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in its device's layout for the block, gradients coming back through its Flatten
-    modules restored to that layout, and the default layout again afterwards. In place: the
-    same Parameter objects stay, so an optimiser made before or inside still holds them."""
-    first = next(model.parameters(), None)
-    fmt = memory_format(first.device) if first is not None else torch.contiguous_format
-    if fmt is torch.contiguous_format or id(model) in _ACTIVE:
+    """`model`'s conv weights in its device's layout for the block, gradients coming back through
+    its Flatten modules restored to that layout, and the default layout again afterwards. In
+    place: the same Parameter objects stay, so an optimiser made before or inside holds them."""
+    weights = [p for p in model.parameters() if p.dim() == 4 and id(p) not in _IN_LAYOUT]
+    fmt = memory_format(weights[0].device) if weights else torch.contiguous_format
+    if fmt is torch.contiguous_format:
         yield model
         return
 
@@ -54,13 +56,24 @@ def native(model: nn.Module) -> Iterator[nn.Module]:
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.requires_grad:
             x.register_hook(in_layout)
 
-    _ACTIVE.add(id(model))
-    model.to(memory_format=fmt)
+    _move(weights, fmt)
+    _IN_LAYOUT.update(id(p) for p in weights)
     handles = [m.register_forward_pre_hook(before_flatten) for m in model.modules() if isinstance(m, nn.Flatten)]
     try:
         yield model
     finally:
         for handle in handles:
             handle.remove()
-        model.to(memory_format=torch.contiguous_format)
-        _ACTIVE.discard(id(model))
+        _IN_LAYOUT.difference_update(id(p) for p in weights)
+        _move(weights, torch.contiguous_format)
+
+
+@torch.no_grad()
+def _move(weights: list[nn.Parameter], fmt: torch.memory_format) -> None:
+    # As Module.to does it: the Parameter keeps its identity, its data (and gradient) change layout.
+    # `.to`, not `.contiguous`: a weight with one input channel counts as contiguous in both
+    # layouts, and `.contiguous` would leave its NCHW strides, which make oneDNN pick NCHW kernels.
+    for p in weights:
+        p.data = p.data.to(memory_format=fmt)
+        if p.grad is not None:
+            p.grad = p.grad.to(memory_format=fmt)
