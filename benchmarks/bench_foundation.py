@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from bench import Row
-from prunelab import config, data, server, studies, tracking
+from prunelab import config, data, server, studies
+from prunelab.tracking import connection, run as tracking_run
 from prunelab.studies import common
 from prunelab.data import fashionmnist
 from prunelab.data.base import ImageData
@@ -110,10 +111,10 @@ def tracking_rows() -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         uri, process = server.start(server.free_port(), tmp)
         try:
-            tracking.connect(uri)
+            connection.connect(uri)
             spent = 0.0
             start = time.perf_counter()
-            context = tracking.run("bench", "train", {"study": "bench"})
+            context = tracking_run.start_run("bench", "train", {"study": "bench"})
             run = context.__enter__()
             run.log_params(cfg.flat())
             spent += time.perf_counter() - start
@@ -145,5 +146,43 @@ def tracking_rows() -> list[Row]:
     ]
 
 
+def model_logging_rows() -> list[Row]:
+    """One trial of the default study as `make run` runs it (in process, full data and epochs)
+    on a fresh server: the wall time inside `tracking.models.log_model` (every per-round and
+    final model: pt2, ONNX, checkpoint, metric links), summed, against the study's wall time."""
+    import tempfile
+    from pathlib import Path
+
+    from prunelab.pipeline.study import StudyArgs, run_study
+    from prunelab.tracking import models as logged_models
+
+    spent: list[float] = []
+    log_model = logged_models.log_model
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return log_model(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    args = StudyArgs(config.DEFAULT_STUDY, "trials=1 study=bench-model-logging")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = StudyArgs(args.study, args.overrides, out_dir=str(Path(tmp) / "report"))
+        uri, process = server.start(server.free_port(), tmp)
+        logged_models.log_model = timed  # measured where every stage's models go through
+        try:
+            connection.connect(uri)
+            start = time.perf_counter()
+            run_study(args, args.config())
+            wall = time.perf_counter() - start
+        finally:
+            logged_models.log_model = log_model
+            server.stop(process)
+    return [Row("model logging, share of the default study's wall (%)", 100 * sum(spent) / wall, "<= 5%",
+                f"{sum(spent):.1f}s in {len(spent)} log_model calls of a {wall:.0f}s one-trial study "
+                f"(max {max(spent):.2f}s, median {sorted(spent)[len(spent) // 2]:.2f}s)")]
+
+
 def rows() -> list[Row]:
-    return loop_rows(_data()) + tracking_rows()  # pruned latency: bench_scale
+    return loop_rows(_data()) + tracking_rows() + model_logging_rows()  # pruned latency: bench_scale

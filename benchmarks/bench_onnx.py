@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from bench import Row
-from prunelab import config, data, export, measure, server, tracking
+from prunelab import config, data, export, measure, server
+from prunelab.tracking import connection, run as tracking_run
 from prunelab.models.pixels import PixelInput
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.studies import common
@@ -69,8 +70,8 @@ def export_rows() -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         uri, process = server.start(server.free_port(), Path(tmp) / "server")
         try:
-            tracking.connect(uri)
-            with tracking.run("bench-onnx", "train", {"study": "bench-onnx"}) as run:
+            connection.connect(uri)
+            with tracking_run.start_run("bench-onnx", "train", {"study": "bench-onnx"}) as run:
                 pt2, onnx = [], []
                 for step in range(3):
                     start = time.perf_counter()

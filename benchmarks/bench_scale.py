@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from bench import Row
-from prunelab import config, data, hardware, layout, measure, models, server, tracking
+from prunelab import config, data, hardware, layout, measure, models, server
+from prunelab.tracking import connection, query
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.pruning import surgery
 from prunelab.train import Precision, make_optimizer, train_step
@@ -117,7 +118,7 @@ def _timed_study(uri: str, steps: str, study: str, out: Path) -> tuple[float, li
     subprocess.run([sys.executable, "-m", "prunelab", "run", "--overrides", overrides, "--out", str(out), "--steps", steps],
                    env=env, cwd=REPO, check=True, capture_output=True)
     wall = time.perf_counter() - start
-    runs = tracking.find_runs(study)
+    runs = query.find_runs(study)
     return wall, runs
 
 
@@ -130,7 +131,7 @@ def main_rows() -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         uri, process = server.start(server.free_port(), tmp)
         try:
-            tracking.connect(uri)
+            connection.connect(uri)
             walls = {}
             for steps in ("processes", "in-process"):
                 walls[steps], runs = _timed_study(uri, steps, f"bench-main-{steps}", Path(tmp) / steps)

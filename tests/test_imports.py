@@ -4,6 +4,7 @@ functions count), and every module imports on its own in a fresh interpreter."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,38 @@ def test_only_tracking_imports_mlflow():
                           any((a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] == "mlflow"
                               for a in (n.names if isinstance(n, ast.Import) else [n]))
                           for n in ast.walk(ast.parse(f.read_text()))))
-    assert users == ["prunelab.tracking"]
+    assert users and all(m.startswith("prunelab.tracking.") for m in users), users
+
+
+ARCHITECTURE = ROOT.parents[1] / "docs" / "architecture.md"
+
+
+def layers() -> list[list[str]]:
+    """The table of docs/architecture.md's "The layers", top to bottom: each row's
+    modules as written there (`cli.py`, `tracking/`)."""
+    text = ARCHITECTURE.read_text().split("## The layers", 1)[1]
+    table = text[text.index("| layer |"):].split("\n\n", 1)[0]  # the first table of the section
+    rows = [line for line in table.splitlines()[2:]]
+    return [re.findall(r"`([\w/.]+)`", row.split("|")[2]) for row in rows]
+
+
+def layer_of(module: str, table: list[list[str]]) -> int:
+    path = module.removeprefix("prunelab").lstrip(".").replace(".", "/")
+    found = [i for i, names in enumerate(table) for name in names
+             if (name.endswith("/") and (path + "/").startswith(name)) or name == f"{path}.py"
+             or (name.endswith("/") and path == name.rstrip("/"))]
+    return found[0] if len(found) == 1 else -len(found) - 1
+
+
+def test_imports_follow_the_documented_layers():
+    """Every module is in one layer of docs/architecture.md, and imports only its own layer or those below."""
+    table = layers()
+    known = {m: f for m, f in modules().items() if m != "prunelab"}
+    unplaced = sorted(m for m in known if layer_of(m, table) < 0)
+    assert unplaced == [], f"modules in no layer (or several) of {ARCHITECTURE.name}: {unplaced}"
+    upward = sorted(f"{m} -> {dep}" for m, f in known.items() for dep in imports_of(m, f, modules())
+                    if dep != "prunelab" and layer_of(dep, table) < layer_of(m, table))
+    assert upward == [], f"imports against the layers of {ARCHITECTURE.name}: {upward}"
 
 
 def test_every_module_imports_on_its_own():

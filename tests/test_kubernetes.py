@@ -14,7 +14,9 @@ import pytest
 import yaml
 
 from conftest import REPO, clean_env
-from prunelab import tracking
+from prunelab import errors, paths
+from prunelab.pipeline import kubernetes, steps
+from prunelab.tracking import run as tracking_run
 
 pytest.importorskip("kubernetes", reason="the kubernetes package (pip install 'prunelab[kubernetes]')")
 
@@ -37,7 +39,7 @@ def render_job(entry_point: str, params: dict, run_id: str, experiment_id: str, 
     from mlflow.projects.utils import fetch_and_validate_project, get_entry_point_command, get_run_env_vars, load_project
 
     config = example_config()
-    project = tracking.kubernetes_project(config)
+    project = kubernetes.kubernetes_project(config)
     kube = _parse_kubernetes_config({k: v for k, v in config.items() if k != "image"})
     work_dir = fetch_and_validate_project(str(project), None, entry_point, params)
     spec = load_project(work_dir)
@@ -49,7 +51,7 @@ def render_job(entry_point: str, params: dict, run_id: str, experiment_id: str, 
 
 def test_the_job_mlflow_would_submit(monkeypatch):
     """Image (the backend config's, pinned by digest), command, tracking URI and resources."""
-    monkeypatch.setenv(tracking.KUBE_TRACKING_ENV, TEAM_SERVER)
+    monkeypatch.setenv(kubernetes.KUBE_TRACKING_ENV, TEAM_SERVER)
     params = {"study": "taylor-cnn-fashionmnist", "overrides": "trials=2 train.epochs=1", "data_dir": "/data/fashion",
               "trial": "1", "model_uri": "0123abcd"}
     config, job = render_job("prune", params, run_id="0123abcd" * 4, experiment_id="7")
@@ -81,7 +83,7 @@ def test_the_cluster_project_matches_the_local_one():
         {name: ep["parameters"] for name, ep in local["entry_points"].items()}
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert cluster["docker_env"]["image"] == f"prunelab:{version}"
-    assert tracking.shipped_project("kubernetes").joinpath("MLproject").read_text() == (DEPLOY / "MLproject").read_text()
+    assert steps.shipped_project("kubernetes").joinpath("MLproject").read_text() == (DEPLOY / "MLproject").read_text()
 
 
 def test_the_jobs_command_runs_a_step(tracking_uri, client, fashion_dir, tmp_path, monkeypatch):
@@ -90,7 +92,7 @@ def test_the_jobs_command_runs_a_step(tracking_uri, client, fashion_dir, tmp_pat
     study = "test-kubernetes-job-command"
     exp_id = client.create_experiment(study)
     run_id = client.create_run(exp_id).info.run_id
-    monkeypatch.setenv(tracking.KUBE_TRACKING_ENV, tracking_uri)
+    monkeypatch.setenv(kubernetes.KUBE_TRACKING_ENV, tracking_uri)
     overrides = f"study={study} trials=1 data.n_train=600 data.n_test=200 train.epochs=1"
     _, job = render_job("train", {"study": "taylor-cnn-fashionmnist", "overrides": overrides, "trial": "0"},
                         run_id=run_id, experiment_id=exp_id)
@@ -112,7 +114,7 @@ def test_without_docker_nothing_is_submitted(tracking_uri, client, tmp_path, mon
 
     if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
         pytest.skip("a Docker daemon answers here: this would submit for real")
-    monkeypatch.setenv(tracking.KUBE_TRACKING_ENV, TEAM_SERVER)
+    monkeypatch.setenv(kubernetes.KUBE_TRACKING_ENV, TEAM_SERVER)
     monkeypatch.chdir(REPO)  # the example's template path is relative to the repository root
     study = "test-kubernetes-no-docker"
     code = cli.main(["run", "--set", f"study={study}", "--backend", "kubernetes", "--out", str(tmp_path),
@@ -129,11 +131,11 @@ def test_a_finished_step_is_reused_not_submitted(tracking_uri, client):
     with the local backend: nothing is submitted, so no Docker or cluster is needed."""
     study = "test-kubernetes-reuse"
     exp_id = client.create_experiment(study)
-    done = client.create_run(exp_id, tags={tracking.TAG_STEP_KEY: "k" * 32}).info.run_id
+    done = client.create_run(exp_id, tags={paths.TAG_STEP_KEY: "k" * 32}).info.run_id
     client.set_terminated(done, "FINISHED")
     parent = client.create_run(exp_id).info.run_id
-    got = tracking.run_on_cluster(study, [("train", {"trial": "0"}, "k" * 32)], parent,
-                                  tracking.kubernetes_project(example_config()), example_config())
+    got = kubernetes.run_on_cluster(study, [("train", {"trial": "0"}, "k" * 32)], parent,
+                                  kubernetes.kubernetes_project(example_config()), example_config())
     assert got == [done]
     assert client.get_run(done).data.tags["mlflow.parentRunId"] == parent
 
@@ -143,17 +145,17 @@ def test_a_step_that_cannot_be_submitted_ends_failed(tracking_uri, client, monke
     the run ends FAILED (with why) and the failure is one line."""
     if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
         pytest.skip("a Docker daemon answers here: this would submit for real")
-    monkeypatch.setenv(tracking.KUBE_TRACKING_ENV, TEAM_SERVER)
+    monkeypatch.setenv(kubernetes.KUBE_TRACKING_ENV, TEAM_SERVER)
     study = "test-kubernetes-not-submitted"
     config = example_config()
-    with pytest.raises(tracking.PrunelabError, match="^step train could not be submitted to Kubernetes: "):
-        with tracking.main_run(study, {"stage": "main"}) as main:
-            tracking.run_on_cluster(study, [("train", {"overrides": "trials=1", "trial": "0"}, "x" * 32)],
-                                    main.run_id, tracking.kubernetes_project(config), config)
+    with pytest.raises(errors.PrunelabError, match="^step train could not be submitted to Kubernetes: "):
+        with tracking_run.main_run(study, {"stage": "main"}) as main:
+            kubernetes.run_on_cluster(study, [("train", {"overrides": "trials=1", "trial": "0"}, "x" * 32)],
+                                    main.run_id, kubernetes.kubernetes_project(config), config)
     exp = client.get_experiment_by_name(study)
     runs = {r.data.tags.get("mlflow.project.entryPoint", "main"): r for r in client.search_runs([exp.experiment_id])}
     assert {name: r.info.status for name, r in runs.items()} == {"main": "FAILED", "train": "FAILED"}
-    assert runs["train"].data.tags[tracking.TAG_FAILED_BECAUSE].startswith("not submitted: ")
+    assert runs["train"].data.tags[paths.TAG_FAILED_BECAUSE].startswith("not submitted: ")
 
 
 @pytest.mark.slow
@@ -161,14 +163,14 @@ def test_a_study_run_here_is_reused_on_the_cluster(tiny_study, client):
     """`--backend kubernetes` after the same study ran here: every step of every trial is
     reused (the step key does not depend on where a step ran), so nothing is submitted."""
     from conftest import TINY_STUDY_OVERRIDES
-    from prunelab import study
+    from prunelab.pipeline import study
 
     by_stage = tiny_study["by_stage"]
     steps = [[by_stage[(stage, trial)] for stage in ("train", "prune", "finetune")] for trial in range(2)]
     parent = client.create_run(tiny_study["experiment_id"], tags={"stage": "main"}).info.run_id
     try:
-        chains = study.run_trials_on_cluster(study.StudyArgs("taylor-cnn-fashionmnist", TINY_STUDY_OVERRIDES), parent,
-                                             example_config())
+        args = study.StudyArgs("taylor-cnn-fashionmnist", TINY_STUDY_OVERRIDES)
+        chains = study.run_trials_on_cluster(args, args.config(), parent, example_config())
         assert chains == [[run.info.run_id for run in chain] for chain in steps]
         assert all(client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent for c in chains for run_id in c)
     finally:  # the session's study as the other tests read it: its steps under their own main run

@@ -52,11 +52,11 @@ def test_the_wheel_ships_the_presets_and_the_project(installed, tmp_path):
     """From an empty folder, the installed package lists and reads every preset of the
     repository, and finds its MLproject (the one `--steps processes` runs) and the
     cluster variant (`--backend kubernetes`)."""
-    script = ("import prunelab, json; from prunelab import config, tracking; "
+    script = ("import prunelab, json; from prunelab import config; from prunelab.pipeline import steps; "
               "print(json.dumps({'file': prunelab.__file__, 'studies': config.available_studies(), "
-              "'preset': config.read_preset('taylor-cnn-fashionmnist'), 'project': str(tracking.project_dir()), "
-              "'mlproject': (tracking.project_dir() / 'MLproject').read_text(), "
-              "'cluster': (tracking.shipped_project('kubernetes') / 'MLproject').read_text()}))")
+              "'preset': config.read_preset('taylor-cnn-fashionmnist'), 'project': str(steps.project_dir()), "
+              "'mlproject': (steps.project_dir() / 'MLproject').read_text(), "
+              "'cluster': (steps.shipped_project('kubernetes') / 'MLproject').read_text()}))")
     proc = in_empty_folder(installed, tmp_path, "-c", script)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunelab import cli, hardware, study, tracking
+from prunelab import cli, hardware, paths
+from prunelab.pipeline import study
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ("data.n_train=600 data.n_test=200 train.epochs=1 finetune.epochs=1 prune.rank_images=200 "
         "prune.latency_repeats=0 trials=1")
 # Tags that name a process, a time or a run id: they differ between any two runs.
-VARYING_TAGS = {"mlflow.parentRunId", tracking.TAG_PID, tracking.TAG_PROCESS_START, tracking.TAG_STEP_RUNNER,
-                "prunelab.model_uri", "mlflow.log-model.history", "mlflow.runName", tracking.TAG_STEP_KEY}
+VARYING_TAGS = {"mlflow.parentRunId", paths.TAG_PID, paths.TAG_PROCESS_START, paths.TAG_STEP_RUNNER,
+                "prunelab.model_uri", "mlflow.log-model.history", "mlflow.runName", paths.TAG_STEP_KEY}
 
 
 def runs_of(client, experiment):
@@ -51,7 +52,7 @@ def test_in_process_steps_make_the_runs_mlflow_run_makes(tracking_uri, client, f
         main_id = runs[0].info.run_id
         assert all(r.data.tags.get("mlflow.parentRunId") == main_id for r in runs[1:])
         runner = {"processes": "process", "in-process": "in-process"}[steps]
-        assert all(r.data.tags.get(tracking.TAG_STEP_RUNNER) == runner for r in runs[1:])
+        assert all(r.data.tags.get(paths.TAG_STEP_RUNNER) == runner for r in runs[1:])
         for r in runs[1:]:
             assert r.data.tags["mlflow.project.entryPoint"] == r.data.tags["stage"]
             assert r.data.tags["mlflow.source.type"] == "PROJECT"
@@ -106,7 +107,7 @@ def test_killed_main_is_marked_failed_and_rerun_reuses_its_steps(tracking_uri, c
     assert not [r for r in runs if r.info.status == "RUNNING"]
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert {r.info.run_id for r in failed} == {r.info.run_id for r in running}
-    assert all(r.data.tags[tracking.TAG_FAILED_BECAUSE].startswith("abandoned") for r in failed)
+    assert all(r.data.tags[paths.TAG_FAILED_BECAUSE].startswith("abandoned") for r in failed)
     new_main = [r for r in runs if r.data.tags.get("stage") == "main" and r.info.status == "FINISHED"][-1]
     trial0 = [r for r in runs if r.data.tags.get("trial") == "0" and r.info.status == "FINISHED"]
     assert len(trial0) == 3 and all(r.data.tags["mlflow.parentRunId"] == new_main.info.run_id for r in trial0)
@@ -123,7 +124,7 @@ def test_parallel_trials_run_in_worker_processes(tracking_uri, client, fashion_d
     main_id = runs[0].info.run_id
     assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == main_id for r in runs[1:])
     # Each trial ran in a worker of its own, not in `main`'s process.
-    assert len({r.data.tags[tracking.TAG_PID] for r in steps} - {runs[0].data.tags[tracking.TAG_PID]}) == 2
+    assert len({r.data.tags[paths.TAG_PID] for r in steps} - {runs[0].data.tags[paths.TAG_PID]}) == 2
 
 
 def test_device_is_logged_and_an_absent_one_refused(tracking_uri, client, fashion_dir, capsys):
@@ -143,4 +144,4 @@ def test_device_is_logged_and_an_absent_one_refused(tracking_uri, client, fashio
 
 def test_unknown_step_runner_is_refused():
     with pytest.raises(Exception, match="unknown step runner"):
-        study.run_study("taylor-cnn-fashionmnist", steps="threads")
+        study.StudyArgs("taylor-cnn-fashionmnist", steps="threads")

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from prunelab import paths, tracking
+from prunelab import paths
+from prunelab.tracking import run as tracking_run
 from without_prunelab import load_and_score
 
 
@@ -134,7 +135,7 @@ def test_the_experiment_opens_on_runs_and_runs_describe_themselves(tiny_study, c
     exp = client.get_experiment(tiny_study["experiment_id"])
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     for r in tiny_study["runs"]:
-        note = r.data.tags[tracking.NOTE]
+        note = r.data.tags[tracking_run.NOTE]
         assert f"**{r.data.tags['stage']}**" in note and tiny_study["study"] in note
         # `mlflow run` logs its own MLproject params (an empty one as ''); prunelab logs none empty.
         own = {k: v for k, v in r.data.params.items() if k not in ("study", "overrides", "data_dir", "trial", "model_uri", "out_dir")}
@@ -168,7 +169,7 @@ def test_metrics_logged_after_a_model_at_its_step_name_it(tracking_uri, client):
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 26 * 26, 3))
     example = torch.rand(2, 1, 28, 28)
-    with tracking.run("test-model-links", "train", {"study": "test-model-links"}, "links") as run:
+    with tracking_run.start_run("test-model-links", "train", {"study": "test-model-links"}, "links") as run:
         run.log_metrics({"params": 123, "test_accuracy": 0.5}, step=3, flush=False)  # still buffered
         run.log_metrics({"test_accuracy": 0.25}, step=2, flush=False)
         uri = run.log_model(module, "model", example, step=3)
@@ -195,7 +196,7 @@ def test_runs_that_record_one_new_data_set_at_once_all_record_it(client):
     split = Split(name=f"race-{tag[:8]}", context="train", digest=tag[:16], source="test://race",
                   images=10, image_shape=(1, 28, 28))
     experiment = client.create_experiment(f"test-input-race-{tag[:8]}")
-    runs = [tracking.Run(client.create_run(experiment).info.run_id) for _ in range(8)]
+    runs = [tracking_run.Run(client.create_run(experiment).info.run_id) for _ in range(8)]
     start, errors = threading.Barrier(len(runs)), []
 
     def record(run):

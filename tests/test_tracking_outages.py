@@ -11,10 +11,11 @@ import pytest
 from conftest import start_foreign_server
 import torch
 
-from prunelab import cli, paths, server, tracking
+from prunelab import cli, paths, server
+from prunelab.tracking import connection, models as logged_models, run as tracking_run, sync as tracking_sync
 from prunelab.errors import TrackingError
 from prunelab.models.simple_cnn import SimpleCNN
-from prunelab.spool import Spool
+from prunelab.tracking.spool import Spool
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def test_probe_tells_an_mlflow_server_from_any_other(tracking_uri, foreign_serve
     assert server.probe(tracking_uri) is None
     assert "not as an MLflow tracking server" in server.probe(foreign_server)
     with pytest.raises(TrackingError, match="not as an MLflow tracking server"):
-        tracking.connect(foreign_server)
+        connection.connect(foreign_server)
     assert "nothing answers there" in server.probe(f"http://127.0.0.1:{server.free_port()}")
 
 
@@ -46,7 +47,7 @@ def test_probe_keeps_its_time_limit_against_a_server_that_never_answers():
 @pytest.mark.parametrize("patience", [8, 10, 30, 120])
 def test_retry_settings_fit_the_patience(patience):
     """Three attempts of at most T s each and at most 5 s of backoff between them."""
-    settings = tracking.retry_settings(patience)
+    settings = connection.retry_settings(patience)
     assert settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
     assert 3 * int(settings["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5 <= patience
 
@@ -59,7 +60,7 @@ def test_a_call_to_a_gone_server_gives_up_within_the_patience(other_end, monkeyp
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    for key, value in tracking.retry_settings(tracking.DEFAULT_PATIENCE).items():
+    for key, value in connection.retry_settings(connection.DEFAULT_PATIENCE).items():
         monkeypatch.setenv(key, value)
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -68,24 +69,24 @@ def test_a_call_to_a_gone_server_gives_up_within_the_patience(other_end, monkeyp
         start = time.monotonic()
         with pytest.raises(MlflowException):
             MlflowClient(f"http://127.0.0.1:{port}").log_batch("0" * 32, metrics=[Metric("m", 1.0, 0, 0)])
-        assert time.monotonic() - start <= tracking.DEFAULT_PATIENCE
+        assert time.monotonic() - start <= connection.DEFAULT_PATIENCE
 
 
 def test_a_model_uri_never_unpickles(tracking_uri, client):
     """The final model's URIs give the run's weights-only checkpoint (a real SimpleCNN);
     a round model is read as a pt2 archive that MLflow checked to be pickle-free."""
-    tracking.connect(tracking_uri)
+    connection.connect(tracking_uri)
     torch.manual_seed(0)
     model, example = SimpleCNN(channels=[3, 5]), torch.randn(2, 1, 28, 28)
-    with tracking.run("test-model-uris", "prune", {paths.TAG_STUDY: "test-model-uris"}) as run:
+    with tracking_run.start_run("test-model-uris", "prune", {paths.TAG_STUDY: "test-model-uris"}) as run:
         round_uri = run.log_model(model, paths.round_model(1), example, step=1)
         final_uri = run.log_model(model, paths.MODEL, example, step=1, final=True, checkpoint=model)
     assert client.get_run(run.run_id).data.tags[paths.TAG_MODEL_URI] == final_uri
     for ref in (run.run_id, f"runs:/{run.run_id}/model", final_uri):
-        loaded = tracking.load_model(ref)
+        loaded = logged_models.load_model(ref)
         assert type(loaded) is SimpleCNN and loaded.spec()["channels"] == [3, 5]
         assert torch.equal(loaded(example), model.eval()(example))
-    traced = tracking.load_model(round_uri)
+    traced = logged_models.load_model(round_uri)
     assert type(traced) is not SimpleCNN
     assert torch.allclose(traced(example), model(example), atol=1e-6)
 
@@ -94,7 +95,7 @@ def test_sync_uploads_a_spooled_run_the_server_never_saw(tracking_uri, client, t
     """A spool whose run the server does not know goes into a new run that says where it came from;
     its params, tags, metrics, text, model and child run all arrive; a second sync uploads nothing."""
     monkeypatch.setenv("PRUNELAB_SPOOL", str(tmp_path / "spool"))
-    tracking.connect(tracking_uri)
+    connection.connect(tracking_uri)
     lost = uuid.uuid4().hex
     spooled = Spool.create(tracking_uri=tracking_uri, experiment="test-sync-new-run", run_id=lost, run_name="train-t0",
                            stage="train", params={"train.epochs": "3"}, tags={paths.TAG_STUDY: "test-sync-new-run"},
@@ -107,7 +108,7 @@ def test_sync_uploads_a_spooled_run_the_server_never_saw(tracking_uri, client, t
     spooled.add_child("merge-keep0.5-t0", {paths.TAG_STAGE: "prune"}, {"keep": 0.5}, {"test_accuracy": 0.25}, 0, None)
     spooled.close("FINISHED")
 
-    run_id, uploaded = tracking.sync(spooled.folder)
+    run_id, uploaded = tracking_sync.sync(spooled.folder)
     assert uploaded and run_id != lost
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -118,11 +119,11 @@ def test_sync_uploads_a_spooled_run_the_server_never_saw(tracking_uri, client, t
     assert [(m.step, round(m.value, 6)) for m in sorted(client.get_metric_history(run_id, "test_accuracy"), key=lambda m: m.step)] \
         == [(1, 0.6), (2, 0.7), (3, 0.8)]
     assert {a.path for a in client.list_artifacts(run_id)} >= {paths.CHECKPOINT, paths.SUMMARY_BEFORE}
-    reloaded = tracking.load_model(run_id)
+    reloaded = logged_models.load_model(run_id)
     assert torch.equal(reloaded.state_dict()["features.0.weight"], model.state_dict()["features.0.weight"])
     (child,) = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert child.info.status == "FINISHED" and child.data.metrics["test_accuracy"] == 0.25
-    assert tracking.sync(spooled.folder) == (run_id, False)
+    assert tracking_sync.sync(spooled.folder) == (run_id, False)
     capsys.readouterr()
     assert cli.main(["sync", str(spooled.folder)]) == 0
     assert capsys.readouterr().out.strip() == f"prunelab: {spooled.folder} was already synced to run {run_id}"

@@ -18,12 +18,15 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from prunelab import files, paths, studies, tracking
+from prunelab import files, paths, studies
 from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range
 from prunelab.errors import PrunelabError, Stopped
 from prunelab.models import is_registered
-from prunelab.studies.common import check_fits, for_users, read_data
-from prunelab.study import STEP_RUNNERS, run_study
+from prunelab.pipeline.kubernetes import kubernetes_backend
+from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
+from prunelab.studies.common import Flag, check_fits, for_users, read_data
+from prunelab.tracking import connection, models as logged_models, sync
+from prunelab.tracking.spool import Spool
 from prunelab.train import evaluate
 
 
@@ -35,22 +38,30 @@ def _common(p: argparse.ArgumentParser, trial: bool = True) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
     if trial:
         p.add_argument("--trial", type=int, default=0, help="trial number; its seed is seed + trial (default: 0)")
-    p.add_argument("--weights", default="", help="transfer_pruning studies: local pretrained state-dict file "
-                   "(same as transfer.weights=PATH; other kinds refuse it)")
-    p.add_argument("--no-pretrained", action="store_true", help="transfer_pruning studies: random initial features "
-                   "(same as transfer.pretrained=false)")
+    for kind, flag in kind_flags():
+        p.add_argument(flag.option, action=flag.action, default=False if flag.action == "store_true" else "",
+                       help=f"{kind} studies: {flag.help}; other kinds refuse it")
     p.add_argument("--system-metrics", action="store_true", help="also log CPU, memory (and GPU) use as system/... "
                    "metrics of every run, every 10 s (needs psutil)")
 
 
+def kind_flags() -> list[tuple[str, Flag]]:
+    """(kind, flag) of every study kind's own flags, each option once."""
+    seen: dict[str, tuple[str, Flag]] = {}
+    for kind in studies.KINDS.values():
+        for flag in kind.flags:
+            seen.setdefault(flag.option, (kind.name, flag))
+    return list(seen.values())
+
+
 def _overrides(args) -> list[str]:
-    """--overrides, --set and the setting flags, as one list of KEY=VALUE (flags become
+    """--overrides, --set and the kinds' flags, as one list of KEY=VALUE (flags become
     overrides so that `mlflow run` can pass them as -P overrides=... too)."""
     out = args.overrides.split() + list(args.sets)
-    if getattr(args, "weights", ""):
-        out.append(f"transfer.weights={os.path.abspath(args.weights)}")  # stages may run in another folder
-    if getattr(args, "no_pretrained", False):
-        out.append("transfer.pretrained=false")
+    for _, flag in kind_flags():
+        setting = flag.override(getattr(args, flag.dest, None))
+        if setting is not None:
+            out.append(setting)
     return out
 
 
@@ -139,11 +150,11 @@ def dispatch(args) -> int:
         args.out = os.path.abspath(args.out or report_dir(cfg.study))
         files.check_writable(args.out, "--out")  # before a step runs, not after the whole study
     if args.system_metrics:
-        tracking.system_metrics()  # refused in one line, before any run, when psutil is missing
+        connection.system_metrics()  # refused in one line, before any run, when psutil is missing
     cluster = _cluster(args) if args.command == "run" else None  # before any connection, like the settings
-    tracking.connect(args.tracking_uri)
+    connection.connect(args.tracking_uri)
     if args.command == "run":
-        run_study(args.study, " ".join(_overrides(args)), args.data_dir, args.out, args.steps, cluster)
+        run_study(StudyArgs(args.study, " ".join(_overrides(args)), args.data_dir, args.out, args.steps), cfg, cluster)
         return 0
     if args.command == "report":
         run_id = studies.report(cfg, args.out)
@@ -162,7 +173,7 @@ def _cluster(args) -> dict | None:
     if Path(args.study).is_file():
         raise PrunelabError(f"--backend kubernetes: the Jobs cannot read the preset file {args.study} on this machine: "
                             "use a preset shipped with prunelab (prunelab settings lists the keys) and --overrides")
-    return tracking.kubernetes_backend(args.backend_config, args.tracking_uri or tracking.tracking_uri())
+    return kubernetes_backend(args.backend_config, args.tracking_uri or connection.tracking_uri())
 
 
 def report_dir(study: str) -> str:
@@ -171,13 +182,11 @@ def report_dir(study: str) -> str:
 
 
 def _sync(args) -> int:
-    from prunelab.spool import Spool
-
     record = Spool.open(args.folder).record
-    tracking.connect(args.tracking_uri or record["tracking_uri"])
-    run_id, uploaded = tracking.sync(args.folder)
+    connection.connect(args.tracking_uri or record["tracking_uri"])
+    run_id, uploaded = sync.sync(args.folder)
     if uploaded:
-        print(f"prunelab: synced {args.folder} to run {run_id} on {tracking.tracking_uri()}", flush=True)
+        print(f"prunelab: synced {args.folder} to run {run_id} on {connection.tracking_uri()}", flush=True)
     else:
         print(f"prunelab: {args.folder} was already synced to run {run_id}", flush=True)
     return 0
@@ -188,8 +197,8 @@ def _evaluate(args) -> int:
     cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, n_test=args.n_test)
     cfg.validate("data")
     if not Path(args.model).is_file():
-        tracking.connect(args.tracking_uri)
-    model = tracking.load_model(args.model, args.model_name)
+        connection.connect(args.tracking_uri)
+    model = logged_models.load_model(args.model, args.model_name)
     dataset = read_data(cfg)
     if is_registered(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
         model = for_users(model, dataset)
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum
     except Exception as exc:
         # A tracking server that went away mid-command is the user's to fix, not a bug.
-        gone = None if debug else tracking.outage(exc)
+        gone = None if debug else connection.outage(exc)
         if gone is None:
             raise
         print(f"prunelab: error: {gone}", file=sys.stderr)

@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -168,6 +168,17 @@ class StudyConfig:
         """Every leaf field under its dotted name (the MLflow params)."""
         return dict(_flatten(self))
 
+    def __reduce__(self):
+        # A kind's config class is made at run time (`for_kind`), which pickle cannot find by
+        # name: a config sent to a worker process is rebuilt from its class's recipe and values.
+        shared = {f.name for f in dataclasses.fields(StudyConfig)}
+        sections = tuple((f.name, _section_class(f)) for f in dataclasses.fields(self) if f.name not in shared)
+        return _rebuilt, (self.kind, sections, dataclasses.asdict(self))
+
+
+def _rebuilt(kind: str, sections: tuple[tuple[str, type], ...], values: dict) -> StudyConfig:
+    return from_dict(values, for_kind(kind, sections) if sections else StudyConfig, kind=kind)
+
 
 def _flatten(obj: Any, prefix: str = ""):
     for f in dataclasses.fields(obj):
@@ -217,12 +228,9 @@ def available_studies() -> list[str]:
     return sorted(p.name[:-len(".yaml")] for p in presets_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-SectionsOf = Callable[[str], dict[str, type]]
-
-
-def load(study: str, overrides: list[str] | str | None, sections_of: SectionsOf) -> StudyConfig:
-    """Preset `study` (a preset's name or a YAML path) plus overrides,
-    with the sections `sections_of(kind)` declares for the study's kind."""
+def raw_settings(study: str, overrides: list[str] | str | None) -> dict:
+    """Preset `study` (a preset's name or a YAML path) with the overrides applied, not yet
+    checked: the study kind it names says which sections it may have (`build`)."""
     raw = read_preset(study)
     if isinstance(overrides, str):
         overrides = overrides.split()
@@ -231,9 +239,17 @@ def load(study: str, overrides: list[str] | str | None, sections_of: SectionsOf)
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=3)")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
-    kind = raw.get("kind", DEFAULT_KIND)
-    cls = for_kind(str(kind), tuple(sections_of(str(kind)).items()))
-    return from_dict(raw, cls, kind=str(kind)).validate()
+    return raw
+
+
+def kind_of(raw: dict) -> str:
+    return str(raw.get("kind", DEFAULT_KIND))
+
+
+def build(raw: dict, sections: dict[str, type]) -> StudyConfig:
+    """The checked settings of `raw_settings`, with the sections of its study kind."""
+    kind = kind_of(raw)
+    return from_dict(raw, for_kind(kind, tuple(sections.items())), kind=kind).validate()
 
 
 def read_preset(study: str) -> dict:

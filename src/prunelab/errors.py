@@ -38,3 +38,9 @@ class Stopped(BaseException):
         self.signum = signum
         self.name = signal.Signals(signum).name
         super().__init__(f"stopped by {self.name}")
+
+
+def first_line(exc: BaseException) -> str:
+    """What `exc` says, in one line of at most 200 characters (its type when it says nothing)."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

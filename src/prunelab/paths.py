@@ -29,7 +29,13 @@ TAG_SEED = "seed"
 TAG_MODEL_URI = "prunelab.model_uri"  # URI of the run's final model, for the next stage
 TAG_SOURCE_RUNS = "prunelab.source_runs"  # report run: the ids of the runs it drew from, comma-separated
 CHAMPION = "champion"                 # registry alias of a study's best trial
-# A run whose server went away mid-run (tracking.Run, tracking.sync)
+# Which process owns a run (tracking.run.process_tags): `main` marks a RUNNING run whose process is gone
+TAG_PID, TAG_HOST, TAG_PROCESS_START = "prunelab.pid", "prunelab.host", "prunelab.process_start"
+# A step of `main` (prunelab.pipeline): what makes two runs of it the same, and how it ran
+TAG_STEP_KEY, TAG_CODE_VERSION = "prunelab.step_key", "prunelab.code_version"
+TAG_STEP_RUNNER = "prunelab.step_runner"  # in-process | process | kubernetes: how `main` ran the step
+TAG_FAILED_BECAUSE = "prunelab.failed_because"  # why prunelab ended a run FAILED that its own code did not end
+# A run whose server went away mid-run (tracking.run.Run, tracking.sync)
 TAG_SPOOLED_TO = "prunelab.spooled_to"    # the local folder holding what the server never got
 TAG_SYNCED_FROM = "prunelab.synced_from"  # that folder, once `prunelab sync` has uploaded it
 TAG_OUTAGE = "prunelab.outage"            # why the run was spooled

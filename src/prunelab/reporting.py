@@ -20,7 +20,8 @@ matplotlib.use("Agg")  # figures are files; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from prunelab import paths, tracking  # noqa: E402
+from prunelab import paths  # noqa: E402
+from prunelab.tracking import connection, lineage, query, run as runs  # noqa: E402
 from prunelab.config import StudyConfig  # noqa: E402
 from prunelab.errors import TrackingError  # noqa: E402
 from prunelab.files import atomic_path  # noqa: E402
@@ -63,7 +64,7 @@ def histories(runs: dict[int, object], metrics: list[str]) -> pd.DataFrame:
     rows = []
     for trial, r in sorted(runs.items()):
         for key in metrics:
-            rows += [(trial, r.info.run_id, key, step, value) for step, value in tracking.metric_history(r.info.run_id, key)]
+            rows += [(trial, r.info.run_id, key, step, value) for step, value in query.metric_history(r.info.run_id, key)]
     return pd.DataFrame(rows, columns=["trial", "run_id", "metric", "step", "value"])
 
 
@@ -109,7 +110,7 @@ def same_settings(run, cfg: StudyConfig, ignore: frozenset[str] = frozenset()) -
 
 def find_study_runs(cfg: StudyConfig, filter_string: str, ignore: frozenset[str] = frozenset()) -> list:
     """The study's finished runs matching `filter_string`, at these settings, newest first."""
-    runs = tracking.find_runs(cfg.study, f"tags.{paths.TAG_STUDY} = '{cfg.study}' and {filter_string}")
+    runs = query.find_runs(cfg.study, f"tags.{paths.TAG_STUDY} = '{cfg.study}' and {filter_string}")
     return [r for r in runs if same_settings(r, cfg, ignore)]
 
 
@@ -120,7 +121,7 @@ def stage_runs(cfg: StudyConfig, stage: str, ignore: frozenset[str] = frozenset(
 
 def no_runs(cfg: StudyConfig, what: str, hint: str = "") -> TrackingError:
     """The one-line error of a report that finds nothing to draw."""
-    return TrackingError(f"experiment {cfg.study!r} on {tracking.tracking_uri()} has no finished {what} at these settings: "
+    return TrackingError(f"experiment {cfg.study!r} on {connection.tracking_uri()} has no finished {what} at these settings: "
                          f"run the study first (`prunelab run --study {cfg.study}{hint}`)")
 
 
@@ -162,12 +163,12 @@ def publish(cfg: StudyConfig, figures: dict[str, plt.Figure], table: pd.DataFram
     the table as an MLflow table, beside the CSV and markdown files."""
     ids = sorted(sources)
     description = f"**report** of study `{cfg.study}` ({cfg.kind}): {len(figures)} figures and a table drawn from {len(ids)} runs."
-    with tracking.run(cfg.study, "report", {paths.TAG_STUDY: cfg.study}, "report", description) as run:
+    with runs.start_run(cfg.study, "report", {paths.TAG_STUDY: cfg.study}, "report", description) as run:
         run.log_params({"study": cfg.study, "kind": cfg.kind})
         joined = ",".join(ids)
         run.set_tags({paths.TAG_SOURCE_RUNS: joined if len(joined) <= 8000 else f"{len(ids)} runs: see {paths.SOURCE_RUNS}"})
         run.log_dict({"source_runs": ids}, paths.SOURCE_RUNS)
-        tracking.copy_dataset_inputs(run, ids)
+        lineage.copy_dataset_inputs(run.run_id, ids)
         run.log_metrics(table_metrics(table), step=0)
         with tempfile.TemporaryDirectory() as tmp:
             for name, fig in figures.items():

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from prunelab import checkpoints, studies, tracking
+from prunelab import checkpoints, studies
+from prunelab.tracking import query
 from prunelab.studies import kmeans_clustering
 from prunelab.errors import ConfigError
 
@@ -33,7 +34,7 @@ def test_sweep_logs_one_child_run_per_point(tracking_uri, client, cifar_dir, res
     parent_id = kmeans_clustering.sweep(cfg, trial=1)
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["stage"] == "prune"
-    children = tracking.find_runs(cfg.study, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    children = query.find_runs(cfg.study, f"tags.`mlflow.parentRunId` = '{parent_id}'")
     points = sorted((r.data.params["sweep"], r.data.params["target"], r.data.params.get("clusters_pruned", r.data.params.get("keep")))
                     for r in children)
     # stage_pruned 16 is skipped for layer1 (16 filters: K would be 0)
@@ -48,7 +49,7 @@ def test_sweep_logs_one_child_run_per_point(tracking_uri, client, cifar_dir, res
         if r.data.params.get("clusters_pruned") == "0":
             assert r.data.metrics["test_accuracy"] == base
     # the parent carries each target's series with step = clusters pruned
-    series = tracking.metric_history(parent_id, "test_accuracy.layer.layer3.0.conv1")
+    series = query.metric_history(parent_id, "test_accuracy.layer.layer3.0.conv1")
     assert [s for s, _ in series] == [0, 15]
 
     merges = {r.data.params["keep"]: r for r in children if r.data.params["sweep"] == "merge"}
@@ -82,7 +83,7 @@ def test_bad_names_fail_before_any_run(tracking_uri, client, cifar_dir, resnet20
     cfg = studies.load_config("kmeans-resnet20-cifar10", tiny(study, "", [f"data.data_dir={cifar_dir}"]))
     with pytest.raises(ConfigError, match="kmeans.weights"):
         kmeans_clustering.sweep(cfg)
-    assert tracking.find_runs(study, finished_only=False) == []
+    assert query.find_runs(study, finished_only=False) == []
 
 
 @pytest.mark.slow
@@ -99,8 +100,8 @@ def test_mlflow_run_main_chains_sweeps_and_report(tracking_uri, client, cifar_di
            "-P", f"data_dir={cifar_dir}", "-P", f"out_dir={tmp_path / 'out'}"]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    parents = tracking.find_runs(study, "tags.`mlflow.project.entryPoint` = 'prune'")
+    parents = query.find_runs(study, "tags.`mlflow.project.entryPoint` = 'prune'")
     assert sorted(r.data.tags["trial"] for r in parents) == ["0", "1"]
-    children = tracking.find_runs(study, "tags.sweep = 'layer'")
+    children = query.find_runs(study, "tags.sweep = 'layer'")
     assert len(children) == 2 * 2  # two convs at 15 clusters pruned, two seeds
     assert (tmp_path / "out" / "accuracy_vs_clusters_pruned_per_stage.png").is_file()

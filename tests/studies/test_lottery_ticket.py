@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunelab import checkpoints, cli, paths, studies, tracking
+from prunelab import checkpoints, cli, paths, studies
+from prunelab.tracking import query
 from prunelab.pruning import masks
 from prunelab.studies import lottery_ticket as lottery
 
@@ -35,7 +36,7 @@ def five_trials(cifar_dir, tracking_uri):
 
 
 def _download(run_id: str, name: str, tmp: str) -> Path:
-    return tracking.download(run_id, name, tmp)
+    return query.download(run_id, name, tmp)
 
 
 @pytest.mark.slow
@@ -52,8 +53,8 @@ def test_rounds_log_tags_params_series_and_tickets(five_trials, client):
     assert float(r0.data.params["fraction_remaining"]) == 1.0
     pm = float(r1.data.params["fraction_remaining"])
     assert pm == pytest.approx(0.8, abs=0.002)  # LeNet is almost all FC layers, pruned at 20 %
-    assert [s for s, _ in tracking.metric_history(r1.info.run_id, "test_accuracy")] == [0, 2, 4]
-    assert [s for s, _ in tracking.metric_history(r1.info.run_id, "train_loss")] == [2, 4]
+    assert [s for s, _ in query.metric_history(r1.info.run_id, "test_accuracy")] == [0, 2, 4]
+    assert [s for s, _ in query.metric_history(r1.info.run_id, "train_loss")] == [2, 4]
 
     with tempfile.TemporaryDirectory() as tmp:
         initial = checkpoints.load(_download(r0.info.run_id, paths.REWIND_WEIGHTS, tmp + "/a")).state_dict()
@@ -80,7 +81,7 @@ def test_report_draws_five_trial_bands(five_trials, tmp_path, client):
     figures, table = lottery.report(cfg)
     assert set(figures) == {"test_accuracy.png", "test_loss.png", "early_stop_iteration.png", "early_stop_accuracy.png"}
 
-    round1 = [tracking.metric_history(ids[t][1], "test_accuracy") for t in range(5)]
+    round1 = [query.metric_history(ids[t][1], "test_accuracy") for t in range(5)]
     mean_at_4 = sum(dict(h)[4] for h in round1) / 5
     lines = figures["test_accuracy.png"].axes[0].lines
     ys = [list(line.get_ydata()) for line in lines if len(line.get_ydata()) == 3]
@@ -146,7 +147,7 @@ def test_late_rewinding_rewinds_to_iteration_k(cifar_dir, tracking_uri):
     with tempfile.TemporaryDirectory() as tmp:
         saved = checkpoints.load(_download(r0, paths.REWIND_WEIGHTS, tmp)).state_dict()
     assert not torch.equal(saved["classifier.1.weight"], initial["classifier.1.weight"])
-    assert [s for s, _ in tracking.metric_history(r1, "test_accuracy")] == [2, 4]
+    assert [s for s, _ in query.metric_history(r1, "test_accuracy")] == [2, 4]
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from prunelab import data, paths, studies, tracking
+from prunelab import data, paths, studies
+from prunelab.tracking import models as logged_models, query
 from prunelab.studies import transfer_pruning as transfer_stages
 from prunelab.errors import ConfigError
 
@@ -36,7 +37,7 @@ def study(dogs_cats_dir, tracking_uri, tmp_path_factory):
 
 
 def history(run_id, key):
-    return tracking.metric_history(run_id, key)
+    return query.metric_history(run_id, key)
 
 
 def test_transfer_run_logs_size_latency_and_the_head_curve(study, client):
@@ -74,7 +75,7 @@ def test_pruned_model_reloads_from_mlflow_by_uri_and_classifies(study, client, d
     cfg, _, prune_id, _ = study
     uri = client.get_run(prune_id).data.tags[paths.TAG_MODEL_URI]
     assert uri.startswith(("runs:/", "models:/"))
-    model = tracking.load_model(uri)
+    model = logged_models.load_model(uri)
     images = data.get(cfg.data)
     out = model(images.pixels(images.test_x[:4]))
     assert out.shape == (4, 2)
@@ -82,7 +83,7 @@ def test_pruned_model_reloads_from_mlflow_by_uri_and_classifies(study, client, d
         predicted = torch.cat([model(images.pixels(images.test_x[i : i + 16])) for i in range(0, len(images.test_y), 16)])
     accuracy = (predicted.argmax(1) == images.test_y).float().mean().item()
     assert accuracy == pytest.approx(history(prune_id, "test_accuracy")[-1][1], abs=1e-6)
-    checkpoint_model = tracking.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
+    checkpoint_model = logged_models.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
     widths = checkpoint_model.spec()["widths"]
     assert sum(widths) == 4024
     assert checkpoint_model.classifier[1].in_features == widths[-1] * 49
@@ -112,7 +113,7 @@ def test_target_that_empties_a_layer_fails_before_any_step(study, client):
     with pytest.raises(ConfigError) as err:
         transfer_stages.prune(bad, 0, train_id)
     assert "removing every filter of a layer" in str(err.value) and "\n" not in str(err.value)
-    assert tracking.find_runs("test-vgg-pipeline-bad", finished_only=False) == []
+    assert query.find_runs("test-vgg-pipeline-bad", finished_only=False) == []
 
 
 def test_fine_tuned_vgg_works_without_prunelab(study, client, tracking_uri, tmp_path):

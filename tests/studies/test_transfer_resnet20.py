@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from prunelab import data, models, paths, studies, tracking
+from prunelab import data, models, paths, studies
+from prunelab.tracking import models as logged_models, query
 from prunelab.models.resnet_cifar import STAGE_WIDTHS
 from prunelab.studies import transfer_pruning as transfer_stages
 from prunelab.train import evaluate
@@ -31,7 +32,7 @@ def study(dogs_cats_dir, resnet20_file, tracking_uri, tmp_path_factory):
 
 
 def history(run_id, key):
-    return [v for _, v in tracking.metric_history(run_id, key)]
+    return [v for _, v in query.metric_history(run_id, key)]
 
 
 def test_the_head_on_frozen_pretrained_features_learns(study, client, resnet20_file):
@@ -57,7 +58,7 @@ def test_pruning_removes_block_internal_channels_only(study, client):
     assert filters[0] == 3 * sum(STAGE_WIDTHS) and len(filters) >= 2
     assert all(a - b == STEP for a, b in zip(filters, filters[1:]))
 
-    pruned = tracking.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
+    pruned = logged_models.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
     assert sum(pruned.spec()["mid_widths"]) == filters[-1] < filters[0]
     assert pruned.conv1.out_channels == 16 and pruned.linear.in_features == 64
     for (name, block), width in zip(pruned.blocks(), [w for w in STAGE_WIDTHS for _ in range(3)]):

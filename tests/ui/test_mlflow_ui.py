@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from prunelab import paths, tracking
+from prunelab import paths
+from prunelab.tracking import query
 
 pytestmark = pytest.mark.ui
 
@@ -125,7 +126,7 @@ def test_the_study_link_opens_on_its_runs_with_test_accuracy(tiny_study, client,
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
 
-    link = tracking.runs_url(tiny_study["experiment_id"], tracking_uri)
+    link = query.runs_url(tiny_study["experiment_id"], tracking_uri)
     assert link in tiny_study["stdout"]
     browser.get(link)
     wait(browser).until(lambda d: "main" in {name(r.get("attributes.`Run Name`", "")) for r in grid(d).values()})
@@ -162,7 +163,7 @@ def test_models_page_lists_the_pruned_model_with_its_real_size(tiny_study, clien
     prune = tiny_study["by_stage"][("prune", 0)]
     pruned_params = prune.data.metrics["params"]
     assert pruned_params < 126_698
-    browser.get(tracking.runs_url(tiny_study["experiment_id"], tracking_uri).replace("/runs?", "/models?"))
+    browser.get(query.runs_url(tiny_study["experiment_id"], tracking_uri).replace("/runs?", "/models?"))
     params_col = 'metrics.{"metricKey":"params"}'
 
     wanted = {(f"{stage}-t{t}", "model") for stage in ("train", "prune", "finetune") for t in (0, 1)}

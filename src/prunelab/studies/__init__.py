@@ -31,8 +31,9 @@ def get(name: str) -> StudyKind:
 def load_config(study: str = config.DEFAULT_STUDY, overrides: list[str] | str | None = None) -> StudyConfig:
     """Preset plus overrides, with the sections of the study's kind, validated and
     checked against the registries (names, and what the model offers)."""
-    cfg = config.load(study, overrides, lambda kind: get(kind).sections)
-    kind = get(cfg.kind)
+    raw = config.raw_settings(study, overrides)
+    kind = get(config.kind_of(raw))
+    cfg = config.build(raw, kind.sections)
     kind.check(cfg)
     return kind.resolved(cfg)
 

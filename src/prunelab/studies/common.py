@@ -19,12 +19,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from prunelab import data as datasets, hardware, measure, models, paths, reporting, tracking
+from prunelab import data as datasets, hardware, measure, models, paths, reporting
+from prunelab.data import remote
 from prunelab.config import DataConfig, StudyConfig, TrainConfig
 from prunelab.data.base import ImageData, random_crop_flip
 from prunelab.errors import ConfigError, ModelError
 from prunelab.models import base
 from prunelab.models.pixels import PixelInput
+from prunelab.tracking import models as logged_models, query, run as runs
 from prunelab.train import OPTIMIZERS, PRECISION_SETTINGS, check_precision, eval_mode, evaluate, fit, resolve_precision
 
 Stage = Callable[..., str]
@@ -38,6 +40,21 @@ class EntryPoint:
     stage: Stage
     does: str                  # what this entry point does for this kind, in one line
     reads_model: bool = False  # takes --model-uri: the run (or model) of an earlier step
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag of one kind's: a shorthand for one of its settings (other kinds
+    refuse that setting in one line, so the flag needs no check of its own)."""
+
+    option: str                            # e.g. "--weights"
+    help: str
+    override: Callable[[Any], str | None]  # the flag's value -> KEY=VALUE, or None when not given
+    action: str = "store"                  # argparse's: "store" takes a value, "store_true" none
+
+    @property
+    def dest(self) -> str:
+        return self.option.lstrip("-").replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,7 @@ class StudyKind:
     names: tuple[tuple[str, str, Callable[[StudyConfig], str], Any], ...] = ()
     # The kind's own checks of its settings against each other and the model, run last (one line each)
     checks: tuple[Callable[[StudyConfig], None], ...] = ()
+    flags: tuple[Flag, ...] = ()  # its own command-line flags
 
     def check(self, cfg: StudyConfig) -> None:
         """Refuse, in one line, an unknown model, dataset or name setting, or a model this
@@ -151,12 +169,12 @@ def describe(cfg: StudyConfig, trial: int, stage: str, method: str, model_ref: s
 @contextlib.contextmanager
 def stage_run(cfg: StudyConfig, trial: int, stage: str, run_name: str, method: str,
               tags: dict | None = None, params: dict | None = None, data: ImageData | None = None,
-              model_ref: str | None = None) -> Iterator[tracking.Run]:
+              model_ref: str | None = None) -> Iterator[runs.Run]:
     """The run of one stage: the study's tags (the device and hardware among them), params and
     description, then the stage's own; its lineage: the image sets it reads and the logged
     model it starts from."""
     all_tags = {**common_tags(cfg, trial), **device_tags(cfg), **(tags or {})}
-    with tracking.run(cfg.study, stage, all_tags, run_name, describe(cfg, trial, stage, method, model_ref)) as run:
+    with runs.start_run(cfg.study, stage, all_tags, run_name, describe(cfg, trial, stage, method, model_ref)) as run:
         run.log_params({**common_params(cfg, trial, method), **(params or {})})
         run.log_inputs(data.splits() if data is not None else (), [model_ref] if model_ref else ())
         yield run
@@ -184,7 +202,7 @@ def read_data(cfg: DataConfig) -> ImageData:
     """The data set; one whose folder is a URI (an object store, the tracking server's
     artifacts) is downloaded first, where the step runs, and read from there."""
     if paths.is_uri(cfg.data_dir):
-        with tracking.fetched(cfg.data_dir) as local:
+        with remote.fetched(cfg.data_dir, query.download_uri) as local:
             return datasets.get(dataclasses.replace(cfg, data_dir=str(local)))
     return datasets.get(cfg)
 
@@ -199,7 +217,7 @@ def new_model(cfg: StudyConfig, data: ImageData, seed: int) -> nn.Module:
 def load_model(ref: str, cfg: StudyConfig, data: ImageData) -> nn.Module:
     """The network an earlier step made (run id or weights file), on the data's device,
     checked against the data."""
-    model = tracking.load_model(ref, cfg.model)
+    model = logged_models.load_model(ref, cfg.model)
     if not models.is_registered(model):
         raise ModelError(f"{ref} is a logged model (a traced graph taking pixels), which a stage cannot prune or "
                          "train: pass the run id of the step that logged it, whose weights-only checkpoint is read")
@@ -214,7 +232,7 @@ def for_users(model: nn.Module, data: ImageData) -> nn.Module:
     return PixelInput(model, data.mean, data.std).train(model.training)
 
 
-def log_model(run: tracking.Run, model: nn.Module, data: ImageData, name: str, step: int, final: bool = False,
+def log_model(run: runs.Run, model: nn.Module, data: ImageData, name: str, step: int, final: bool = False,
               carry: tuple[str, ...] = ()) -> str:
     """Log the network for users (pixels in, see `for_users`), with an example of two test
     images, at `step`; a final one also as ONNX and as the weights-only checkpoint of the
@@ -231,7 +249,7 @@ def log_model(run: tracking.Run, model: nn.Module, data: ImageData, name: str, s
 UNCHANGED_BY_TRAINING = ("params", "macs", "fraction_remaining", "latency_ms")
 
 
-def log_size(run: tracking.Run, model: nn.Module, input_shape, step: int, summary_file: str | None = None) -> measure.Size:
+def log_size(run: runs.Run, model: nn.Module, input_shape, step: int, summary_file: str | None = None) -> measure.Size:
     size = measure.size(model, input_shape)
     run.log_metrics({"params": size.params, "macs": size.macs}, step=step)
     if summary_file:
@@ -243,7 +261,7 @@ def augmentation(data: ImageData):
     return random_crop_flip if data.augment else None
 
 
-def train_model(run: tracking.Run, model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
+def train_model(run: runs.Run, model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
                 prefix: str = "") -> list:
     """Fit and log per-epoch metrics (step = epoch), one batch of metrics per epoch."""
     def on_epoch(result):
@@ -279,7 +297,7 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str, method: str) -> str:
                    data=data, model_ref=model_ref) as run:
         before = evaluate(model, data.test_x, data.test_y, data.normalise)
         run.log_metrics({"test_loss": before["loss"], "test_accuracy": before["accuracy"],
-                         **tracking.newest_metrics(model_ref, ("fraction_remaining", "latency_ms"))}, step=0)
+                         **query.newest_metrics(model_ref, ("fraction_remaining", "latency_ms"))}, step=0)
         log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_AFTER)
         train_model(run, model, data, cfg.finetune, seed + 10_000)
         log_model(run, model, data, paths.MODEL, step=cfg.finetune.epochs, final=True, carry=UNCHANGED_BY_TRAINING)

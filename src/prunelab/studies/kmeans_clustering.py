@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunelab import checkpoints, measure, paths, reporting, tracking
+from prunelab import checkpoints, measure, paths, reporting
+from prunelab.tracking.run import Run
 from prunelab.config import StudyConfig, TrainConfig, check_range, setting
 from prunelab.data.base import ImageData
 from prunelab.errors import ConfigError
@@ -139,8 +140,8 @@ def sweep(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
             clustered = copy.deepcopy(model)
             ks = clustering.cluster_layers(clustered, names, pruned, seed, **options)
             result = score(clustered)
-            tracking.log_child_run(
-                run, f"{kind}-{target}-p{pruned}-t{trial}",
+            run.log_child(
+                f"{kind}-{target}-p{pruned}-t{trial}",
                 tags={**tags, paths.TAG_STAGE: "prune", TAG_SWEEP: kind, TAG_TARGET: target},
                 params={**params, "sweep": kind, "target": target, "clusters_pruned": pruned,
                         "clusters": ",".join(str(k) for k in dict.fromkeys(ks.values())), "layers": ",".join(names)},
@@ -156,7 +157,7 @@ def sweep(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         return run.run_id
 
 
-def merge(run: tracking.Run, model: nn.Module, data: ImageData, cfg: StudyConfig, seed: int,
+def merge(run: Run, model: nn.Module, data: ImageData, cfg: StudyConfig, seed: int,
           base: dict, tags: dict, params: dict) -> None:
     """One child run per kept fraction: the merged network's size, speed and accuracy,
     and how far its outputs are from the unmerged centroid network's and the original's."""
@@ -189,8 +190,8 @@ def merge(run: tracking.Run, model: nn.Module, data: ImageData, cfg: StudyConfig
             weights = checkpoints.save(merged, Path(tmp) / paths.CHECKPOINT)
             summary = Path(tmp) / paths.SUMMARY_AFTER
             summary.write_text(after.summary)
-            tracking.log_child_run(
-                run, f"merge-keep{keep}-t{params['trial']}",
+            run.log_child(
+                f"merge-keep{keep}-t{params['trial']}",
                 tags={**tags, paths.TAG_STAGE: "prune", TAG_SWEEP: "merge", TAG_TARGET: "blocks"},
                 params={**params, "sweep": "merge", "target": "blocks", "keep": keep,
                         "mid_widths": ",".join(str(w) for w in widths.values())},

@@ -34,7 +34,9 @@ from torch import nn
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from prunelab import checkpoints, models, paths, reporting, tracking
+from prunelab import checkpoints, models, paths, reporting
+from prunelab.tracking import query
+from prunelab.tracking.run import Run
 from prunelab.config import StudyConfig, check_range, setting
 from prunelab.data.base import ImageData
 from prunelab.errors import ConfigError, ModelError
@@ -105,7 +107,7 @@ def _round_run(cfg: StudyConfig, trial: int, stage: str, run_name: str, k: int, 
                                     "input_run": source}, data=data, model_ref=model_ref)
 
 
-def _train_round(run: tracking.Run, cfg: StudyConfig, data: ImageData, model: nn.Module, mask: masks.Mask,
+def _train_round(run: Run, cfg: StudyConfig, data: ImageData, model: nn.Module, mask: masks.Mask,
                  seed: int, k: int, start: int = 0, snapshot_at: int | None = None) -> dict | None:
     """Train under `mask` (pruned weights re-zeroed after every step) and log the
     evaluation series (step = iteration), the early-stopping point and per-layer counts.
@@ -145,7 +147,7 @@ def _train_round(run: tracking.Run, cfg: StudyConfig, data: ImageData, model: nn
     return snapshot or None
 
 
-def _log_trained(run: tracking.Run, cfg: StudyConfig, data: ImageData, model: nn.Module, k: int, tmp: Path) -> None:
+def _log_trained(run: Run, cfg: StudyConfig, data: ImageData, model: nn.Module, k: int, tmp: Path) -> None:
     """The trained round's weights-only checkpoint (the next round reads it); in the last
     round also a model for users, holding the ticket a trial delivers."""
     if k == cfg.lottery.rounds:
@@ -155,7 +157,7 @@ def _log_trained(run: tracking.Run, cfg: StudyConfig, data: ImageData, model: nn
         run.log_file(checkpoints.save(model, tmp / paths.CHECKPOINT))
 
 
-def _log_ticket(run: tracking.Run, mask: masks.Mask, start_model: nn.Module, tmp: Path) -> None:
+def _log_ticket(run: Run, mask: masks.Mask, start_model: nn.Module, tmp: Path) -> None:
     """The mask and the weights training starts from: enough to re-train this round."""
     torch.save(mask.state(), tmp / paths.MASK)
     run.log_file(tmp / paths.MASK)
@@ -183,15 +185,15 @@ def round_zero(cfg: StudyConfig, trial: int = 0) -> str:
 def _read_round(cfg: StudyConfig, run_ref: str, tmp: Path, device: torch.device
                 ) -> tuple[int, nn.Module, masks.Mask, nn.Module]:
     """(round, trained model, mask, model holding the weights to rewind to) of a ticket run, on `device`."""
-    source = tracking.get_run(run_ref)
+    source = query.get_run(run_ref)
     tags = source.data.tags
     if tags.get(paths.TAG_STAGE) not in (STAGE_TICKET_ROUND_0, STAGE_TICKET) or "round" not in source.data.params:
         raise ModelError(f"run {run_ref} is not a lottery-ticket round (stage {tags.get(paths.TAG_STAGE, '?')}): "
                          "pass the run id of a train (round 0) or prune round of this study")
     k = int(source.data.params["round"])
-    trained = checkpoints.load(tracking.download(run_ref, paths.CHECKPOINT, tmp), cfg.model).to(device)
-    start = checkpoints.load(tracking.download(run_ref, paths.REWIND_WEIGHTS, tmp), cfg.model).to(device)
-    saved = torch.load(tracking.download(run_ref, paths.MASK, tmp), map_location=device, weights_only=True)
+    trained = checkpoints.load(query.download(run_ref, paths.CHECKPOINT, tmp), cfg.model).to(device)
+    start = checkpoints.load(query.download(run_ref, paths.REWIND_WEIGHTS, tmp), cfg.model).to(device)
+    saved = torch.load(query.download(run_ref, paths.MASK, tmp), map_location=device, weights_only=True)
     mask = masks.Mask(saved)
     mask.check_fits(trained)
     return k, trained, mask, start

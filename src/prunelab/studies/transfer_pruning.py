@@ -21,6 +21,7 @@ before/after table of parameters, MACs, CPU latency and accuracy.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -224,4 +225,11 @@ KIND = common.StudyKind(
     model_protocol=base.TransferBackbone,
     names=(("pruning method", "prune.method", filter_pruning.method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
     checks=(check_head,),
+    flags=(
+        # Absolute: the stages of a study may run in another folder than the one typed in.
+        common.Flag("--weights", "local pretrained state-dict file (same as transfer.weights=PATH)",
+                    lambda path: f"transfer.weights={os.path.abspath(path)}" if path else None),
+        common.Flag("--no-pretrained", "random initial features (same as transfer.pretrained=false)",
+                    lambda given: "transfer.pretrained=false" if given else None, action="store_true"),
+    ),
 )

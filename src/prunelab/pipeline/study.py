@@ -6,7 +6,8 @@ project tags, nested under the `main` run); by default it runs in this process,
 with `steps="processes"` as a `mlflow run` process of its own. A step whose
 resolved settings, input runs and code version match a finished run is reused,
 like MLflow's multistep example. Trials run side by side in worker processes
-when `parallel_trials` allows. After the trials, each trial's deliverable model
+when `parallel_trials` allows. The study's settings are built and checked once,
+by the caller, and passed down as the frozen config (to worker processes too). After the trials, each trial's deliverable model
 (`kind.deliverable`) becomes a version of the registered model named after the
 study, the best one aliased `champion`.
 """
@@ -20,11 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
-from prunelab import paths, studies, tracking
+from prunelab import paths, studies
 from prunelab.config import StudyConfig
 from prunelab.errors import ConfigError, ModelError
 from prunelab.hardware import default_parallel_trials
+from prunelab.pipeline import kubernetes
+from prunelab.pipeline.abandoned import fail_abandoned
+from prunelab.pipeline.steps import run_step, step_key
 from prunelab.studies.common import Step, StudyKind
+from prunelab.tracking import connection, lineage, models, query
+from prunelab.tracking.run import main_run
 
 STEP_RUNNERS = ("in-process", "processes")
 # Settings that change how a study is executed, not what a step computes.
@@ -41,22 +47,22 @@ class StudyArgs:
     out_dir: str = ""
     steps: str = "in-process"
 
+    def __post_init__(self):
+        if self.steps not in STEP_RUNNERS:
+            raise ConfigError(f"unknown step runner {self.steps!r}: choose one of {', '.join(STEP_RUNNERS)}")
+
     def config(self) -> StudyConfig:
         """The settings a step resolves: what `prunelab <entry point>` builds from these parameters."""
         extra = [f"data.data_dir={self.data_dir}"] if self.data_dir else []
         return studies.load_config(self.study, self.overrides.split() + extra)
 
 
-def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str = "", steps: str = "in-process",
-              cluster: dict | None = None) -> str:
-    """Every trial's chain, then the report; returns the report run id. With `cluster` (a
-    checked Kubernetes backend config, `tracking.kubernetes_backend`) the steps run as
-    Kubernetes Jobs through MLflow Projects; the registry and the report run here."""
-    if steps not in STEP_RUNNERS:
-        raise ConfigError(f"unknown step runner {steps!r}: choose one of {', '.join(STEP_RUNNERS)}")
-    args = StudyArgs(study, overrides, data_dir, out_dir, steps)
-    cfg = args.config()
-    abandoned = tracking.fail_abandoned(cfg.study)  # before anything is reused
+def run_study(args: StudyArgs, cfg: StudyConfig, cluster: dict | None = None) -> str:
+    """Every trial's chain, then the report; returns the report run id. `cfg` is what
+    `args.config()` builds, built once by the caller. With `cluster` (a checked Kubernetes
+    backend config, `kubernetes.kubernetes_backend`) the steps run as Kubernetes Jobs
+    through MLflow Projects; the registry and the report run here."""
+    abandoned = fail_abandoned(cfg.study)  # before anything is reused
     if abandoned:
         print(f"prunelab: marked {len(abandoned)} abandoned RUNNING run(s) FAILED", flush=True)
     workers = cfg.parallel_trials or default_parallel_trials(cfg.device)
@@ -64,36 +70,36 @@ def run_study(study: str, overrides: str = "", data_dir: str = "", out_dir: str 
     chain = kind.steps(cfg)
     description = (f"**main** of study `{cfg.study}` ({cfg.kind}): {cfg.trials} trials of "
                    f"{' → '.join(entry for entry, _ in chain)}, then the report.")
-    with tracking.main_run(cfg.study, {paths.TAG_STUDY: cfg.study, paths.TAG_STAGE: "main"}, description) as main:
+    with main_run(cfg.study, {paths.TAG_STUDY: cfg.study, paths.TAG_STAGE: "main"}, description) as main:
         trials = range(cfg.trials)
         if cluster is not None:
-            chains = run_trials_on_cluster(args, main.run_id, cluster)
+            chains = run_trials_on_cluster(args, cfg, main.run_id, cluster)
         elif workers > 1 and cfg.trials > 1:
             # Fresh interpreters (spawn): a forked copy of this process would share its MLflow state.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(workers, cfg.trials), mp_context=context) as pool:
                 threads = max(1, (os.cpu_count() or 1) // workers)  # the cores shared out, not each worker on all
-                done = [pool.submit(run_trial, args, trial, main.run_id, tracking.tracking_uri(), threads) for trial in trials]
+                done = [pool.submit(run_trial, args, cfg, trial, main.run_id, connection.tracking_uri(), threads)
+                        for trial in trials]
                 chains = [future.result() for future in done]
         else:
-            chains = [run_trial(args, trial, main.run_id) for trial in trials]
-        tracking.copy_dataset_inputs(main, [run_id for run_ids in chains for run_id in run_ids])
+            chains = [run_trial(args, cfg, trial, main.run_id) for trial in trials]
+        lineage.copy_dataset_inputs(main.run_id, [run_id for run_ids in chains for run_id in run_ids])
         register(cfg, kind, chain, chains)
-        report_params = {"study": study, "overrides": overrides, "out_dir": out_dir or f"reports/{cfg.study}"}
-        report = (lambda: studies.report(cfg, report_params["out_dir"])) if steps == "in-process" else None
-        report_id = tracking.run_step(cfg.study, "report", report_params, call=report, parent_id=main.run_id)
-        print(f"prunelab: the study's runs in the MLflow UI: {tracking.runs_url(tracking.experiment_of(main.run_id))}",
+        report_params = {"study": args.study, "overrides": args.overrides, "out_dir": args.out_dir or f"reports/{cfg.study}"}
+        report = (lambda: studies.report(cfg, report_params["out_dir"])) if args.steps == "in-process" else None
+        report_id = run_step(cfg.study, "report", report_params, call=report, parent_id=main.run_id)
+        print(f"prunelab: the study's runs in the MLflow UI: {query.runs_url(query.experiment_of(main.run_id))}",
               flush=True)
         return report_id
 
 
-def run_trial(args: StudyArgs, trial: int, parent_id: str, tracking_uri: str | None = None,
+def run_trial(args: StudyArgs, cfg: StudyConfig, trial: int, parent_id: str, tracking_uri: str | None = None,
               threads: int | None = None) -> list[str]:
     """One trial's chain of steps; returns their run ids. Also the body of a worker process."""
     if tracking_uri is not None:  # in a worker process
-        tracking.connect(tracking_uri)
+        connection.connect(tracking_uri)
         torch.set_num_threads(threads or torch.get_num_threads())
-    cfg = args.config()
     kind = studies.get(cfg.kind)
     settings = {k: v for k, v in cfg.flat().items() if k not in EXECUTION_SETTINGS}
     run_ids: list[str] = []
@@ -104,7 +110,7 @@ def run_trial(args: StudyArgs, trial: int, parent_id: str, tracking_uri: str | N
         if args.steps == "in-process":
             def call(entry=entry, model_ref=model_ref):
                 return kind.run(entry, cfg, trial, model_ref)
-        run_ids.append(tracking.run_step(cfg.study, entry, params, key=key, call=call, parent_id=parent_id))
+        run_ids.append(run_step(cfg.study, entry, params, key=key, call=call, parent_id=parent_id))
     return run_ids
 
 
@@ -114,22 +120,21 @@ def step_params(args: StudyArgs, entry: str, trial: int, model_ref: str | None,
     params = {"study": args.study, "overrides": args.overrides, "data_dir": args.data_dir, "trial": str(trial)}
     if model_ref is not None:
         params["model_uri"] = model_ref
-    return params, tracking.step_key(entry, settings, {"trial": trial, "model_uri": model_ref})
+    return params, step_key(entry, settings, {"trial": trial, "model_uri": model_ref})
 
 
-def run_trials_on_cluster(args: StudyArgs, parent_id: str, config: dict) -> list[list[str]]:
+def run_trials_on_cluster(args: StudyArgs, cfg: StudyConfig, parent_id: str, config: dict) -> list[list[str]]:
     """Every trial's chain as Kubernetes Jobs: each step of all the trials is submitted at
     once (MLflow, not waiting), then waited for, since a trial's next step reads the run
     its previous one made. Finished steps are reused as in `run_trial`."""
-    cfg = args.config()
     kind = studies.get(cfg.kind)
     settings = {k: v for k, v in cfg.flat().items() if k not in EXECUTION_SETTINGS}
-    project = tracking.kubernetes_project(config)
+    project = kubernetes.kubernetes_project(config)
     chains: list[list[str]] = [[] for _ in range(cfg.trials)]
     for entry, source in kind.steps(cfg):
         steps = [(entry, *step_params(args, entry, trial, run_ids[source] if source is not None else None, settings))
                  for trial, run_ids in enumerate(chains)]
-        for run_ids, run_id in zip(chains, tracking.run_on_cluster(cfg.study, steps, parent_id, project, config)):
+        for run_ids, run_id in zip(chains, kubernetes.run_on_cluster(cfg.study, steps, parent_id, project, config)):
             run_ids.append(run_id)
     return chains
 
@@ -147,18 +152,18 @@ def register(cfg: StudyConfig, kind: StudyKind, steps: list[Step], chains: list[
     `champion`. Returns the champion's version."""
     versions: dict[str, float] = {}
     for trial, run_id in deliverable_runs(kind, steps, chains).items():
-        model_id = tracking.logged_model_id(run_id)
+        model_id = models.logged_model_id(run_id)
         if model_id is None:
             raise ModelError(f"trial {trial}'s {kind.deliverable} run {run_id} logged no final model to register")
-        metrics = tracking.logged_model_metrics(model_id)
+        metrics = models.logged_model_metrics(model_id)
         tags = {"trial": trial, "run_id": run_id,
                 **{k: _number(metrics[k]) for k in ("params", "fraction_remaining", "test_accuracy") if k in metrics}}
-        version = tracking.register(cfg.study, run_id, tags)
+        version = models.register(cfg.study, run_id, tags)
         versions[version] = metrics.get("test_accuracy", float("-inf"))
     if not versions:
         return None
     champion = max(versions, key=lambda v: (versions[v], -int(v)))  # ties: the earliest trial
-    tracking.set_alias(cfg.study, paths.CHAMPION, champion)
+    models.set_alias(cfg.study, paths.CHAMPION, champion)
     print(f"prunelab: registered {len(versions)} models as {cfg.study!r}; {paths.CHAMPION} is version {champion} "
           f"(models:/{cfg.study}@{paths.CHAMPION})", flush=True)
     return champion

@@ -1,0 +1,249 @@
+"""Models in MLflow: logging one (pt2, ONNX, weights-only checkpoint, its metrics),
+loading one back with nothing unpickled, and the registry."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prunelab import checkpoints, export, paths
+from prunelab.errors import ModelError, PrunelabError, TrackingError, first_line
+from prunelab.tracking.connection import client, forbid_pickle, is_mlflow_error, outage, server_gone, \
+    tracking_uri
+from prunelab.tracking.query import download, get_run, is_run_id
+
+# Pinned so a logged model reinstalls the versions that trained it; listing them
+# also spares MLflow from inferring requirements (slow) at every log_model.
+MODEL_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
+PT2_FILE = "model.pt2"  # what mlflow.pytorch writes for serialization_format='pt2'
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    model_id: str
+    uri: str
+
+
+# --------------------------------------------------------------------------- logging
+
+def log_model(run_id: str, model, name: str, example, step: int, final: bool = False, checkpoint=None,
+              metadata: dict | None = None, carry: tuple[str, ...] = ()) -> LoggedModel:
+    """Log `model` (a CPU module taking batches like `example`, float32) as an MLflow
+    model of run `run_id` at `step`, in the traced 'pt2' format, which reloads without
+    any of prunelab's code and unpickles nothing; MLflow links the run's metrics at
+    `step` to it. A final model is also exported to ONNX (an artifact of the same
+    model, `onnx/model.onnx`) and the run's tag names it; `checkpoint`, the bare
+    network, goes out as the weights-only checkpoint the next stage reads. `carry`
+    names metrics logged at earlier steps that still describe this model: their
+    newest values are linked to it too."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    c = client()
+    was_training = model.training
+    model.eval()  # exported as it predicts (a traced pt2 module cannot switch modes later)
+    try:
+        with torch.no_grad():
+            out = model(example)
+        # Unnamed specs (a named one makes pyfunc pass a dict); -1: any batch size.
+        # The example holds two images: torch.export fixes a batch dimension of 1.
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
+        info = mlflow.pytorch.log_model(model, name=name, step=step, signature=signature,
+                                        input_example=example.numpy(), serialization_format="pt2",
+                                        pip_requirements=MODEL_REQUIREMENTS, metadata=metadata)
+        _link_newest(c, run_id, info.model_id, carry)
+        if final:
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx_file = export.to_onnx(model, example, Path(tmp) / export.ONNX_FILE)
+                c.log_model_artifact(info.model_id, str(onnx_file), paths.ONNX_DIR)
+                if checkpoint is not None:
+                    c.log_artifact(run_id, str(checkpoints.save(checkpoint, Path(tmp) / paths.CHECKPOINT)))
+            c.set_tag(run_id, paths.TAG_MODEL_URI, info.model_uri)
+    finally:
+        model.train(was_training)
+    return LoggedModel(info.model_id, info.model_uri)
+
+
+def _link_newest(c, run_id: str, model_id: str, keys: tuple[str, ...]) -> None:
+    # The same metric entity (key, value, step, timestamp) again, now naming the
+    # model: the run's history keeps one entry, the model gains the metric.
+    from mlflow.entities import Metric
+
+    newest = []
+    for key in keys:
+        history = c.get_metric_history(run_id, key)
+        if history:
+            m = max(history, key=lambda m: (m.step, m.timestamp))
+            newest.append(Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id))
+    if newest:
+        c.log_batch(run_id, metrics=newest)
+
+
+# --------------------------------------------------------------------------- loading, nothing unpickled
+
+def load_model(ref: str, model_name: str | None = None):
+    """The nn.Module behind a weights file, a run id or a model URI, on the CPU; nothing is unpickled.
+
+    A run id, and a URI of a run's final model (`runs:/<run>/model`, or the
+    `models:/m-...` its `prunelab.model_uri` tag names), give the run's
+    weights-only checkpoint. Any other URI must be an MLflow PyTorch model in
+    the traced pt2 format: its MLmodel and file list are read first, and a
+    pickle-format model is refused before a byte of it is loaded."""
+    if Path(ref).suffix in (".pt", ".pth", ".th", ".tar") or Path(ref).is_file():
+        return checkpoints.load(ref, model_name)
+    if is_run_id(ref):
+        return _load_run_checkpoint(ref)
+    if not ref.startswith(("runs:/", "models:/")):
+        raise ModelError(f"{ref!r} is neither a weights file, a run id nor a model URI (runs:/... or models:/...)")
+    forbid_pickle()
+    run_id = _final_model_run(ref)
+    if run_id:
+        return _load_run_checkpoint(run_id)
+    return _load_pt2(ref)
+
+
+def _final_model_run(ref: str) -> str | None:
+    """The run whose final model `ref` is, when it has a weights-only checkpoint of it."""
+    if ref.startswith("runs:/"):
+        run_id, _, path = ref.removeprefix("runs:/").partition("/")
+        if is_run_id(run_id) and path.strip("/") == paths.MODEL:
+            return run_id if paths.TAG_MODEL_URI in get_run(run_id).data.tags else None
+        return None
+    model_id = ref.removeprefix("models:/").strip("/")
+    if not model_id.startswith("m-") or "/" in model_id:
+        return None  # a registered model name/version: not one of a run's final models
+    try:
+        source = client().get_logged_model(model_id).source_run_id
+    except Exception as exc:
+        if not is_mlflow_error(exc) or server_gone(exc):
+            raise
+        return None  # unknown: _load_pt2 says so in one line
+    if source and get_run(source).data.tags.get(paths.TAG_MODEL_URI) == ref:
+        return source
+    return None
+
+
+def _model_error(ref: str, exc: Exception) -> PrunelabError:
+    return outage(exc) or ModelError(f"cannot load model {ref} from {tracking_uri()}: {first_line(exc)[:160]}")
+
+
+def _load_pt2(ref: str):
+    """An MLflow PyTorch model in the pt2 format, checked before anything of it is read."""
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.models import Model
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    try:
+        meta = Model.load(ref)  # the MLmodel file alone, read as plain YAML
+        flavour = meta.flavors.get("pytorch")
+        base = ModelsArtifactRepository.get_underlying_uri(ref) if ref.startswith("models:/") else ref
+        data = str((flavour or {}).get("model_data", "data"))
+        files = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=f"{base.rstrip('/')}/{data}")}
+    except Exception as exc:
+        if is_mlflow_error(exc) or isinstance(exc, OSError):
+            raise _model_error(ref, exc) from None
+        raise
+    if not isinstance(flavour, dict):
+        raise ModelError(f"{ref} is not a PyTorch MLflow model (its flavours: {', '.join(meta.flavors) or 'none'}): "
+                         "pass a train, prune or finetune run, its model URI or a weights file")
+    if flavour.get("code"):
+        raise ModelError(f"{ref} carries code ({flavour['code']}) that loading it would import: prunelab loads only "
+                         "pt2 models and weights-only checkpoints")
+    if PT2_FILE not in files or ".." in data:
+        found = ", ".join(sorted(files)) or "no model file"
+        raise ModelError(f"{ref} is a pickle-format MLflow model ({data}/: {found}), and unpickling it could run any "
+                         "code it carries: prunelab loads only pt2 models and weights-only checkpoints "
+                         "(log it with serialization_format='pt2', or pass a checkpoint file)")
+    try:
+        # MLflow checks the archive holds no pickled record before it loads (forbid_pickle).
+        return mlflow.pytorch.load_model(ref, map_location="cpu")  # traced, fixed in eval mode
+    except Exception as exc:
+        if is_mlflow_error(exc) or isinstance(exc, OSError):
+            raise _model_error(ref, exc) from None
+        raise
+
+
+def _load_run_checkpoint(run_id: str):
+    run_ = get_run(run_id)
+    if paths.TAG_MODEL_URI not in run_.data.tags:
+        raise ModelError(f"run {run_id} logged no final model (stage {run_.data.tags.get(paths.TAG_STAGE, '?')}, "
+                         f"status {run_.info.status}): pass a finished train, prune or finetune run")
+    with tempfile.TemporaryDirectory() as tmp:
+        return checkpoints.load(download(run_id, paths.CHECKPOINT, tmp))
+
+
+# --------------------------------------------------------------------------- which model, and its numbers
+
+def logged_model_id(ref: str) -> str | None:
+    """The id of the logged model `ref` names: a run's final model (run id), `models:/<id>`,
+    or a registered `models:/<name>@<alias>` / `models:/<name>/<version>`; None for a file."""
+    if is_run_id(ref):
+        uri = get_run(ref).data.tags.get(paths.TAG_MODEL_URI, "")
+        return uri.removeprefix("models:/") or None
+    if not ref.startswith("models:/"):
+        return None
+    name = ref.removeprefix("models:/")
+    if name.startswith("m-") and "/" not in name and "@" not in name:
+        return name
+    c = client()
+    try:
+        if "@" in name:
+            version = c.get_model_version_by_alias(*name.split("@", 1))
+        else:
+            version = c.get_model_version(*name.rsplit("/", 1))
+    except Exception as exc:
+        if is_mlflow_error(exc) or isinstance(exc, TypeError):
+            return None
+        raise
+    # The server does not return the version's model_id; its source names the model.
+    return version.source.removeprefix("models:/") if version.source.startswith("models:/m-") else None
+
+
+def logged_model_metrics(model_id: str) -> dict[str, float]:
+    """The metrics linked to a logged model (the newest value of each)."""
+    metrics = sorted(client().get_logged_model(model_id).metrics or [], key=lambda m: (m.step, m.timestamp))
+    return {m.key: m.value for m in metrics}
+
+
+# --------------------------------------------------------------------------- the registry
+
+def register(name: str, run_id: str, tags: dict[str, Any]) -> str:
+    """The final model of `run_id` as a version of the registered model `name` (created
+    when missing), with `tags`; a model registered before is not registered twice.
+    Returns the version."""
+    model_id = logged_model_id(run_id)
+    if model_id is None:
+        raise ModelError(f"run {run_id} logged no final model to register")
+    source = f"models:/{model_id}"
+    c = client()
+    try:
+        try:
+            c.get_registered_model(name)
+        except Exception as exc:
+            if not is_mlflow_error(exc):
+                raise
+            c.create_registered_model(name, description=f"The final pruned models of study {name}, one version per trial.")
+        found = [v for v in c.search_model_versions(f"name = '{_quote(name)}'") if v.source == source]
+        version = found[0] if found else c.create_model_version(name, source=source, run_id=run_id, model_id=model_id)
+        for key, value in tags.items():
+            c.set_model_version_tag(name, version.version, key, str(value))
+    except Exception as exc:
+        if is_mlflow_error(exc):
+            raise TrackingError(f"cannot register run {run_id}'s model as {name!r}: {str(exc).splitlines()[0][:160]}") from None
+        raise
+    return str(version.version)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")
