@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from bench import Row
-from prunelab import config, data, server, studies, tracking
+from prunelab import config, data, studies, tracking
 from prunelab.studies import common
 from prunelab.data import fashionmnist
 from prunelab.data.base import ImageData
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.server import launch, probe
 from prunelab.train import fit, train_epoch
 
 N_TRAIN = 12_000  # a fifth of FashionMNIST: long enough to time, short enough for 2 cores
@@ -108,7 +109,7 @@ def tracking_rows() -> list[Row]:
     cfg = studies.load_config()
     d = data.get(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
-        uri, process = server.start(server.free_port(), tmp)
+        uri, process = launch.start(probe.free_port(), tmp)
         try:
             tracking.connect(uri)
             spent = 0.0
@@ -136,7 +137,7 @@ def tracking_rows() -> list[Row]:
             context.__exit__(None, None, None)
             spent += time.perf_counter() - t
         finally:
-            server.stop(process)
+            launch.stop(process)
     return [
         Row("MLflow tracking overhead on the train stage (%)", 100 * spent / training, "<= 2%",
             f"{spent:.2f}s in MLflow calls vs {training:.1f}s training ({cfg.train.epochs} epochs of {len(d.train_y)} images)"),
