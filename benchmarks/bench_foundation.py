@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from bench import Row
-from prunelab import config, data, server, studies
+from prunelab import config, data, studies
 from prunelab.tracking import connection, run as tracking_run
 from prunelab.studies import common
 from prunelab.data import fashionmnist
 from prunelab.data.base import ImageData
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.server import launch, probe
 from prunelab.train import fit, train_epoch
 
 N_TRAIN = 12_000  # a fifth of FashionMNIST: long enough to time, short enough for 2 cores
@@ -109,7 +110,7 @@ def tracking_rows() -> list[Row]:
     cfg = studies.load_config()
     d = data.get(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
-        uri, process = server.start(server.free_port(), tmp)
+        uri, process = launch.start(probe.free_port(), tmp)
         try:
             connection.connect(uri)
             spent = 0.0
@@ -137,7 +138,7 @@ def tracking_rows() -> list[Row]:
             context.__exit__(None, None, None)
             spent += time.perf_counter() - t
         finally:
-            server.stop(process)
+            launch.stop(process)
     return [
         Row("MLflow tracking overhead on the train stage (%)", 100 * spent / training, "<= 2%",
             f"{spent:.2f}s in MLflow calls vs {training:.1f}s training ({cfg.train.epochs} epochs of {len(d.train_y)} images)"),
@@ -169,7 +170,7 @@ def model_logging_rows() -> list[Row]:
     args = StudyArgs(config.DEFAULT_STUDY, "trials=1 study=bench-model-logging")
     with tempfile.TemporaryDirectory() as tmp:
         args = StudyArgs(args.study, args.overrides, out_dir=str(Path(tmp) / "report"))
-        uri, process = server.start(server.free_port(), tmp)
+        uri, process = launch.start(probe.free_port(), tmp)
         logged_models.log_model = timed  # measured where every stage's models go through
         try:
             connection.connect(uri)
@@ -178,7 +179,7 @@ def model_logging_rows() -> list[Row]:
             wall = time.perf_counter() - start
         finally:
             logged_models.log_model = log_model
-            server.stop(process)
+            launch.stop(process)
     return [Row("model logging, share of the default study's wall (%)", 100 * sum(spent) / wall, "<= 5%",
                 f"{sum(spent):.1f}s in {len(spent)} log_model calls of a {wall:.0f}s one-trial study "
                 f"(max {max(spent):.2f}s, median {sorted(spent)[len(spent) // 2]:.2f}s)")]

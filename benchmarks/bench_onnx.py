@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from bench import Row
-from prunelab import config, data, export, measure, server
+from prunelab import config, data, export, measure
 from prunelab.tracking import connection, run as tracking_run
 from prunelab.models.pixels import PixelInput
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.server import launch, probe
 from prunelab.studies import common
 
 SHAPE = (1, 28, 28)
@@ -68,7 +69,7 @@ def export_rows() -> list[Row]:
     users = common.for_users(model, d)
     example = d.pixels(d.test_x[:2])
     with tempfile.TemporaryDirectory() as tmp:
-        uri, process = server.start(server.free_port(), Path(tmp) / "server")
+        uri, process = launch.start(probe.free_port(), Path(tmp) / "server")
         try:
             connection.connect(uri)
             with tracking_run.start_run("bench-onnx", "train", {"study": "bench-onnx"}) as run:
@@ -82,7 +83,7 @@ def export_rows() -> list[Row]:
                     run._client.log_model_artifact(model_uri.removeprefix("models:/"), str(path), "onnx")
                     onnx.append(time.perf_counter() - start)
         finally:
-            server.stop(process)
+            launch.stop(process)
     return [Row("ONNX export + upload / pt2 model logging, per final model", min(onnx) / min(pt2), "<= 0.25x",
                 f"ONNX {min(onnx):.2f}s vs pt2 MLflow model {min(pt2):.2f}s (fastest of 3)")]
 

@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 from bench import Row
-from prunelab import config, data, hardware, layout, measure, models, server
+from prunelab import config, data, hardware, layout, measure, models
 from prunelab.tracking import connection, query
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.pruning import surgery
+from prunelab.server import launch, probe
 from prunelab.train import Precision, make_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,14 +130,14 @@ def _seconds(run) -> float:
 def main_rows() -> list[Row]:
     """The default study, 2 trials of 1 epoch (7 steps with the report), once per step runner."""
     with tempfile.TemporaryDirectory() as tmp:
-        uri, process = server.start(server.free_port(), tmp)
+        uri, process = launch.start(probe.free_port(), tmp)
         try:
             connection.connect(uri)
             walls = {}
             for steps in ("processes", "in-process"):
                 walls[steps], runs = _timed_study(uri, steps, f"bench-main-{steps}", Path(tmp) / steps)
         finally:
-            server.stop(process)
+            launch.stop(process)
     (main,) = [r for r in runs if r.data.tags.get("stage") == "main"]
     steps = [r for r in runs if r.data.tags.get("stage") != "main"]
     in_steps = sum(_seconds(r) for r in steps)

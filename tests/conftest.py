@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from prunelab import server, studies
+from prunelab import studies
 from prunelab.data.fashionmnist import DEBIAN_FASHION_MNIST
+from prunelab.server import launch, probe
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -36,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 def tracking_uri(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
     # A new store migrates its tables on the first start: minutes on 2 cores busy with other work.
-    uri, process = server.start(server.free_port(), folder, wait=600)
+    uri, process = launch.start(probe.free_port(), folder, wait=600)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     import mlflow
@@ -47,7 +48,7 @@ def tracking_uri(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
-    server.stop(process)
+    launch.stop(process)
 
 
 @pytest.fixture(scope="session")

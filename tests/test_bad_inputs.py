@@ -22,8 +22,9 @@ import pytest
 from conftest import start_foreign_server
 import torch
 
-from prunelab import checkpoints, cli, server
+from prunelab import checkpoints, cli
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.server import probe
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port: settings must fail before any connection
@@ -381,7 +382,7 @@ CASES = [
          env=(("PRUNELAB_TRACKING_PATIENCE", "soon"),)),
     Case("patience-too-short", lambda c: ["train"], "PRUNELAB_TRACKING_PATIENCE must be in [8, 3600]",
          env=(("PRUNELAB_TRACKING_PATIENCE", "1"),)),
-    Case("server-absent", lambda c: ["train", "--tracking-uri", f"http://127.0.0.1:{server.free_port()}"],
+    Case("server-absent", lambda c: ["train", "--tracking-uri", f"http://127.0.0.1:{probe.free_port()}"],
          "no MLflow tracking server at"),
     Case("server-not-mlflow", lambda c: ["train", "--tracking-uri", c.foreign_server()],
          "a web server answers there (HTTP 200), but not as an MLflow tracking server"),

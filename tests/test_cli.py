@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from prunelab import checkpoints, cli, server
+from prunelab import checkpoints, cli
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.server import probe
 
 
 def run_cli(capsys, *argv):
@@ -45,7 +46,7 @@ def test_bad_settings(capsys, args, needles):
 
 
 def test_unreachable_server_names_uri_and_make_server(capsys, fashion_dir):
-    uri = f"http://127.0.0.1:{server.free_port()}"
+    uri = f"http://127.0.0.1:{probe.free_port()}"
     code, _, err = run_cli(capsys, "train", "--tracking-uri", uri)
     one_line_error(code, err, uri, "make server")
 
@@ -103,7 +104,7 @@ def test_report_without_runs(capsys, tracking_uri):
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     """The installed console entry point, as a user runs it."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{server.free_port()}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{probe.free_port()}"}
     proc = subprocess.run([sys.executable, "-m", "prunelab", "prune", "--set", "prune.target=0"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

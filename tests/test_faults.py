@@ -17,8 +17,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from prunelab import checkpoints, paths, server
+from prunelab import checkpoints, paths
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.server import launch, probe
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +74,8 @@ def test_server_stopped_mid_train_then_sync(fashion_dir, tmp_path):
     """The server goes away after epoch 1: the stage trains on, ends within 60 s of
     the stop with one line naming the spool folder, which holds the trained model;
     a server started again on the same folder and port gets everything from `sync`."""
-    port, folder = server.free_port(), tmp_path / "server"
-    uri, process = server.start(port, folder)  # a server of its own: the session's stays up
+    port, folder = probe.free_port(), tmp_path / "server"
+    uri, process = launch.start(port, folder)  # a server of its own: the session's stays up
     try:
         client = MlflowClient(uri)
         env = env_for(uri, tmp_path)
@@ -82,7 +83,7 @@ def test_server_stopped_mid_train_then_sync(fashion_dir, tmp_path):
         proc = prunelab("train", "--overrides", f"data.n_train=2000 data.n_test=300 train.epochs={epochs} study={study}",
                         env=env)
         run_id = wait_for_epoch(client, study, proc).info.run_id
-        server.stop(process)
+        launch.stop(process)
         stopped = time.monotonic()
         _, err = proc.communicate(timeout=300)
         print(f"train ended {time.monotonic() - stopped:.1f} s after its server stopped")
@@ -96,7 +97,7 @@ def test_server_stopped_mid_train_then_sync(fashion_dir, tmp_path):
         trained = checkpoints.load(weights)  # the model trained through the outage, on disk
         assert type(trained) is SimpleCNN
 
-        uri, process = server.start(port, folder)
+        uri, process = launch.start(port, folder)
         sync = subprocess.run([sys.executable, "-m", "prunelab", "sync", str(spooled)], env=env,
                               capture_output=True, text=True, timeout=600)
         assert sync.returncode == 0, sync.stderr[-2000:]
@@ -112,7 +113,7 @@ def test_server_stopped_mid_train_then_sync(fashion_dir, tmp_path):
                                                      trained.state_dict().values()))
         assert [r.info.status for r in runs_of(client, study)] == ["FINISHED"]
     finally:
-        server.stop(process)
+        launch.stop(process)
 
 
 def test_two_studies_at_once(tracking_uri, client, fashion_dir, tmp_path):

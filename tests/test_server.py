@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import clean_env
-from prunelab import server
+from prunelab.errors import ServerError
+from prunelab.server import launch, postgresql, probe
 
 
 # A new store's first start migrates its database(s): minutes on 2 cores busy with other work.
@@ -34,40 +35,40 @@ def serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 ])
 def test_listening_beyond_loopback_needs_the_allowed_hosts(tmp_path, args, message):
     """Refused in one line before anything starts: no server folder, nothing on the port."""
-    port = server.free_port()
+    port = probe.free_port()
     proc = serve("--port", str(port), "--dir", str(tmp_path / "server"), *args)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "prunelab: error: " + message.format(port=port)
     assert not (tmp_path / "server").exists()
-    assert not server.healthy(f"http://127.0.0.1:{port}")
+    assert not probe.healthy(f"http://127.0.0.1:{port}")
 
 
 def test_auth_needs_an_admin_password_on_first_start(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in (server.AUTH_ADMIN_PASSWORD, "MLFLOW_TRACKING_USERNAME",
+    env = {k: v for k, v in os.environ.items() if k not in (launch.AUTH_ADMIN_PASSWORD, "MLFLOW_TRACKING_USERNAME",
                                                             "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")}
-    proc = serve("--port", str(server.free_port()), "--dir", str(tmp_path / "server"), "--auth", env=env)
+    proc = serve("--port", str(probe.free_port()), "--dir", str(tmp_path / "server"), "--auth", env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"prunelab: error: --auth creates an admin user on its first start: export "
-                                   f"{server.AUTH_ADMIN_PASSWORD}=<a strong password> (and "
-                                   f"{server.AUTH_ADMIN_USERNAME}, default admin)")
+                                   f"{launch.AUTH_ADMIN_PASSWORD}=<a strong password> (and "
+                                   f"{launch.AUTH_ADMIN_USERNAME}, default admin)")
 
 
 @pytest.mark.slow
 def test_basic_auth_lets_in_only_known_users(tmp_path):
     """With --auth, the server answers only requests that sign in; prunelab's probe and
     MLflow's client sign in with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
-    env = {**clean_env(""), server.AUTH_ADMIN_PASSWORD: "a-Strong-passw0rd-for-tests"}
-    folder, port = tmp_path / "server", server.free_port()
+    env = {**clean_env(""), launch.AUTH_ADMIN_PASSWORD: "a-Strong-passw0rd-for-tests"}
+    folder, port = tmp_path / "server", probe.free_port()
     started = serve("--port", str(port), "--dir", str(folder), "--auth", "--wait", str(START_WAIT), env=env)
     try:
         assert started.returncode == 0, started.stderr[-2000:]
         uri = f"http://127.0.0.1:{port}"
-        assert "HTTP 401" in server.probe(uri, credentials={})
-        assert "HTTP 401" in server.probe(uri, credentials=server._basic("admin", "wrong"))
-        assert server.probe(uri, credentials=server._basic("admin", env[server.AUTH_ADMIN_PASSWORD])) is None
+        assert "HTTP 401" in probe.probe(uri, credentials={})
+        assert "HTTP 401" in probe.probe(uri, credentials=probe.basic_credentials("admin", "wrong"))
+        assert probe.probe(uri, credentials=probe.basic_credentials("admin", env[launch.AUTH_ADMIN_PASSWORD])) is None
         client = ("import mlflow; c = mlflow.MlflowClient(); print(c.create_experiment('signed-in'))")
         signed = {**env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "admin",
-                  "MLFLOW_TRACKING_PASSWORD": env[server.AUTH_ADMIN_PASSWORD]}
+                  "MLFLOW_TRACKING_PASSWORD": env[launch.AUTH_ADMIN_PASSWORD]}
         ok = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, env=signed, timeout=120)
         assert ok.returncode == 0, ok.stderr[-2000:]
         anonymous = {**env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
@@ -75,7 +76,7 @@ def test_basic_auth_lets_in_only_known_users(tmp_path):
                                  timeout=120)
         assert refused.returncode != 0 and "401" in refused.stderr
     finally:
-        server.shutdown(folder)
+        launch.shutdown(folder)
 
 
 @pytest.fixture
@@ -84,13 +85,13 @@ def postgres_folder():
     user postgres, which must be able to enter every folder above it (pytest's own
     temporary folders are private to root), so this one is made under /tmp and opened."""
     try:
-        server._pg_bin()
-    except server.ServerError as exc:
+        postgresql._pg_bin()
+    except ServerError as exc:
         pytest.skip(f"PostgreSQL cannot be used here: {exc}")
     base = Path(tempfile.mkdtemp(prefix="prunelab-pg-"))
     base.chmod(0o755)
     yield base / "server"
-    server.shutdown(base / "server")
+    launch.shutdown(base / "server")
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -102,7 +103,7 @@ def test_postgresql_server_keeps_a_study(postgres_folder, fashion_dir, tmp_path)
     from mlflow import MlflowClient
 
     study, store = "test-postgresql-study", tmp_path / "artifact-store"
-    uri, process = server.start(server.free_port(), postgres_folder, backend="postgresql",
+    uri, process = launch.start(probe.free_port(), postgres_folder, backend="postgresql",
                                 artifacts_destination=str(store), wait=START_WAIT)
     assert process is not None
     overrides = (f"study={study} trials=1 data.n_train=600 data.n_test=200 train.epochs=1 finetune.epochs=1 "
@@ -118,9 +119,9 @@ def test_postgresql_server_keeps_a_study(postgres_folder, fashion_dir, tmp_path)
     assert sorted(r.data.tags["stage"] for r in runs) == ["finetune", "main", "prune", "report", "train"]
     assert all(r.info.status == "FINISHED" for r in runs)
     # The runs are rows of the cluster's database, read here through its socket.
-    psycopg2 = server._psycopg2()
-    conn = psycopg2.connect(host=str(postgres_folder / server.PG_DATA), port=server.PG_PORT,
-                            user=server.PG_SUPERUSER, dbname=server.PG_DATABASE)
+    psycopg2 = postgresql._psycopg2()
+    conn = psycopg2.connect(host=str(postgres_folder / postgresql.PG_DATA), port=postgresql.PG_PORT,
+                            user=postgresql.PG_SUPERUSER, dbname=postgresql.PG_DATABASE)
     with conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),))
         assert cur.fetchone()[0] == 5
@@ -136,6 +137,6 @@ def test_postgresql_server_keeps_a_study(postgres_folder, fashion_dir, tmp_path)
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     assert json.loads(evaluate.stdout)["accuracy"] == pytest.approx(finetune.data.metrics["test_accuracy"], abs=1 / 200)
 
-    stopped = server.shutdown(postgres_folder)
+    stopped = launch.shutdown(postgres_folder)
     assert len(stopped) == 2 and process.wait(timeout=30) is not None
-    assert not server.stop_postgres(postgres_folder)  # nothing left running there
+    assert not postgresql.stop_postgres(postgres_folder)  # nothing left running there

@@ -11,10 +11,11 @@ import pytest
 from conftest import start_foreign_server
 import torch
 
-from prunelab import cli, paths, server
-from prunelab.tracking import connection, models as logged_models, run as tracking_run, sync as tracking_sync
+from prunelab import cli, paths
 from prunelab.errors import TrackingError
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.server import probe
+from prunelab.tracking import connection, models as logged_models, run as tracking_run, sync as tracking_sync
 from prunelab.tracking.spool import Spool
 
 
@@ -27,11 +28,11 @@ def foreign_server():
 
 
 def test_probe_tells_an_mlflow_server_from_any_other(tracking_uri, foreign_server):
-    assert server.probe(tracking_uri) is None
-    assert "not as an MLflow tracking server" in server.probe(foreign_server)
+    assert probe.probe(tracking_uri) is None
+    assert "not as an MLflow tracking server" in probe.probe(foreign_server)
     with pytest.raises(TrackingError, match="not as an MLflow tracking server"):
         connection.connect(foreign_server)
-    assert "nothing answers there" in server.probe(f"http://127.0.0.1:{server.free_port()}")
+    assert "nothing answers there" in probe.probe(f"http://127.0.0.1:{probe.free_port()}")
 
 
 def test_probe_keeps_its_time_limit_against_a_server_that_never_answers():
@@ -39,7 +40,7 @@ def test_probe_keeps_its_time_limit_against_a_server_that_never_answers():
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
         start = time.monotonic()
-        problem = server.probe(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
+        problem = probe.probe(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
         assert problem == "no answer within 1 s"
         assert time.monotonic() - start < 1.5
 
@@ -65,7 +66,7 @@ def test_a_call_to_a_gone_server_gives_up_within_the_patience(other_end, monkeyp
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)  # the kernel accepts connections; nothing ever answers them
-        port = silent.getsockname()[1] if other_end == "silent port" else server.free_port()
+        port = silent.getsockname()[1] if other_end == "silent port" else probe.free_port()
         start = time.monotonic()
         with pytest.raises(MlflowException):
             MlflowClient(f"http://127.0.0.1:{port}").log_batch("0" * 32, metrics=[Metric("m", 1.0, 0, 0)])

@@ -70,30 +70,6 @@ def check_range(where: str, value: float, low: float | None = None, high: float 
         raise ConfigError(f"{where} must be {bound}, got {value}" + (f": {hint}" if hint else ""))
 
 
-def memory_bytes() -> int:
-    """Memory this process may use: the machine's, or its container's limit when lower (0: unknown)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 0
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            limit = int(Path(limit_file).read_text().strip())
-        except (OSError, ValueError):  # absent, or "max": no limit
-            continue
-        total = min(total, limit) if total else limit
-    return total
-
-
-def check_memory(nbytes: float, what: str, hint: str) -> None:
-    """One-line error when `what` would need more than all the memory there is,
-    before anything allocates it (a MemoryError, or the OOM killer, otherwise)."""
-    total = memory_bytes()
-    if total and nbytes > total:
-        raise ConfigError(f"{what} would need {nbytes / 2**30:,.1f} GiB of memory, more than the "
-                          f"{total / 2**30:,.1f} GiB here: {hint}")
-
-
 def _number(v: float) -> str:
     return str(v) if isinstance(v, int) else f"{v:g}"
 

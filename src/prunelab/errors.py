@@ -27,6 +27,10 @@ class TrackingError(PrunelabError):
     """The tracking server cannot be reached or has no such run."""
 
 
+class ServerError(PrunelabError):
+    """A server that cannot be started as asked (one line: what, and what to do)."""
+
+
 class Stopped(BaseException):
     """SIGTERM or SIGHUP, raised where the process was (like KeyboardInterrupt for
     Ctrl-C) so that every run in progress ends FAILED on the way out. Not an

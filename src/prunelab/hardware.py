@@ -1,11 +1,13 @@
-"""Which device a study runs on, what that hardware is, and how many trials it
-runs side by side. Never imports mlflow."""
+"""Which device a study runs on, what that hardware is, how much memory there is
+(the machine's, or its container's limit), and how many trials it runs side by
+side. Never imports mlflow."""
 
 from __future__ import annotations
 
 import functools
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -82,3 +84,27 @@ def default_parallel_trials(device_setting: str) -> int:
     if resolve(device_setting).type == "cuda":
         return 2
     return max(1, (os.cpu_count() or 1) // 4)
+
+
+def memory_bytes() -> int:
+    """Memory this process may use: the machine's, or its container's limit when lower (0: unknown)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = int(Path(limit_file).read_text().strip())
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+        total = min(total, limit) if total else limit
+    return total
+
+
+def check_memory(nbytes: float, what: str, hint: str) -> None:
+    """One-line error when `what` would need more than all the memory there is,
+    before anything allocates it (a MemoryError, or the OOM killer, otherwise)."""
+    total = memory_bytes()
+    if total and nbytes > total:
+        raise ConfigError(f"{what} would need {nbytes / 2**30:,.1f} GiB of memory, more than the "
+                          f"{total / 2**30:,.1f} GiB here: {hint}")

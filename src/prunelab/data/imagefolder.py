@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from prunelab.config import DataConfig, check_memory
+from prunelab.config import DataConfig
 from prunelab.data.base import ImageData, cache_dir
 from prunelab.errors import DataError
 from prunelab.files import atomic_path
+from prunelab.hardware import check_memory
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 DEFAULT_SIZE = 224

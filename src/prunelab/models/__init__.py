@@ -13,7 +13,7 @@ import inspect
 import torch
 from torch import nn
 
-from prunelab.config import check_memory
+from prunelab.hardware import check_memory
 from prunelab.errors import ConfigError, ModelError
 from prunelab.models.conv import Conv2, Conv4, Conv6
 from prunelab.models.lenet import LeNet300100

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from prunelab.config import check_range
 from prunelab.errors import ConfigError, TrackingError, first_line
-from prunelab import server as probe  # (until server/ is a package)
+from prunelab.server import probe
 
 DEFAULT_URI = "http://127.0.0.1:5000"
 PATIENCE_ENV = "PRUNELAB_TRACKING_PATIENCE"

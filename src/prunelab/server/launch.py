@@ -9,11 +9,9 @@ the port.
     python -m prunelab.server --stop --dir .mlflow-server
 
 The store is SQLite in the server folder, or (`--backend postgresql`) a
-PostgreSQL cluster created in the server folder on first start, with its
-database and role, reached over a Unix socket only (no TCP port; when run as
-root, PostgreSQL runs as the user `postgres`, since it refuses root). Artifacts
-are always served by the MLflow server (`--serve-artifacts`), so clients never
-need storage credentials; `--artifacts-destination` may name an object store
+PostgreSQL cluster in the server folder (`postgresql`). Artifacts are always
+served by the MLflow server (`--serve-artifacts`), so clients never need storage
+credentials; `--artifacts-destination` may name an object store
 (`s3://bucket/prefix`, with the server's own credentials). The server listens
 on 127.0.0.1 unless `--host` names another interface and `--allowed-hosts` the
 host names clients use; `--auth` turns on MLflow's basic authentication.
@@ -22,96 +20,20 @@ host names clients use; `--auth` turns on MLflow's basic authentication.
 from __future__ import annotations
 
 import argparse
-import base64
 import ipaddress
-import json
 import os
-import pwd
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from prunelab.errors import PrunelabError
+from prunelab.errors import PrunelabError, ServerError
+from prunelab.server.postgresql import PG_AUTH_DATABASE, PG_DATA, postgres_uri, start_postgres, stop_postgres
+from prunelab.server.probe import basic_credentials, client_credentials, healthy
 
 BACKENDS = ("sqlite", "postgresql")
-
-# A REST call only an MLflow tracking server answers in its own JSON: the
-# experiment every server creates ({"experiment": ...}), or, where it was
-# deleted, MLflow's error document ({"error_code": "RESOURCE_DOES_NOT_EXIST"}).
-# Any web server answers /health with 200; this tells them apart.
-_PROBE_PATH = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
-
-
-def _credentials() -> dict[str, str]:
-    """The Authorization header MLflow's client would send (its own environment variables)."""
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if token:
-        return {"Authorization": f"Bearer {token}"}
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        return _basic(user, password)
-    return {}
-
-
-def _basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def _probe_once(uri: str, timeout: float, credentials: dict[str, str] | None) -> str | None:
-    try:
-        request = urllib.request.Request(uri.rstrip("/") + _PROBE_PATH, headers=credentials or _credentials())
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, body = response.status, response.read(1 << 16)
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read(1 << 16)
-    except (OSError, ValueError) as exc:  # refused, timed out, or not a URL
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, TimeoutError):
-            return f"no answer within {timeout:g} s"
-        return f"nothing answers there ({type(reason).__name__})"
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict) and ("experiment" in doc or doc.get("error_code") == "RESOURCE_DOES_NOT_EXIST"):
-        return None
-    return f"a web server answers there (HTTP {status}), but not as an MLflow tracking server"
-
-
-def probe(uri: str, timeout: float = 5.0, credentials: dict[str, str] | None = None) -> str | None:
-    """None when an MLflow tracking server answers at `uri`; otherwise what answers
-    instead. Returns within `timeout` seconds whatever the other end does (a
-    server that accepts and never answers, or answers a byte at a time).
-    `credentials`: the Authorization header (default: what MLflow's client would send)."""
-    outcome: list[str | None] = []
-    # The socket's own timeout applies to each step (connect, every read); the join bounds the whole.
-    worker = threading.Thread(target=lambda: outcome.append(_probe_once(uri, timeout, credentials)), daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return outcome[0] if outcome else f"no answer within {timeout:g} s"
-
-
-def healthy(uri: str, timeout: float = 2.0, credentials: dict[str, str] | None = None) -> bool:
-    """Whether an MLflow tracking server answers at `uri` within `timeout` seconds."""
-    return probe(uri, timeout, credentials) is None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerError(PrunelabError):
-    """A server that cannot be started as asked (one line: what, and what to do)."""
 
 
 def _loopback(host: str) -> bool:
@@ -137,141 +59,6 @@ def check_exposure(host: str, port: int, allowed_hosts: str) -> None:
         raise ServerError("--allowed-hosts '*' lets any Host header through: name the host names clients will use")
 
 
-# --------------------------------------------------------------------------- PostgreSQL
-
-PG_DATA = "postgres"  # the cluster's folder inside the server folder
-PG_PORT = 5432  # names the socket file only: the cluster listens on no TCP port
-PG_DATABASE = PG_ROLE = "mlflow"
-PG_AUTH_DATABASE = "mlflow_auth"  # MLflow's basic-auth users and permissions (--auth)
-PG_SUPERUSER = "postgres"
-PG_RUN_AS = "postgres"  # PostgreSQL refuses to run as root; Debian's package makes this user
-
-
-def _pg_bin() -> Path:
-    """The folder with initdb and pg_ctl: on PATH, else Debian's newest /usr/lib/postgresql/<version>/bin."""
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return Path(found).parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
-    if versions:
-        return versions[-1].parent
-    raise ServerError("PostgreSQL is not installed: `apt-get install postgresql` (Debian), or put the folder "
-                      "holding initdb and pg_ctl on PATH")
-
-
-def _as_owner(cmd: list) -> list[str]:
-    """PostgreSQL refuses to run as root: as root, its commands run as the user `postgres`."""
-    cmd = [str(c) for c in cmd]
-    return ["runuser", "-u", PG_RUN_AS, "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-def _pg(cmd: list, what: str, log: Path | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_as_owner(cmd), capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        said = (proc.stderr or proc.stdout).strip().splitlines()
-        tail = f"; see {log}" if log else ""
-        raise ServerError(f"PostgreSQL could not {what}: {said[-1] if said else f'exit {proc.returncode}'}{tail}")
-    return proc
-
-
-def _pg_init(folder: Path, bin_dir: Path) -> Path:
-    """A cluster in folder/postgres, created on first use: only a Unix socket inside its own
-    folder (mode 0700, so only the user that runs it, and root, can connect) and no TCP port,
-    which is why local connections may be `trust`ed."""
-    data = folder / PG_DATA
-    if (data / "PG_VERSION").is_file():
-        return data
-    if len(str(data / f".s.PGSQL.{PG_PORT}")) > 107:  # sun_path holds 108 bytes
-        raise ServerError(f"the server folder {folder} is too deep for PostgreSQL's socket: choose a shorter --dir")
-    if os.geteuid() == 0:
-        try:
-            owner = pwd.getpwnam(PG_RUN_AS)
-        except KeyError:
-            raise ServerError(f"as root, PostgreSQL runs as the user {PG_RUN_AS}, and there is none: install "
-                              "Debian's postgresql (it makes the user) or run as another user") from None
-        if subprocess.run(_as_owner(["test", "-x", folder]), stdin=subprocess.DEVNULL).returncode != 0:
-            raise ServerError(f"PostgreSQL runs as the user {PG_RUN_AS}, which cannot reach {folder}: choose a "
-                              f"--dir every folder above which {PG_RUN_AS} may enter, or run as another user")
-    data.mkdir(mode=0o700)
-    try:
-        if os.geteuid() == 0:
-            os.chown(data, owner.pw_uid, owner.pw_gid)
-        _pg([bin_dir / "initdb", "-D", data, "-U", PG_SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-locale"],
-            "create its cluster")
-        with open(data / "postgresql.conf", "a") as conf:
-            conf.write(f"\n# prunelab: a Unix socket in this folder only, no TCP port\nlisten_addresses = ''\n"
-                       f"unix_socket_directories = '{data}'\nunix_socket_permissions = 0700\nport = {PG_PORT}\n")
-    except BaseException:
-        shutil.rmtree(data, ignore_errors=True)  # a half-made cluster would stop every later start
-        raise
-    return data
-
-
-def _pg_running(bin_dir: Path, data: Path) -> bool:
-    # pg_ctl status: 0 running, 3 not running, 4 no readable cluster
-    return subprocess.run(_as_owner([bin_dir / "pg_ctl", "-D", data, "status"]), capture_output=True,
-                          stdin=subprocess.DEVNULL).returncode == 0
-
-
-def _psycopg2():
-    try:
-        import psycopg2
-    except ImportError:
-        raise ServerError("the postgresql backend needs psycopg2: pip install 'prunelab[server]'") from None
-    return psycopg2
-
-
-def _pg_ensure_databases(data: Path) -> None:
-    """The role MLflow connects as and its databases, created on first start."""
-    psycopg2 = _psycopg2()
-    conn = psycopg2.connect(host=str(data), port=PG_PORT, user=PG_SUPERUSER, dbname="postgres")
-    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PG_ROLE,))
-            if cur.fetchone() is None:
-                cur.execute(f'CREATE ROLE "{PG_ROLE}" LOGIN')
-            for name in (PG_DATABASE, PG_AUTH_DATABASE):
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cur.fetchone() is None:
-                    cur.execute(f'CREATE DATABASE "{name}" OWNER "{PG_ROLE}"')
-    finally:
-        conn.close()
-
-
-def postgres_uri(folder: str | Path, database: str = PG_DATABASE) -> str:
-    """The SQLAlchemy URI of a database of the server folder's cluster (through its socket)."""
-    data = Path(folder).resolve() / PG_DATA
-    # psycopg2 named: SQLAlchemy 2.1 would otherwise look for psycopg (3).
-    return f"postgresql+psycopg2://{PG_ROLE}@/{database}?host={data}&port={PG_PORT}"
-
-
-def start_postgres(folder: str | Path) -> str:
-    """The server folder's PostgreSQL cluster, created, started and given its database and
-    role as needed; returns the URI MLflow's store connects to."""
-    folder = Path(folder).resolve()
-    bin_dir = _pg_bin()
-    data = _pg_init(folder, bin_dir)
-    if not _pg_running(bin_dir, data):
-        log = data / "postgres.log"
-        _pg([bin_dir / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start"], "start", log)
-    _pg_ensure_databases(data)
-    return postgres_uri(folder)
-
-
-def stop_postgres(folder: str | Path) -> bool:
-    """Stop the server folder's cluster; False when none runs there."""
-    data = Path(folder).resolve() / PG_DATA
-    if not (data / "PG_VERSION").is_file():
-        return False
-    bin_dir = _pg_bin()
-    if not _pg_running(bin_dir, data):
-        return False
-    _pg([bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop"], "stop")
-    return True
-
-
 # --------------------------------------------------------------------------- MLflow's basic authentication
 
 AUTH_ADMIN_PASSWORD = "MLFLOW_AUTH_ADMIN_PASSWORD"
@@ -293,7 +80,7 @@ def _auth_env(folder: Path, database_uri: str) -> tuple[dict[str, str], dict[str
     if first and not password:
         raise ServerError(f"--auth creates an admin user on its first start: export {AUTH_ADMIN_PASSWORD}=<a strong "
                           f"password> (and {AUTH_ADMIN_USERNAME}, default admin)")
-    credentials = _credentials() or (_basic(admin, password) if password else {})
+    credentials = client_credentials() or (basic_credentials(admin, password) if password else {})
     if not credentials:
         raise ServerError("--auth: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a user of this "
                           f"server) or {AUTH_ADMIN_PASSWORD}, so that the server's start can be checked")
@@ -445,6 +232,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow server {'started' if process else 'already running'} at {uri} ({store} store in {args.dir})")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
