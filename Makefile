@@ -91,11 +91,11 @@ kmeans: server ## k-means filter clustering of the pretrained ResNet20 (CIFAR_DI
 	  -P overrides="kmeans.weights=$(abspath $(RESNET20))" -P out_dir=resources/figures/kmeans-resnet20-cifar10 \
 	  --env-manager local --experiment-name kmeans-resnet20-cifar10
 
-# The studies whose figures the README shows (resources/figures/<study>), each drawn from its
+# The studies whose figures the README and docs/ show (resources/figures/<study>), each drawn from its
 # runs on the server; a study the server holds no runs of fails in one line, the others are
 # still drawn, and make exits non-zero.
 FIGURE_STUDIES ?= taylor-cnn-fashionmnist lth-lenet300-fashionmnist lth-conv2-cifar10-cpu kmeans-resnet20-cifar10 taylor-resnet20-dogscats
-report: server ## redraw the README figures into resources/figures (STUDY=... for one study) from the runs on the server
+report: server ## redraw the figures of the README and docs/ into resources/figures (STUDY=... for one study) from the runs on the server
 	@status=0; for study in $(if $(filter command line,$(origin STUDY)),$(STUDY),$(FIGURE_STUDIES)); do \
 	  echo "== $$study"; $(BIN)/prunelab report --study $$study --out resources/figures/$$study || status=1; \
 	done; exit $$status

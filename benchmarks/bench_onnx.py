@@ -23,7 +23,7 @@ from prunelab.server import launch, probe
 from prunelab.studies import common
 
 SHAPE = (1, 28, 28)
-PRUNED_WIDTHS = [7, 9]  # the widths the default study ends at (README: 5-7 and 9 filters)
+PRUNED_WIDTHS = [7, 9]  # the widths the default study ends at (docs/taylor-cnn-fashionmnist.md: 5-7 and 9 filters)
 MEAN, STD = (0.2860,), (0.3530,)
 
 

@@ -39,7 +39,7 @@ from prunelab.train import Precision, make_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = Path(os.environ.get("PRUNELAB_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-subset"))
-# The widths the default study ends at: without rounding (README, five trials: 5-7 and 9
+# The widths the default study ends at: without rounding (docs/taylor-cnn-fashionmnist.md, five trials: 5-7 and 9
 # filters), and with prune.round_to=8 (both convs at a multiple of 8).
 WIDTHS_FREE, WIDTHS_ROUNDED, ROUND_TO = [7, 9], [8, 8], 8
 

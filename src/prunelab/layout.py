@@ -2,8 +2,8 @@
 
 On the CPU, oneDNN's convolutions work on channels-last (NHWC) tensors; a
 network held in PyTorch's default NCHW layout is reordered around every call.
-Measured on a 2-core AVX-512 CPU (`benchmarks/bench_scale.py`, the README's
-"Scale" rows): a bf16 training step is 1.27x faster for the FashionMNIST CNN
+Measured on a 2-core AVX-512 CPU (`benchmarks/bench_scale.py`, the
+"Scale" rows of docs/benchmarks.md): a bf16 training step is 1.27x faster for the FashionMNIST CNN
 (batch 128), 2.59x for its pruned (7, 9)-filter version (NCHW kernels for odd
 widths are the slowest of all) and 1.36x for Conv-2 (batch 60). One
 image at a time is the other way round (the same bench times the CNN both
