@@ -96,3 +96,25 @@ def test_extending_names_only_files_and_targets_that_exist():
     assert not missing, f"docs/extending.md names paths that do not exist: {missing}"
     targets = {t for snippet in code(text) for t in MAKE.findall(snippet)}
     assert targets and not targets - make_targets(), f"unknown make targets: {sorted(targets - make_targets())}"
+
+
+# A project run as a user types it: `mlflow run <project> -e <entry point> ...`.
+MLFLOW_RUN = re.compile(r"(?:\S*/)?mlflow run \S+ -e \S+")
+
+
+def mlflow_run_commands(text: str) -> list[str]:
+    """Every `mlflow run <project> -e ...` command of a page, each on one line: in code
+    blocks (fenced or indented, continued lines joined) and in inline code spans."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    lines = [line.split(" #")[0].strip() for line in text.splitlines() if MLFLOW_RUN.match(line.strip())]
+    spans = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose(text))]
+    return lines + [span for span in spans if MLFLOW_RUN.match(span)]
+
+
+def test_every_mlflow_run_command_names_the_study_experiment():
+    """`mlflow run` makes its run in the experiment it is told (Default without one), and
+    prunelab refuses a run outside the study's experiment: every command says which."""
+    commands = {page: mlflow_run_commands(page.read_text()) for page in [README, *PAGES]}
+    assert len(commands[README]) >= 2
+    lacking = [f"{page.relative_to(REPO)}: {c}" for page, cs in commands.items() for c in cs if "--experiment-name" not in c]
+    assert not lacking, "commands without --experiment-name: " + "; ".join(lacking)

@@ -1,6 +1,7 @@
 """The MLproject entry points as users run them: `mlflow run . -e ...` against the real server."""
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +11,24 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 TINY = "data.n_train=600 data.n_test=200 train.epochs=1 finetune.epochs=1 prune.rank_images=200 trials=1"
 
 
-def mlflow_run(tracking_uri, entry, experiment, **params):
-    # As from a fresh shell: an experiment or run chosen earlier in this test process
-    # (MLflow exports MLFLOW_EXPERIMENT_ID on set_experiment) must not leak into `mlflow run`.
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+def shell_env(tracking_uri):
+    """As from a fresh shell: an experiment or run chosen earlier in this test process
+    (MLflow exports MLFLOW_EXPERIMENT_ID on set_experiment) must not leak into `mlflow run`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return env
+
+
+def mlflow_run(tracking_uri, entry, experiment, **params):
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
            "--experiment-name", experiment]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, env=shell_env(tracking_uri), timeout=600, cwd=REPO)
 
 
 def runs_of(client, experiment):
@@ -86,3 +92,64 @@ def test_readme_mlflow_run_works_without_activating_the_venv(tracking_uri, clien
                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r.info.status for r in runs_of(client, "test-ep-novenv")] == ["FINISHED"]
+
+
+# The scale of the README's command in these tests: one trial on a FashionMNIST slice.
+README_TINY = "trials=1 data.n_train=600 data.n_test=200 train.epochs=1 finetune.epochs=1"
+
+
+def readme_main_command(study: str, experiment_name: bool) -> list[str]:
+    """The README's `mlflow run -e main` command with overrides, as written, at test scale:
+    its overrides tiny and the study renamed `study` (so it has an experiment of its own),
+    with `--experiment-name` naming that study, or left out."""
+    line = next(line for line in README.read_text().splitlines()
+                if line.startswith(".venv/bin/mlflow run ") and " -e main " in line and "overrides=" in line)
+    args = shlex.split(line.split(" #")[0])[1:]  # after `.venv/bin/mlflow`
+    assert "--experiment-name" in args, f"the README's command lacks --experiment-name: {line}"
+    out = []
+    words = iter(args)
+    for word in words:
+        if word == "--experiment-name":
+            next(words)
+            out += [word, study] if experiment_name else []
+            continue
+        out.append(f"overrides={README_TINY} study={study}" if word.startswith("overrides=") else word)
+    return [sys.executable, "-m", "mlflow", *out]
+
+
+def runs_naming(client, study):
+    """Every run on the server, in any experiment, whose `overrides` parameter names `study`."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"params.overrides LIKE '%study={study}%'")
+
+
+def test_readme_mlflow_run_keeps_the_study_in_one_experiment(tracking_uri, client, fashion_dir):
+    """The README's `mlflow run -e main ... --experiment-name <study>`: main and every step in
+    the study's experiment, so the link prunelab prints opens on all of them."""
+    study = "test-readme-with-experiment"
+    proc = subprocess.run(readme_main_command(study, experiment_name=True), capture_output=True,
+                          text=True, env=shell_env(tracking_uri), timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = runs_of(client, study)
+    assert [r.data.tags.get("stage") for r in runs] == ["main", "train", "prune", "finetune", "report"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    exp_id = client.get_experiment_by_name(study).experiment_id
+    assert {r.info.experiment_id for r in runs_naming(client, study)} == {exp_id}  # none elsewhere (Default)
+    assert f"/#/experiments/{exp_id}/runs" in proc.stdout
+
+
+def test_readme_mlflow_run_without_experiment_name_is_refused(tracking_uri, client, fashion_dir):
+    """The same command without `--experiment-name`: MLflow makes `main` in Default before
+    prunelab starts; prunelab refuses it in one line naming the fix, and ends it FAILED."""
+    study = "test-readme-without-experiment"
+    proc = subprocess.run(readme_main_command(study, experiment_name=False), capture_output=True,
+                          text=True, env=shell_env(tracking_uri), timeout=600, cwd=REPO)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if "prunelab:" in line or "--experiment-name" in line]
+    assert line.startswith("prunelab: error: ") and f"--experiment-name {study}" in line, line
+    (run,) = runs_naming(client, study)  # the run MLflow made; prunelab made none
+    assert client.get_experiment(run.info.experiment_id).name == "Default"
+    assert run.info.status == "FAILED"
+    assert f"--experiment-name {study}" in run.data.tags["prunelab.failed_because"]
+    assert client.get_experiment_by_name(study) is None

@@ -26,6 +26,7 @@ from prunelab.pipeline.kubernetes import kubernetes_backend
 from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
 from prunelab.studies.common import Flag, check_fits, for_users, read_data
 from prunelab.tracking import connection, models as logged_models, sync
+from prunelab.tracking.run import check_handed_run
 from prunelab.tracking.spool import Spool
 from prunelab.train import evaluate
 
@@ -153,6 +154,7 @@ def dispatch(args) -> int:
         connection.system_metrics()  # refused in one line, before any run, when psutil is missing
     cluster = _cluster(args) if args.command == "run" else None  # before any connection, like the settings
     connection.connect(args.tracking_uri)
+    check_handed_run(cfg.study)  # under `mlflow run`: its run must be in the study's experiment
     if args.command == "run":
         run_study(StudyArgs(args.study, " ".join(_overrides(args)), args.data_dir, args.out, args.steps), cfg, cluster)
         return 0

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from prunelab import paths
-from prunelab.errors import TrackingError, first_line
+from prunelab.errors import ConfigError, TrackingError, first_line
 from prunelab.tracking import lineage, models
 from prunelab.tracking.connection import client, one_try, outage, param_text, server_gone, tracking_uri
-from prunelab.tracking.query import experiment_of
+from prunelab.tracking.query import experiment_of, get_run
 from prunelab.tracking.spool import Spool, SpoolSink
 
 # The experiment's kind as the MLflow UI names it: model training, not GenAI. (Which view
@@ -318,6 +318,28 @@ def resuming(run_id: str) -> Iterator[None]:
         yield
     finally:
         _STEP_RUN.reset(token)
+
+
+def check_handed_run(experiment: str) -> None:
+    """Refuse the run `mlflow run` handed this process (MLFLOW_RUN_ID) when it is not in the
+    study's experiment `experiment`, before anything else runs.
+
+    `mlflow run` without `--experiment-name` makes its run in the Default experiment, while
+    every step, the report and the printed link use the study's: the study would be split,
+    and MLflow cannot move a run to another experiment. The run exists already (MLflow made
+    it before starting prunelab), so it is ended FAILED with a tag saying why, not left RUNNING."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    handed = get_run(run_id)
+    where = client().get_experiment(handed.info.experiment_id).name
+    if where == experiment:
+        return
+    fix = f"add `--experiment-name {experiment}` to the `mlflow run` command"
+    fail(run_id, f"refused: `mlflow run` made this run in experiment {where!r}, not in the study's experiment "
+                 f"{experiment!r}; {fix}")
+    raise ConfigError(f"`mlflow run` made its run in experiment {where!r}, not in the study's experiment {experiment!r}, "
+                      f"where all its runs go (MLflow cannot move a run): {fix}")
 
 
 @contextlib.contextmanager
