@@ -1,7 +1,10 @@
-"""Bad input: one line saying what was wrong and what to do, exit 2, no traceback,
-no run left RUNNING. Most cases call the real CLI entry function in-process."""
+"""The CLI as a user meets it. Bad input: one line saying what was wrong and what to do, exit 2,
+no traceback, no run left RUNNING (most cases call the real CLI entry function in-process);
+output into a pipe: progress as lines, a reader that leaves early met quietly."""
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -142,3 +145,31 @@ def test_system_metrics_without_psutil_is_refused_before_any_run(tracking_uri, c
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("prunelab: error: --system-metrics needs the psutil package")
     assert client.get_experiment_by_name("test-cli-no-psutil") is None  # no run, so none left RUNNING
+
+
+def test_progress_reaches_a_pipe(tracking_uri, fashion_dir):
+    """`prunelab prune ... 2>&1 | cat`: with no terminal to draw bars on, each epoch and each
+    pruning round is a line, with the seconds since its loop started, as it happens."""
+    from conftest import clean_env
+
+    proc = subprocess.run([sys.executable, "-m", "prunelab", "prune", "--overrides", TINY + " train.epochs=2 study=test-cli-progress"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(tracking_uri), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    lines = proc.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("prunelab: prune-t0: pretrain epoch ")]
+    assert [line.split(":")[2].strip() for line in epochs] == ["pretrain epoch 1/2", "pretrain epoch 2/2"], proc.stdout[-2000:]
+    assert all(re.search(r"train loss \d\.\d{4}, test accuracy \d\.\d{4} \(\d+ s\)$", line) for line in epochs), epochs
+    rounds = [line for line in lines if line.startswith("prunelab: prune-t0: round ")]
+    assert len(rounds) >= 2 and rounds[0].startswith("prunelab: prune-t0: round 0: 100.0% of the params left"), rounds
+    assert lines.index(rounds[-1]) < next(i for i, line in enumerate(lines) if line.startswith("prunelab: prune run "))
+
+
+@pytest.mark.parametrize("reader", ["head -1", "true"])
+def test_output_into_a_closed_pipe_stops_quietly(reader):
+    """`prunelab settings | head -1`: the reader leaves early (`true` before the first line
+    is written); prunelab stops without a traceback, as Unix tools do."""
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -m prunelab settings | {reader}", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stderr == "", proc.stderr[-2000:]
+    if reader == "head -1":
+        assert proc.stdout.startswith("study ") and len(proc.stdout.splitlines()) == 1

@@ -243,7 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         with signals_stop():
-            return dispatch(parser().parse_args(argv))
+            code = dispatch(parser().parse_args(argv))
+            sys.stdout.flush()  # a reader that went away shows here, not in Python's exit
+            return code
+    except BrokenPipeError:
+        # The reader of the output went away (`prunelab settings | head`): stop quietly, as
+        # Unix tools do (they die of SIGPIPE: exit 141). Whatever is still buffered for it goes
+        # nowhere, so Python's exit does not fail on it again. A run in progress ended FAILED.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except PrunelabError as exc:
         if debug:
             raise

@@ -11,9 +11,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-from prunelab import hardware, layout
+from prunelab import hardware, layout, progress
 from prunelab.config import TrainConfig
 from prunelab.errors import ConfigError
 from prunelab.data.base import ImageData, batches
@@ -143,7 +141,7 @@ def train_epoch(model, data: ImageData, cfg: TrainConfig, optimizer, generator, 
     steps = (len(data.train_y) + cfg.batch_size - 1) // cfg.batch_size
     it = batches(data.train_x, data.train_y, cfg.batch_size, data.normalise, shuffle=True,
                  generator=generator, augment=augment)
-    for xb, yb in tqdm(it, total=steps, desc=desc, leave=False, disable=None):
+    for xb, yb in progress.bar(it, desc, total=steps):
         loss, hits = train_step(model, optimizer, xb, yb, after_step, precision)
         # Accumulate on tensors: .item() every step would force a sync per batch.
         loss_sum += loss * len(yb)
@@ -173,6 +171,7 @@ def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
     """Train for `cfg.epochs` epochs, evaluating on the test set after each."""
     generator = torch.Generator().manual_seed(seed)
     history = []
+    began = time.monotonic()
     with layout.native(model):
         optimizer = make_optimizer(model, cfg)
         precision = Precision(cfg.precision, device_of(model))
@@ -183,6 +182,8 @@ def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
             test = evaluate(model, data.test_x, data.test_y, data.normalise)
             result = EpochResult(epoch, train_loss, train_acc, test["loss"], test["accuracy"], time.perf_counter() - start)
             history.append(result)
+            progress.line(f"{desc} epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, "
+                          f"test accuracy {result.test_accuracy:.4f}", began)
             if on_epoch is not None:
                 on_epoch(result)
     return history
@@ -223,6 +224,7 @@ def fit_iterations(model: nn.Module, data: ImageData, cfg: TrainConfig, iteratio
     stream = endless_batches(data, cfg.batch_size, generator, augment)
     history: list[EvalResult] = []
     loss_sum, steps = torch.zeros((), device=device_of(model)), 0
+    began = time.monotonic()
 
     def evaluate_now(iteration: int) -> None:
         nonlocal loss_sum, steps
@@ -233,13 +235,15 @@ def fit_iterations(model: nn.Module, data: ImageData, cfg: TrainConfig, iteratio
                             test["loss"], test["accuracy"])
         loss_sum, steps = torch.zeros((), device=device_of(model)), 0
         history.append(result)
+        progress.line(f"{desc} iteration {iteration}/{iterations}: train loss {result.train_loss:.4f}, "
+                      f"val loss {result.val_loss:.4f}, test accuracy {result.test_accuracy:.4f}", began)
         if on_eval is not None:
             on_eval(result)
 
     model.train()
     with layout.native(model):
         evaluate_now(start)
-        for iteration in tqdm(range(start + 1, iterations + 1), desc=desc, leave=False, disable=None):
+        for iteration in progress.bar(range(start + 1, iterations + 1), desc):
             xb, yb = next(stream)
             loss, _ = train_step(model, optimizer, xb, yb, after_step, precision)
             loss_sum += loss

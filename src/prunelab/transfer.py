@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from prunelab import checkpoints, layout, models
+from prunelab import checkpoints, layout, models, progress
 from prunelab.config import TrainConfig
 from prunelab.data.base import ImageData, batches
 from prunelab.errors import ModelError
@@ -64,8 +63,8 @@ def head_inputs(model: TransferBackbone, x: torch.Tensor, normalise, batch_size:
     model.eval()
     dummy = torch.zeros(len(x), dtype=torch.long)
     with layout.native(model):
-        out = [model.head_input(xb) for xb, _ in tqdm(batches(x, dummy, batch_size, normalise), desc=desc, leave=False,
-                                                      disable=None, total=(len(x) + batch_size - 1) // batch_size)]
+        out = [model.head_input(xb) for xb, _ in progress.bar(batches(x, dummy, batch_size, normalise), desc,
+                                                              total=(len(x) + batch_size - 1) // batch_size)]
     model.train(was_training)
     return torch.cat(out)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from prunelab import progress
 from prunelab.config import DataConfig
 from prunelab.data.base import ImageData, cache_dir
 from prunelab.errors import DataError
@@ -77,11 +78,9 @@ def _decode(path: Path, size: int, unreadable: list[str]) -> torch.Tensor | None
 
 
 def _read_split(files: list[tuple[Path, int]], size: int, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from tqdm.auto import tqdm
-
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(ORDER_SEED)).tolist()
     images, labels, unreadable = [], [], []
-    for i in tqdm(order, desc="decode", leave=False, disable=None):
+    for i in progress.bar(order, "decode"):
         path, label = files[i]
         x = _decode(path, size, unreadable)
         if x is None:

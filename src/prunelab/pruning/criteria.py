@@ -12,9 +12,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from prunelab import layout
+from prunelab import layout, progress
 from prunelab.errors import ConfigError
 
 
@@ -72,7 +71,7 @@ class TaylorCriterion:
         model.eval()  # rank the network as it predicts: no dropout noise in the scores
         try:
             with layout.native(model):
-                for xb, yb in tqdm(batches, total=total, desc="rank", leave=False, disable=None):
+                for xb, yb in progress.bar(batches, "rank", total=total):
                     model.zero_grad(set_to_none=True)
                     loss = nn.functional.cross_entropy(model(xb), yb)
                     loss.backward()

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from prunelab import data as datasets, hardware, measure, models, paths, reporting
+from prunelab import data as datasets, hardware, measure, models, paths, progress, reporting
 from prunelab.data import remote
 from prunelab.config import DataConfig, StudyConfig, TrainConfig
 from prunelab.data.base import ImageData, random_crop_flip
@@ -174,7 +174,8 @@ def stage_run(cfg: StudyConfig, trial: int, stage: str, run_name: str, method: s
     description, then the stage's own; its lineage: the image sets it reads and the logged
     model it starts from."""
     all_tags = {**common_tags(cfg, trial), **device_tags(cfg), **(tags or {})}
-    with runs.start_run(cfg.study, stage, all_tags, run_name, describe(cfg, trial, stage, method, model_ref)) as run:
+    with runs.start_run(cfg.study, stage, all_tags, run_name, describe(cfg, trial, stage, method, model_ref)) as run, \
+            progress.labelled(run_name):
         run.log_params({**common_params(cfg, trial, method), **(params or {})})
         run.log_inputs(data.splits() if data is not None else (), [model_ref] if model_ref else ())
         yield run

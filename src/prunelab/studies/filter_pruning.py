@@ -17,6 +17,7 @@ epoch, original against pruned + fine-tuned, and a size table.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
@@ -24,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from prunelab import measure, models, paths, reporting
+from prunelab import measure, models, paths, progress, reporting
 from prunelab.config import StudyConfig, TrainConfig, check_range, setting
 from prunelab.data.base import batches
 from prunelab.errors import ConfigError
@@ -139,7 +140,10 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
                                                            warmup=min(5, pc.latency_repeats))
             metrics.update({f"filters_left.{n}": w for n, w in widths.items()})
             run.log_metrics(metrics, step=k)
+            progress.line(f"round {k}: {remaining():.1%} of the {pc.target_kind} left (target {pc.target:.0%}), "
+                          f"test accuracy {test['accuracy']:.4f}", began)
 
+        began = time.monotonic()
         log_round(0)
         remover = surgery.FilterRemover(model, example)  # traces the network once for every step
         k = 0

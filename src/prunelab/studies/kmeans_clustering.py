@@ -32,9 +32,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from prunelab import checkpoints, measure, paths, reporting
+from prunelab import checkpoints, measure, paths, progress, reporting
 from prunelab.tracking.run import Run
 from prunelab.config import StudyConfig, TrainConfig, check_range, setting
 from prunelab.data.base import ImageData
@@ -136,7 +135,7 @@ def sweep(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
                           data=data, model_ref=ref) as run:
         base = score(model)
         run.log_metrics({"test_accuracy": base["accuracy"], "test_loss": base["loss"]}, step=0)
-        for kind, target, pruned, names in tqdm(points, desc=f"k-means sweep t{trial}", disable=None):
+        for kind, target, pruned, names in progress.steps(points, "k-means sweep point"):
             clustered = copy.deepcopy(model)
             ks = clustering.cluster_layers(clustered, names, pruned, seed, **options)
             result = score(clustered)
@@ -167,7 +166,7 @@ def merge(run: Run, model: nn.Module, data: ImageData, cfg: StudyConfig, seed: i
     before = measure.size(model, shape)
     with torch.no_grad():
         original_out = model(probe)
-    for keep in tqdm(km.merge_keep, desc="merge", disable=None):
+    for keep in progress.steps(km.merge_keep, "merge"):
         plan = merging.plan_merge(model, float(keep), seed, km.distance, km.importance, km.n_init)
         centroid_net, merged = copy.deepcopy(model), copy.deepcopy(model)
         merging.apply_merge(centroid_net, plan, centroids_only=True)
