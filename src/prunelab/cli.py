@@ -20,7 +20,7 @@ from typing import Iterator
 
 from prunelab import files, paths, studies
 from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range
-from prunelab.errors import PrunelabError, Stopped
+from prunelab.errors import NothingToDraw, PrunelabError, Stopped
 from prunelab.models import is_registered
 from prunelab.pipeline.kubernetes import kubernetes_backend
 from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
@@ -31,8 +31,12 @@ from prunelab.tracking.spool import Spool
 from prunelab.train import evaluate
 
 
-def _common(p: argparse.ArgumentParser, trial: bool = True) -> None:
-    p.add_argument("--study", default=DEFAULT_STUDY, help="study preset name or YAML file (default: %(default)s)")
+def _common(p: argparse.ArgumentParser, trial: bool = True, studies_many: bool = False) -> None:
+    if studies_many:
+        p.add_argument("--study", dest="studies", action="append", default=[], metavar="STUDY",
+                       help=f"study preset name or YAML file (default: {DEFAULT_STUDY}); repeat it for several studies")
+    else:
+        p.add_argument("--study", default=DEFAULT_STUDY, help="study preset name or YAML file (default: %(default)s)")
     p.add_argument("--overrides", default="", help="space-separated KEY=VALUE settings, e.g. 'train.epochs=2 data.n_train=5000'")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="one setting (repeatable)")
     p.add_argument("--data-dir", default="", help="folder holding the data set (default: search, then download)")
@@ -87,8 +91,9 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--model-uri", required=True, help="run id, model URI or weights file")
     p = sub.add_parser("report", help="draw the study's figures from its runs")
-    _common(p, trial=False)
-    p.add_argument("--out", default="", help="also write the figures here (default: reports/<study>)")
+    _common(p, trial=False, studies_many=True)
+    p.add_argument("--out", default="", help="also write the figures here (default: reports/<study>); with several "
+                   "studies it must hold {study}, which each study's name replaces")
     p = sub.add_parser("run", help="the whole study: every trial's stages, then the report")
     _common(p, trial=False)
     p.add_argument("--out", default="", help="where the report writes its figures (default: reports/<study>)")
@@ -143,6 +148,8 @@ def dispatch(args) -> int:
         return _evaluate(args)
     if args.command == "sync":
         return _sync(args)
+    if args.command == "report":
+        return _report(args)
     cfg = _config(args)
     if hasattr(args, "trial"):
         # Every seed a stage derives from seed + trial must stay a valid seed.
@@ -158,11 +165,49 @@ def dispatch(args) -> int:
     if args.command == "run":
         run_study(StudyArgs(args.study, " ".join(_overrides(args)), args.data_dir, args.out, args.steps), cfg, cluster)
         return 0
-    if args.command == "report":
-        run_id = studies.report(cfg, args.out)
-    else:  # what each entry point means depends on the study's kind
-        run_id = studies.get(cfg.kind).run(args.command, cfg, args.trial, getattr(args, "model_uri", None) or None)
+    # What each entry point means depends on the study's kind.
+    run_id = studies.get(cfg.kind).run(args.command, cfg, args.trial, getattr(args, "model_uri", None) or None)
     print(f"prunelab: {args.command} run {run_id} finished", flush=True)
+    return 0
+
+
+def _report(args) -> int:
+    """`prunelab report`: each study given, in turn. A study without runs on the server is one
+    line naming the `prunelab run` that makes them (the study, settings, data folder and server
+    as given here); with several studies the others are still drawn, those without runs are
+    named, and the command fails only when none could be drawn."""
+    given = args.studies or [DEFAULT_STUDY]
+    if len(given) > 1 and args.out and "{study}" not in args.out:
+        raise PrunelabError(f"--out {args.out} would hold the figures of {len(given)} studies: put {{study}} in it, "
+                            "which each study's name replaces (e.g. --out 'resources/figures/{study}')")
+    reports = []
+    for study in given:  # every study's settings and folder checked before any connection
+        args.study = study
+        cfg = _config(args)
+        out = os.path.abspath(args.out.replace("{study}", cfg.study) if args.out else report_dir(cfg.study))
+        files.check_writable(out, "--out")
+        command = StudyArgs(args.study, " ".join(_overrides(args)), args.data_dir).command(args.tracking_uri)
+        reports.append((cfg, out, command))
+    if args.system_metrics:
+        connection.system_metrics()
+    connection.connect(args.tracking_uri)
+    missing: list[NothingToDraw] = []
+    for cfg, out, command in reports:
+        check_handed_run(cfg.study)  # under `mlflow run -e report`: its run must be in the study's experiment
+        try:
+            run_id = studies.report(cfg, out, command)
+        except NothingToDraw as exc:
+            if len(reports) == 1:
+                raise
+            missing.append(exc)
+            continue
+        print(f"prunelab: report run {run_id} finished: {cfg.study} drawn into {out}", flush=True)
+    if len(missing) == len(reports) > 1:
+        raise PrunelabError(f"the tracking server {connection.tracking_uri()} has no finished runs of any of the studies "
+                            f"{', '.join(exc.study for exc in missing)} at these settings: run one first "
+                            f"(`{missing[0].command}`)")
+    for exc in missing:
+        print(f"prunelab: not drawn: {exc}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -27,6 +27,23 @@ class TrackingError(PrunelabError):
     """The tracking server cannot be reached or has no such run."""
 
 
+class NothingToDraw(TrackingError):
+    """A report that finds no finished runs of its study, at its settings, on the server.
+    It names the command that makes them: `command` (the study as it was asked for, given
+    by whoever knows that) followed by `needs`, placeholders for inputs that command lacks
+    (`--data-dir DIR`)."""
+
+    def __init__(self, study: str, server: str, what: str, needs: tuple[str, ...] = (), command: str = ""):
+        self.study, self.server, self.what, self.needs = study, server, what, needs
+        self.command = " ".join([command or f"prunelab run --study {study}", *needs])
+        super().__init__(f"experiment {study!r} on {server} has no finished {what} at these settings: "
+                         f"run the study first (`{self.command}`)")
+
+    def run_with(self, command: str) -> "NothingToDraw":
+        """The same error, naming `command` as the one that makes the runs."""
+        return NothingToDraw(self.study, self.server, self.what, self.needs, command)
+
+
 class ServerError(PrunelabError):
     """A server that cannot be started as asked (one line: what, and what to do)."""
 

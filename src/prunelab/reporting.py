@@ -23,7 +23,8 @@ import pandas as pd  # noqa: E402
 from prunelab import paths  # noqa: E402
 from prunelab.tracking import connection, lineage, query, run as runs  # noqa: E402
 from prunelab.config import StudyConfig  # noqa: E402
-from prunelab.errors import TrackingError  # noqa: E402
+from prunelab import data as datasets  # noqa: E402
+from prunelab.errors import NothingToDraw  # noqa: E402
 from prunelab.files import atomic_path  # noqa: E402
 
 
@@ -119,10 +120,12 @@ def stage_runs(cfg: StudyConfig, stage: str, ignore: frozenset[str] = frozenset(
     return latest_per_trial(find_study_runs(cfg, f"tags.{paths.TAG_STAGE} = '{stage}'", ignore))
 
 
-def no_runs(cfg: StudyConfig, what: str, hint: str = "") -> TrackingError:
-    """The one-line error of a report that finds nothing to draw."""
-    return TrackingError(f"experiment {cfg.study!r} on {connection.tracking_uri()} has no finished {what} at these settings: "
-                         f"run the study first (`prunelab run --study {cfg.study}{hint}`)")
+def no_runs(cfg: StudyConfig, what: str, needs: tuple[str, ...] = ()) -> NothingToDraw:
+    """The one-line error of a report that finds nothing to draw. `needs`: what the command
+    that makes the runs must add for the study's kind (`--weights PATH`); `--data-dir DIR` is
+    added here when the data set is not on this machine."""
+    data = ("--data-dir DIR",) if datasets.needs_folder(cfg.data) else ()
+    return NothingToDraw(cfg.study, connection.tracking_uri(), what, data + needs)
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from prunelab.config import DataConfig
 from prunelab.data.base import ImageData
-from prunelab.data.cifar10 import load_cifar10
-from prunelab.data.fashionmnist import load_fashionmnist
+from prunelab.data.cifar10 import cifar10_here, load_cifar10
+from prunelab.data.fashionmnist import fashionmnist_here, load_fashionmnist
 from prunelab.data.imagefolder import load_imagefolder
 from prunelab.errors import ConfigError
 
-DATASETS: dict[str, Callable[[DataConfig], ImageData]] = {
-    "fashionmnist": load_fashionmnist,
-    "cifar10": load_cifar10,
-    "imagefolder": load_imagefolder,
+
+class Dataset(NamedTuple):
+    load: Callable[[DataConfig], ImageData]
+    # Whether the loader finds the data on this machine without --data-dir and without the network.
+    here: Callable[[], bool]
+
+
+DATASETS: dict[str, Dataset] = {
+    "fashionmnist": Dataset(load_fashionmnist, fashionmnist_here),
+    "cifar10": Dataset(load_cifar10, cifar10_here),
+    "imagefolder": Dataset(load_imagefolder, lambda: False),  # only ever the folder given
 }
 
 
@@ -34,7 +41,13 @@ def get(cfg: DataConfig) -> ImageData:
 def _read(cfg: DataConfig) -> ImageData:
     """A data set as its loader reads it, kept for the next stage of a study that runs in
     this process (callers get slices and copies, never this object)."""
-    return DATASETS[cfg.dataset](cfg)
+    return DATASETS[cfg.dataset].load(cfg)
+
+
+def needs_folder(cfg: DataConfig) -> bool:
+    """Whether a study on this data must be given --data-dir here: none is set and the data set
+    is not on this machine (a download may still work, but only online)."""
+    return not cfg.data_dir and not (cfg.dataset in DATASETS and DATASETS[cfg.dataset].here())
 
 
 def _subset(data: ImageData, cfg: DataConfig) -> ImageData:

@@ -68,6 +68,16 @@ def read_cifar10_folder(folder: Path) -> tuple[torch.Tensor, ...]:
     return train_x, train_y, parts[5][0], parts[5][1]
 
 
+def _downloaded() -> Path:
+    """Where torchvision's download of CIFAR-10 goes (and is found again)."""
+    return cache_dir() / "download" / "cifar-10-batches-py"
+
+
+def cifar10_here() -> bool:
+    """Whether CIFAR-10 is on this machine without --data-dir: an earlier download."""
+    return (_downloaded() / "test_batch").is_file()
+
+
 def load_cifar10(cfg: DataConfig) -> ImageData:
     """CIFAR-10 from --data-dir (any cifar-10-batches-py folder), else torchvision's download."""
     if cfg.data_dir:
@@ -76,8 +86,8 @@ def load_cifar10(cfg: DataConfig) -> ImageData:
             raise DataError(f"no CIFAR-10 batches in {cfg.data_dir}: expected a cifar-10-batches-py folder "
                             "(data_batch_1..5, test_batch); fix --data-dir or omit it to download")
     else:
-        root = cache_dir() / "download"
-        folder = root / "cifar-10-batches-py"
+        folder = _downloaded()
+        root = folder.parent
         if not (folder / "test_batch").is_file():
             try:
                 from torchvision.datasets import CIFAR10

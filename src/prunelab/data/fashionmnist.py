@@ -98,6 +98,11 @@ def _read_fashionmnist(root: Path, download: bool) -> tuple[torch.Tensor, ...]:
     return train.data.unsqueeze(1), train.targets.long(), test.data.unsqueeze(1), test.targets.long()
 
 
+def fashionmnist_here() -> bool:
+    """Whether FashionMNIST is on this machine without --data-dir: Debian's package, or an earlier download."""
+    return _idx_folder(DEBIAN_FASHION_MNIST) is not None or _idx_folder(cache_dir() / "download") is not None
+
+
 def load_fashionmnist(cfg: DataConfig) -> ImageData:
     """FashionMNIST from --data-dir, else Debian's package, else a download."""
     tried = []

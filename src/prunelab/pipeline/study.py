@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shlex
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -50,6 +51,14 @@ class StudyArgs:
     def __post_init__(self):
         if self.steps not in STEP_RUNNERS:
             raise ConfigError(f"unknown step runner {self.steps!r}: choose one of {', '.join(STEP_RUNNERS)}")
+
+    def command(self, tracking_uri: str | None = None) -> str:
+        """`prunelab run` with these parameters (and server): the command that makes this study's runs."""
+        words = ["prunelab", "run", "--study", self.study]
+        words += ["--overrides", self.overrides] if self.overrides.strip() else []
+        words += ["--data-dir", self.data_dir] if self.data_dir else []
+        words += ["--tracking-uri", tracking_uri] if tracking_uri else []
+        return shlex.join(words)
 
     def config(self) -> StudyConfig:
         """The settings a step resolves: what `prunelab <entry point>` builds from these parameters."""
@@ -87,7 +96,7 @@ def run_study(args: StudyArgs, cfg: StudyConfig, cluster: dict | None = None) ->
         lineage.copy_dataset_inputs(main.run_id, [run_id for run_ids in chains for run_id in run_ids])
         register(cfg, kind, chain, chains)
         report_params = {"study": args.study, "overrides": args.overrides, "out_dir": args.out_dir or f"reports/{cfg.study}"}
-        report = (lambda: studies.report(cfg, report_params["out_dir"])) if args.steps == "in-process" else None
+        report = (lambda: studies.report(cfg, report_params["out_dir"], args.command())) if args.steps == "in-process" else None
         report_id = run_step(cfg.study, "report", report_params, call=report, parent_id=main.run_id)
         print(f"prunelab: the study's runs in the MLflow UI: {query.runs_url(query.experiment_of(main.run_id))}",
               flush=True)

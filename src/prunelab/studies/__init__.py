@@ -52,6 +52,7 @@ def field_help() -> dict[str, str]:
     return {**shared, **{key: f"{text} [{', '.join(owners[key])}]" for key, text in helps.items()}}
 
 
-def report(cfg: StudyConfig, out_dir=None) -> str:
-    """Draw the study's report from its runs; returns the report run's id."""
-    return get(cfg.kind).publish_report(cfg, out_dir)
+def report(cfg: StudyConfig, out_dir=None, command: str = "") -> str:
+    """Draw the study's report from its runs; returns the report run's id. `command`: the
+    `prunelab run` that makes the runs, as the study was asked for (named when there are none)."""
+    return get(cfg.kind).publish_report(cfg, out_dir, command)

@@ -23,7 +23,7 @@ from prunelab import data as datasets, hardware, measure, models, paths, progres
 from prunelab.data import remote
 from prunelab.config import DataConfig, StudyConfig, TrainConfig
 from prunelab.data.base import ImageData, random_crop_flip
-from prunelab.errors import ConfigError, ModelError
+from prunelab.errors import ConfigError, ModelError, NothingToDraw
 from prunelab.models import base
 from prunelab.models.pixels import PixelInput
 from prunelab.tracking import models as logged_models, query, run as runs
@@ -119,10 +119,16 @@ class StudyKind:
                               f"{', '.join(self.entry_points)}")
         return entry.stage(cfg, trial, model_ref) if entry.reads_model else entry.stage(cfg, trial)
 
-    def publish_report(self, cfg: StudyConfig, out_dir=None) -> str:
-        """Draw the study's figures from its runs into a report run (and `out_dir`); returns its id."""
-        with reporting.drawing_from() as sources:
-            figures, table = self.report(cfg)
+    def publish_report(self, cfg: StudyConfig, out_dir=None, command: str = "") -> str:
+        """Draw the study's figures from its runs into a report run (and `out_dir`); returns its id.
+        No runs to draw is one line naming `command`, the `prunelab run` that makes them."""
+        try:
+            with reporting.drawing_from() as sources:
+                figures, table = self.report(cfg)
+        except NothingToDraw as exc:
+            if not command:
+                raise
+            raise exc.run_with(command) from None
         return reporting.publish(cfg, figures, table, out_dir, sources)
 
 

@@ -313,7 +313,7 @@ def merge_summary(table: pd.DataFrame) -> pd.DataFrame:
 def report(cfg: StudyConfig) -> common.Report:
     stages, layers, merges = (sweep_table(cfg, s) for s in ("stage", "layer", "merge"))
     if stages.empty and layers.empty:
-        raise reporting.no_runs(cfg, "k-means sweep runs")
+        raise reporting.no_runs(cfg, "k-means sweep runs", () if cfg.kmeans.weights else ("--set kmeans.weights=PATH",))
     figures = {}
     if not stages.empty:
         figures["accuracy_vs_clusters_pruned_per_stage.png"] = figure_stages(cfg, stages)

@@ -132,10 +132,16 @@ def _first(df: pd.DataFrame, metric: str) -> pd.Series:
     return sub.sort_values("step").groupby("trial")["value"].first()
 
 
+def weights_needed(cfg: StudyConfig) -> tuple[str, ...]:
+    """What a command that runs the study must add for its pretrained features: a weights file,
+    unless it has one or starts from random features (a published download works only online)."""
+    return ("--weights PATH",) if cfg.transfer.pretrained and not cfg.transfer.weights else ()
+
+
 def report(cfg: StudyConfig) -> common.Report:
     prune_runs, ft_runs = (reporting.stage_runs(cfg, stage, REPORT_IGNORES) for stage in ("prune", "finetune"))
     if not prune_runs:
-        raise reporting.no_runs(cfg, "prune runs", " --data-dir DIR")
+        raise reporting.no_runs(cfg, "prune runs", weights_needed(cfg))
     layers = _layer_keys(prune_runs)
     steps = reporting.histories(prune_runs, STEP_METRICS + layers)
     final = reporting.histories(ft_runs, ["test_accuracy", "params"])
