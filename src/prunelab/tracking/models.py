@@ -3,6 +3,7 @@ loading one back with nothing unpickled, and the registry."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from prunelab import checkpoints, export, paths
 from prunelab.errors import ModelError, PrunelabError, TrackingError, first_line
 from prunelab.tracking.connection import client, forbid_pickle, is_mlflow_error, outage, server_gone, \
     tracking_uri
-from prunelab.tracking.query import download, get_run, is_run_id
+from prunelab.tracking.query import download, experiment_of, get_run, is_run_id
 
 # Pinned so a logged model reinstalls the versions that trained it; listing them
 # also spares MLflow from inferring requirements (slow) at every log_model.
@@ -28,61 +29,131 @@ class LoggedModel:
 
 # --------------------------------------------------------------------------- logging
 
+class SentMetrics:
+    """The metrics a run handle sent, by step, and the newest value of each key: what a model
+    logged at a step is linked to, known without reading the run's history back."""
+
+    def __init__(self):
+        self._at: dict[int, list] = {}
+        self._newest: dict = {}
+
+    def add(self, metrics: list) -> None:
+        for m in metrics:
+            if m.model_id is None:
+                self._at.setdefault(m.step, []).append(m)
+            newest = self._newest.get(m.key)
+            if newest is None or (m.step, m.timestamp) >= (newest.step, newest.timestamp):
+                self._newest[m.key] = m
+
+    def at(self, step: int) -> list | None:
+        return self._at.get(step)
+
+    def newest(self, key: str):
+        return self._newest.get(key)
+
+
 def log_model(run_id: str, model, name: str, example, step: int, final: bool = False, checkpoint=None,
-              metadata: dict | None = None, carry: tuple[str, ...] = ()) -> LoggedModel:
+              metadata: dict | None = None, carry: tuple[str, ...] = (), sent: SentMetrics | None = None,
+              params: dict[str, str] | None = None) -> LoggedModel:
     """Log `model` (a CPU module taking batches like `example`, float32) as an MLflow
     model of run `run_id` at `step`, in the traced 'pt2' format, which reloads without
-    any of prunelab's code and unpickles nothing; MLflow links the run's metrics at
-    `step` to it. A final model is also exported to ONNX (an artifact of the same
-    model, `onnx/model.onnx`) and the run's tag names it; `checkpoint`, the bare
-    network, goes out as the weights-only checkpoint the next stage reads. `carry`
-    names metrics logged at earlier steps that still describe this model: their
-    newest values are linked to it too."""
+    any of prunelab's code and unpickles nothing; the run's metrics at `step` are linked
+    to it. A final model is also exported to ONNX (an artifact of the same model,
+    `onnx/model.onnx`) and the run's tag names it; `checkpoint`, the bare network, goes
+    out as the weights-only checkpoint the next stage reads. `carry` names metrics logged
+    at earlier steps that still describe this model: their newest values are linked to
+    it too. `sent` (what this run's handle sent) and `params` (the run's params), when
+    given, spare reading them back from the server.
+
+    The steps of `mlflow.pytorch.log_model`, without two of them: it reloads the pt2 file
+    to run it on the input example (serving-input validation) and reads the whole history
+    of every metric of the run, a request per key, to find those at `step`; together about
+    half of what a model took. The model is created, named as the run's output at `step`,
+    given its metrics, written by `mlflow.pytorch.save_model` (the same files) and
+    uploaded, then marked READY (FAILED if any of it fails)."""
+    import mlflow
     import mlflow.pytorch
-    import numpy as np
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     c = client()
     was_training = model.training
     model.eval()  # exported as it predicts (a traced pt2 module cannot switch modes later)
     try:
-        with torch.no_grad():
-            out = model(example)
-        # Unnamed specs (a named one makes pyfunc pass a dict); -1: any batch size.
-        # The example holds two images: torch.export fixes a batch dimension of 1.
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
-                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
-        info = mlflow.pytorch.log_model(model, name=name, step=step, signature=signature,
-                                        input_example=example.numpy(), serialization_format="pt2",
-                                        pip_requirements=MODEL_REQUIREMENTS, metadata=metadata)
-        _link_newest(c, run_id, info.model_id, carry)
-        if final:
+        signature = _signature(model, example)
+        logged = mlflow.initialize_logged_model(
+            name=name, source_run_id=run_id, experiment_id=experiment_of(run_id),
+            params=params if params is not None else c.get_run(run_id).data.params)  # as MLflow: the run's params
+        try:
+            c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
+            links = _links(c, run_id, logged.model_id, step, carry, sent)
+            if links:
+                c.log_batch(run_id, metrics=links)
             with tempfile.TemporaryDirectory() as tmp:
-                onnx_file = export.to_onnx(model, example, Path(tmp) / export.ONNX_FILE)
-                c.log_model_artifact(info.model_id, str(onnx_file), paths.ONNX_DIR)
-                if checkpoint is not None:
-                    c.log_artifact(run_id, str(checkpoints.save(checkpoint, Path(tmp) / paths.CHECKPOINT)))
-            c.set_tag(run_id, paths.TAG_MODEL_URI, info.model_uri)
+                local = Path(tmp) / "model"
+                mlflow.pytorch.save_model(
+                    model, str(local), serialization_format="pt2", signature=signature,
+                    input_example=example.numpy(), pip_requirements=MODEL_REQUIREMENTS, metadata=metadata,
+                    mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
+                                       run_id=run_id, metadata=metadata, model_id=logged.model_id))
+                # The model's own artifact store (what `log_model_artifacts` looks up with one more request).
+                store = get_artifact_repository(logged.artifact_location, tracking_uri=tracking_uri())
+                store.log_artifacts(str(local))
+                if final:
+                    store.log_artifact(str(export.to_onnx(model, example, Path(tmp) / export.ONNX_FILE)), paths.ONNX_DIR)
+                    if checkpoint is not None:
+                        c.log_artifact(run_id, str(checkpoints.save(checkpoint, Path(tmp) / paths.CHECKPOINT)))
+            c.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        except BaseException as exc:
+            # As MLflow's log_model does; not when the server is gone (its retries would cost the
+            # outage's patience a second time: the run is spooled and `sync` logs the model again).
+            if not (isinstance(exc, Exception) and server_gone(exc)):
+                with contextlib.suppress(Exception):
+                    c.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        uri = f"models:/{logged.model_id}"
+        if final:
+            c.set_tag(run_id, paths.TAG_MODEL_URI, uri)
     finally:
         model.train(was_training)
-    return LoggedModel(info.model_id, info.model_uri)
+    return LoggedModel(logged.model_id, uri)
 
 
-def _link_newest(c, run_id: str, model_id: str, keys: tuple[str, ...]) -> None:
-    # The same metric entity (key, value, step, timestamp) again, now naming the
-    # model: the run's history keeps one entry, the model gains the metric.
+def _signature(model, example):
+    """Unnamed specs (a named one makes pyfunc pass a dict); -1: any batch size.
+    The example holds two images: torch.export fixes a batch dimension of 1."""
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    with torch.no_grad():
+        out = model(example)
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
+
+
+def _links(c, run_id: str, model_id: str, step: int, carry: tuple[str, ...], sent: SentMetrics | None) -> list:
+    """The metrics that name the model: each one logged at `step` that names no model yet (the
+    ones MLflow's log_model links), and the newest value of each `carry` key. The same metric
+    entity (key, value, step, timestamp) again, now naming the model: the run's history keeps
+    one entry, the model gains the metric. Read from the server only where `sent` does not know."""
     from mlflow.entities import Metric
 
-    newest = []
-    for key in keys:
-        history = c.get_metric_history(run_id, key)
-        if history:
-            m = max(history, key=lambda m: (m.step, m.timestamp))
-            newest.append(Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id))
-    if newest:
-        c.log_batch(run_id, metrics=newest)
+    at = sent.at(step) if sent is not None else None
+    if at is None:
+        at = [m for key in c.get_run(run_id).data.metrics for m in c.get_metric_history(run_id, key)
+              if m.step == step and m.model_id is None]
+    chosen = {(m.key, m.timestamp, m.step, m.value): m for m in at}
+    for key in carry:
+        m = sent.newest(key) if sent is not None else None
+        if m is None:
+            history = c.get_metric_history(run_id, key)
+            m = max(history, key=lambda m: (m.step, m.timestamp)) if history else None
+        if m is not None:
+            chosen.setdefault((m.key, m.timestamp, m.step, m.value), m)
+    return [Metric(key, value, ts, s, model_id=model_id) for (key, ts, s, value) in chosen]
 
 
 # --------------------------------------------------------------------------- loading, nothing unpickled

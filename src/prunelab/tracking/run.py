@@ -42,6 +42,8 @@ class MlflowSink:
         self.run_id = run_id
         self._client = client()
         self._model_at: dict[int, str] = {}  # step -> id of the model logged at that step
+        self._sent = models.SentMetrics()  # what a model logged at a step is linked to
+        self._params: dict[str, str] | None = None  # the run's params, once read
 
     def log_params(self, params: dict[str, str]) -> None:
         # `mlflow run` has already logged the MLproject params; MLflow refuses a
@@ -52,6 +54,7 @@ class MlflowSink:
         todo = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(todo), 100):  # the server takes at most 100 params per batch
             self._client.log_batch(self.run_id, params=todo[i : i + 100])
+        self._params = {**params, **existing}  # a logged model copies them
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -62,9 +65,10 @@ class MlflowSink:
         """(key, value, time, step, linked): a linked metric names the model logged at its step."""
         from mlflow.entities import Metric
 
-        self._client.log_batch(self.run_id, metrics=[
-            Metric(key, value, when, step, model_id=self._model_at.get(step) if linked else None)
-            for key, value, when, step, linked in metrics])
+        batch = [Metric(key, value, when, step, model_id=self._model_at.get(step) if linked else None)
+                 for key, value, when, step, linked in metrics]
+        self._client.log_batch(self.run_id, metrics=batch)
+        self._sent.add(batch)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.run_id, text, artifact_file)
@@ -85,7 +89,8 @@ class MlflowSink:
         lineage.log_inputs(self.run_id, splits, model_refs)
 
     def log_model(self, model, name: str, example, step: int, final: bool, checkpoint, metadata, carry) -> str:
-        logged = models.log_model(self.run_id, model, name, example, step, final, checkpoint, metadata, carry)
+        logged = models.log_model(self.run_id, model, name, example, step, final, checkpoint, metadata, carry,
+                                  sent=self._sent, params=self._params)
         self._model_at[step] = logged.model_id
         return logged.uri
 
