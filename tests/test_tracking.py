@@ -63,6 +63,31 @@ def test_round_models_carry_their_round(tiny_study, client):
 
 
 @pytest.mark.slow
+def test_round_models_are_weights_only_and_reload(tiny_study, client, tmp_path):
+    """A round model holds only the bare network's weights-only checkpoint (no pt2 export: it is
+    logged every round), and loads back, with nothing unpickled, as a network of the size its
+    metrics say; the final models stay pt2 models."""
+    from mlflow.artifacts import list_artifacts
+
+    from prunelab import models
+    from prunelab.tracking import models as logged_models
+
+    prune = tiny_study["by_stage"][("prune", 0)]
+    rounds = client.search_logged_models([tiny_study["experiment_id"]],
+                                         filter_string=f"source_run_id = '{prune.info.run_id}' AND name LIKE 'model_round_%'")
+    for lm in rounds:
+        assert lm.tags.get(logged_models.TAG_WEIGHTS_ONLY) == "true"
+        assert [f.path.rsplit("/", 1)[-1] for f in list_artifacts(artifact_uri=lm.artifact_location)] == [paths.CHECKPOINT]
+        network = logged_models.load_model(f"models:/{lm.model_id}")
+        assert models.is_registered(network)
+        assert sum(p.numel() for p in network.parameters()) == model_metrics(lm)["params"]
+    final = model_of(client, prune)
+    assert logged_models.TAG_WEIGHTS_ONLY not in final.tags
+    assert logged_models.PT2_FILE in {f.path.rsplit("/", 1)[-1] for f in
+                                      list_artifacts(artifact_uri=f"{final.artifact_location}/data")}
+
+
+@pytest.mark.slow
 def test_search_by_metric_finds_the_fine_tuned_models(tiny_study, client):
     tuned = {model_of(client, tiny_study["by_stage"][("finetune", t)]).model_id: t for t in (0, 1)}
     lowest = min(model_metrics(client.get_logged_model(m))["test_accuracy"] for m in tuned)

@@ -240,7 +240,7 @@ def for_users(model: nn.Module, data: ImageData) -> nn.Module:
 
 
 def log_model(run: runs.Run, model: nn.Module, data: ImageData, name: str, step: int, final: bool = False,
-              carry: tuple[str, ...] = ()) -> str:
+              carry: tuple[str, ...] = (), weights_only: bool = False) -> str:
     """Log the network for users (pixels in, see `for_users`), with an example of two test
     images, at `step`; a final one also as ONNX and as the weights-only checkpoint of the
     bare network, which the next stage reads. Returns the model URI."""
@@ -248,7 +248,8 @@ def log_model(run: runs.Run, model: nn.Module, data: ImageData, name: str, step:
                 "image_shape": list(data.input_shape), "mean": list(data.mean), "std": list(data.std),
                 "classes": list(data.classes), "dataset": data.name}
     return run.log_model(for_users(model, data), name, data.pixels(data.test_x[:2]), step, final=final,
-                         checkpoint=model if final else None, metadata=metadata, carry=carry)
+                         checkpoint=model if final or weights_only else None, metadata=metadata, carry=carry,
+                         weights_only=weights_only)
 
 
 # Metrics logged once when a stage starts that still describe its final model: training

@@ -157,7 +157,7 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
             done = remaining() <= pc.target
             if not done and k % pc.log_models_every == 0:
                 # The network right after this round's removal: the state step k's metrics describe.
-                common.log_model(run, model, data, paths.round_model(k), step=k)
+                common.log_model(run, model, data, paths.round_model(k), step=k, weights_only=True)
             if not done and pc.finetune_epochs_between:
                 between = common.with_epochs(cfg.finetune, pc.finetune_epochs_between)
                 last = fit(model, data, between, seed + 1000 * k, desc=f"finetune round {k}",

@@ -19,6 +19,7 @@ from prunelab.tracking.query import download, experiment_of, get_run, is_run_id
 # also spares MLflow from inferring requirements (slow) at every log_model.
 MODEL_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
 PT2_FILE = "model.pt2"  # what mlflow.pytorch writes for serialization_format='pt2'
+TAG_WEIGHTS_ONLY = "prunelab.weights_only"  # a logged model holding only checkpoint.pt (no pt2)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class SentMetrics:
 
 def log_model(run_id: str, model, name: str, example, step: int, final: bool = False, checkpoint=None,
               metadata: dict | None = None, carry: tuple[str, ...] = (), sent: SentMetrics | None = None,
-              params: dict[str, str] | None = None) -> LoggedModel:
+              params: dict[str, str] | None = None, weights_only: bool = False) -> LoggedModel:
     """Log `model` (a CPU module taking batches like `example`, float32) as an MLflow
     model of run `run_id` at `step`, in the traced 'pt2' format, which reloads without
     any of prunelab's code and unpickles nothing; the run's metrics at `step` are linked
@@ -70,7 +71,11 @@ def log_model(run_id: str, model, name: str, example, step: int, final: bool = F
     of every metric of the run, a request per key, to find those at `step`; together about
     half of what a model took. The model is created, named as the run's output at `step`,
     given its metrics, written by `mlflow.pytorch.save_model` (the same files) and
-    uploaded, then marked READY (FAILED if any of it fails)."""
+    uploaded, then marked READY (FAILED if any of it fails).
+
+    `weights_only` (a model of a step in between, never a final one): the model holds only
+    the weights-only checkpoint of the bare network (`checkpoint.pt`, no pt2 export; tagged
+    `prunelab.weights_only`): `load_model` reads it, `mlflow.pytorch.load_model` cannot."""
     import mlflow
     import mlflow.pytorch
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
@@ -78,12 +83,14 @@ def log_model(run_id: str, model, name: str, example, step: int, final: bool = F
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     c = client()
+    weights_only = weights_only and not final
     was_training = model.training
     model.eval()  # exported as it predicts (a traced pt2 module cannot switch modes later)
     try:
-        signature = _signature(model, example)
+        signature = None if weights_only else _signature(model, example)
         logged = mlflow.initialize_logged_model(
             name=name, source_run_id=run_id, experiment_id=experiment_of(run_id),
+            tags={TAG_WEIGHTS_ONLY: "true"} if weights_only else None,
             params=params if params is not None else c.get_run(run_id).data.params)  # as MLflow: the run's params
         try:
             c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
@@ -92,11 +99,16 @@ def log_model(run_id: str, model, name: str, example, step: int, final: bool = F
                 c.log_batch(run_id, metrics=links)
             with tempfile.TemporaryDirectory() as tmp:
                 local = Path(tmp) / "model"
-                mlflow.pytorch.save_model(
-                    model, str(local), serialization_format="pt2", signature=signature,
-                    input_example=example.numpy(), pip_requirements=MODEL_REQUIREMENTS, metadata=metadata,
-                    mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
-                                       run_id=run_id, metadata=metadata, model_id=logged.model_id))
+                if weights_only:
+                    local.mkdir()
+                    checkpoints.save(checkpoint if checkpoint is not None else getattr(model, "network", model),
+                                     local / paths.CHECKPOINT)
+                else:
+                    mlflow.pytorch.save_model(
+                        model, str(local), serialization_format="pt2", signature=signature,
+                        input_example=example.numpy(), pip_requirements=MODEL_REQUIREMENTS, metadata=metadata,
+                        mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
+                                           run_id=run_id, metadata=metadata, model_id=logged.model_id))
                 # The model's own artifact store (what `log_model_artifacts` looks up with one more request).
                 store = get_artifact_repository(logged.artifact_location, tracking_uri=tracking_uri())
                 store.log_artifacts(str(local))
@@ -176,7 +188,28 @@ def load_model(ref: str, model_name: str | None = None):
     run_id = _final_model_run(ref)
     if run_id:
         return _load_run_checkpoint(run_id)
+    weights = _weights_only_model(ref)
+    if weights:
+        with tempfile.TemporaryDirectory() as tmp:
+            import mlflow.artifacts
+
+            return checkpoints.load(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{weights.rstrip('/')}/{paths.CHECKPOINT}", dst_path=tmp), model_name)
     return _load_pt2(ref)
+
+
+def _weights_only_model(ref: str) -> str | None:
+    """The artifact location of the logged model `ref` names when it holds only a checkpoint."""
+    model_id = ref.removeprefix("models:/").strip("/")
+    if not ref.startswith("models:/") or not model_id.startswith("m-") or "/" in model_id:
+        return None
+    try:
+        logged = client().get_logged_model(model_id)
+    except Exception as exc:
+        if not is_mlflow_error(exc) or server_gone(exc):
+            raise
+        return None
+    return logged.artifact_location if logged.tags.get(TAG_WEIGHTS_ONLY) == "true" else None
 
 
 def _final_model_run(ref: str) -> str | None:

@@ -88,9 +88,10 @@ class MlflowSink:
     def log_inputs(self, splits, model_refs) -> None:
         lineage.log_inputs(self.run_id, splits, model_refs)
 
-    def log_model(self, model, name: str, example, step: int, final: bool, checkpoint, metadata, carry) -> str:
+    def log_model(self, model, name: str, example, step: int, final: bool, checkpoint, metadata, carry,
+                  weights_only: bool = False) -> str:
         logged = models.log_model(self.run_id, model, name, example, step, final, checkpoint, metadata, carry,
-                                  sent=self._sent, params=self._params)
+                                  sent=self._sent, params=self._params, weights_only=weights_only)
         self._model_at[step] = logged.model_id
         return logged.uri
 
@@ -186,14 +187,15 @@ class Run:
         self._write(lambda sink: sink.log_inputs(splits, model_refs))
 
     def log_model(self, model, name: str, example, step: int, final: bool = False, checkpoint=None,
-                  metadata: dict | None = None, carry: tuple[str, ...] = ()) -> str:
+                  metadata: dict | None = None, carry: tuple[str, ...] = (), weights_only: bool = False) -> str:
         """Log `model` at `step` (see `tracking.models.log_model`), after the buffered metrics,
         so the model carries that step's numbers. Returns the model URI; spooled, the bare
         network is kept as a checkpoint with its example input (returns the folder)."""
         self.flush()
         if example.device.type != "cpu":  # exported from a CPU copy: a model trained on a GPU loads anywhere
             model, example = copy.deepcopy(model).cpu(), example.cpu()
-        uri = self._write(lambda sink: sink.log_model(model, name, example, step, final, checkpoint, metadata, carry))
+        uri = self._write(lambda sink: sink.log_model(model, name, example, step, final, checkpoint, metadata, carry,
+                                                      weights_only))
         if final and self.spool is None:
             self._tags[paths.TAG_MODEL_URI] = uri  # a spool made later keeps it
         return uri

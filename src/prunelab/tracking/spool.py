@@ -230,7 +230,8 @@ class SpoolSink:
     def log_inputs(self, splits, model_refs) -> None:
         """Offline, lineage is not kept: `sync` uploads results, not inputs."""
 
-    def log_model(self, model, name: str, example, step: int, final: bool, checkpoint, metadata, carry) -> str:
+    def log_model(self, model, name: str, example, step: int, final: bool, checkpoint, metadata, carry,
+                  weights_only: bool = False) -> str:
         """The bare network as a checkpoint with its example input; returns the folder holding them."""
         bare = checkpoint if checkpoint is not None else getattr(model, "network", model)
         return str(self.spool.add_model(bare, name, example, final, step))
