@@ -28,6 +28,7 @@ from prunelab.hardware import default_parallel_trials
 from prunelab.pipeline import kubernetes
 from prunelab.pipeline.abandoned import fail_abandoned
 from prunelab.pipeline.steps import run_step, step_key
+from prunelab.studies import common
 from prunelab.studies.common import Step, StudyKind
 from prunelab.tracking import connection, lineage, models, query
 from prunelab.tracking.run import main_run
@@ -62,6 +63,10 @@ def run_study(args: StudyArgs, cfg: StudyConfig, cluster: dict | None = None) ->
     `args.config()` builds, built once by the caller. With `cluster` (a checked Kubernetes
     backend config, `kubernetes.kubernetes_backend`) the steps run as Kubernetes Jobs
     through MLflow Projects; the registry and the report run here."""
+    if cluster is None and not paths.is_uri(cfg.data.data_dir):
+        # The data and the model checked here, before any run (a cluster's data lies in its
+        # containers, and a URI would be downloaded twice): not in a step's run that then fails.
+        common.check_inputs(cfg)
     abandoned = fail_abandoned(cfg.study)  # before anything is reused
     if abandoned:
         print(f"prunelab: marked {len(abandoned)} abandoned RUNNING run(s) FAILED", flush=True)
