@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	  echo "could not install dataset-fashion-mnist: the data will be downloaded instead"; fi
 	touch $@
 
-server: install $(if $(filter postgresql,$(BACKEND)),postgresql) ## start the MLflow server on 127.0.0.1:$(PORT) (BACKEND=sqlite|postgresql; SERVER_OPTS="--auth ..."; no-op when one answers)
+server: install $(if $(filter postgresql,$(BACKEND)),postgresql) ## start the MLflow server on 127.0.0.1:$(PORT) (BACKEND=sqlite|postgresql; SERVER_OPTS="--auth ..."; no-op when this folder's server answers, refused when another does)
 	$(BIN)/python -m prunelab.server --port $(PORT) --dir $(SERVER_DIR) --backend $(BACKEND) $(SERVER_OPTS)
 
 stop-server: ## stop the MLflow server and PostgreSQL that `make server` started

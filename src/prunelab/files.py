@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -45,3 +46,34 @@ def check_writable(folder: str | Path, what: str) -> Path:
         raise ConfigError(f"{what} {folder} is not writable ({existing}: {exc.strerror or type(exc).__name__}): "
                           "pass a folder you can write to") from None
     return folder
+
+
+@contextlib.contextmanager
+def written_together(folder: str | Path, what: str = "--out") -> Iterator[Path]:
+    """A temporary folder beside `folder` to write a set of files into; they are moved into
+    `folder` (renames on one file system) only when the block has written them all, so a
+    failure leaves none of them there, never some. A write that fails (a full disk, no
+    permission) is one line naming `what`."""
+    folder = Path(folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".part"))
+    except OSError as exc:
+        raise _write_failed(what, folder, exc) from None
+    try:
+        try:
+            yield stage
+            if not folder.exists():
+                os.rename(stage, folder)  # the whole folder at once
+            else:
+                for f in sorted(stage.iterdir()):
+                    os.replace(f, folder / f.name)
+        except OSError as exc:
+            raise _write_failed(what, folder, exc) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_failed(what: str, folder: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write {what} {folder} ({exc.strerror or type(exc).__name__}): nothing was written "
+                       f"there; free space or pass a folder you can write to")

@@ -34,6 +34,7 @@ TAG_PID, TAG_HOST, TAG_PROCESS_START = "prunelab.pid", "prunelab.host", "prunela
 # A step of `main` (prunelab.pipeline): what makes two runs of it the same, and how it ran
 TAG_STEP_KEY, TAG_CODE_VERSION = "prunelab.step_key", "prunelab.code_version"
 TAG_STEP_RUNNER = "prunelab.step_runner"  # in-process | process | kubernetes: how `main` ran the step
+TAG_STUDY_LOCK = "prunelab.study_lock"  # experiment tag: the process running the study's `main` (tracking.lock)
 TAG_FAILED_BECAUSE = "prunelab.failed_because"  # why prunelab ended a run FAILED that its own code did not end
 # A run whose server went away mid-run (tracking.run.Run, tracking.sync)
 TAG_SPOOLED_TO = "prunelab.spooled_to"    # the local folder holding what the server never got

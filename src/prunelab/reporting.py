@@ -20,12 +20,11 @@ matplotlib.use("Agg")  # figures are files; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from prunelab import paths  # noqa: E402
+from prunelab import files, paths  # noqa: E402
 from prunelab.tracking import connection, lineage, query, run as runs  # noqa: E402
 from prunelab.config import StudyConfig  # noqa: E402
 from prunelab import data as datasets  # noqa: E402
 from prunelab.errors import NothingToDraw  # noqa: E402
-from prunelab.files import atomic_path  # noqa: E402
 
 
 def latest_per_trial(runs: list) -> dict[int, object]:
@@ -166,29 +165,27 @@ def publish(cfg: StudyConfig, figures: dict[str, plt.Figure], table: pd.DataFram
     the table as an MLflow table, beside the CSV and markdown files."""
     ids = sorted(sources)
     description = f"**report** of study `{cfg.study}` ({cfg.kind}): {len(figures)} figures and a table drawn from {len(ids)} runs."
-    with runs.start_run(cfg.study, "report", {paths.TAG_STUDY: cfg.study}, "report", description) as run:
-        run.log_params({"study": cfg.study, "kind": cfg.kind})
-        joined = ",".join(ids)
-        run.set_tags({paths.TAG_SOURCE_RUNS: joined if len(joined) <= 8000 else f"{len(ids)} runs: see {paths.SOURCE_RUNS}"})
-        run.log_dict({"source_runs": ids}, paths.SOURCE_RUNS)
-        lineage.copy_dataset_inputs(run.run_id, ids)
-        run.log_metrics(table_metrics(table), step=0)
-        with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as cleanup:
+        # The files are written before the run starts, all of them or none (a full disk, a folder
+        # that cannot be written: one line, and no report run); the run uploads them from there.
+        folder = Path(out_dir) if out_dir is not None else Path(cleanup.enter_context(tempfile.TemporaryDirectory()))
+        with files.written_together(folder) as stage:
             for name, fig in figures.items():
-                fig.savefig(Path(tmp) / name, dpi=120)
-            table.to_csv(Path(tmp) / paths.REPORT_TABLE, index=False)
-            (Path(tmp) / paths.REPORT_MARKDOWN).write_text(markdown_table(table))
-            if out_dir is not None:
-                # Written once everything was drawn, each file whole or not at all, and
-                # before the upload: a folder that cannot be written leaves no figures in a FAILED run.
-                for f in sorted(Path(tmp).iterdir()):
-                    with atomic_path(Path(out_dir) / f.name) as target:
-                        target.write_bytes(f.read_bytes())
+                fig.savefig(stage / name, dpi=120)
+            table.to_csv(stage / paths.REPORT_TABLE, index=False)
+            (stage / paths.REPORT_MARKDOWN).write_text(markdown_table(table))
+        with runs.start_run(cfg.study, "report", {paths.TAG_STUDY: cfg.study}, "report", description) as run:
+            run.log_params({"study": cfg.study, "kind": cfg.kind})
+            joined = ",".join(ids)
+            run.set_tags({paths.TAG_SOURCE_RUNS: joined if len(joined) <= 8000 else f"{len(ids)} runs: see {paths.SOURCE_RUNS}"})
+            run.log_dict({"source_runs": ids}, paths.SOURCE_RUNS)
+            lineage.copy_dataset_inputs(run.run_id, ids)
+            run.log_metrics(table_metrics(table), step=0)
             for name, fig in figures.items():
                 run.log_figure(fig, f"{paths.REPORT_DIR}/{name}", dpi=120)
             for name in (paths.REPORT_TABLE, paths.REPORT_MARKDOWN):
-                run.log_file(Path(tmp) / name, paths.REPORT_DIR)
+                run.log_file(folder / name, paths.REPORT_DIR)
             run.log_table(table, paths.REPORT_JSON_TABLE)  # beside figures/, which holds what out_dir gets
-        for fig in figures.values():
-            plt.close(fig)
-        return run.run_id
+    for fig in figures.values():
+        plt.close(fig)
+    return run.run_id

@@ -18,10 +18,31 @@ from typing import Callable, Iterator
 
 import torch
 
+from prunelab.errors import DataError, first_line
+
+CACHE_ENV = "PRUNELAB_CACHE"
+
 
 def cache_dir() -> Path:
     """Downloads and decompressed copies go here (never into the repository)."""
-    return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab"))
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "prunelab"))
+
+
+def cache_folder(name: str = "") -> Path:
+    """A folder of the cache to write into, created: the one check every loader that writes
+    to the cache makes, so a cache that cannot be written is one line, not a traceback."""
+    folder = cache_dir() / name if name else cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cache_unwritable(folder, exc) from None
+    return folder
+
+
+def cache_unwritable(path: Path, exc: Exception) -> DataError:
+    """The one-line error of a write into the cache that failed (no folder, no space, read-only)."""
+    said = getattr(exc, "strerror", None) or first_line(exc)
+    return DataError(f"cannot write the data cache {path} ({said}): point {CACHE_ENV} at a writable folder with space")
 
 
 @dataclass
@@ -41,6 +62,22 @@ class ImageData:
     augment: bool = False  # training batches get random_crop_flip
     skipped: int = 0  # unreadable images the loader left out
     source: str = ""  # where the images were read from (a folder, or a download)
+    # split -> the file its labels were read from, when there is one (named by errors)
+    label_files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        """Labels a classifier can train on, or one line before any run: one integer label per
+        image, each in [0, num_classes) (an out-of-range label would fail training midway;
+        fewer labels than images would silently train on fewer images)."""
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y),
+                            ("validation", self.val_x, self.val_y)):
+            if x is None and y is None:
+                continue
+            problem = label_problem(x, y, self.num_classes)
+            if problem:
+                where = self.label_files.get(split) or self.source or "its files"
+                raise DataError(f"data set {self.name} ({where}): the {split} labels {problem}; "
+                                "replace the files with intact ones")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -77,6 +114,25 @@ class ImageData:
                  ("test", self.test_x, self.test_y)]
         return [Split(f"{self.name}-{context}", context, digest(x, y), self.source or "unknown", len(y), tuple(x.shape[1:]))
                 for context, x, y in named if x is not None]
+
+
+def label_problem(x: torch.Tensor | None, y: torch.Tensor | None, num_classes: int) -> str | None:
+    """What is wrong with the labels `y` of the images `x`, or None."""
+    if x is None or y is None:
+        return "are missing" if y is None else "have no images"
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        return f"are {str(y.dtype).replace('torch.', '')}, not integers"
+    if y.ndim != 1:
+        return f"are not one per image (shape {tuple(y.shape)})"
+    if len(y) != len(x):
+        return f"number {len(y)} for {len(x)} images"
+    if len(y):
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            return (f"include {bad}, outside 0..{num_classes - 1} ({num_classes} classes; "
+                    f"{int(((y < 0) | (y >= num_classes)).sum())} labels out of range)")
+    return None
 
 
 @dataclass(frozen=True)

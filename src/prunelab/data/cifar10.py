@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pickle
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
 from prunelab.config import DataConfig
-from prunelab.data.base import ImageData, cache_dir
+from prunelab.data.base import ImageData, cache_dir, cache_folder
 from prunelab.errors import DataError
 
 CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
@@ -78,6 +80,19 @@ def cifar10_here() -> bool:
     return (_downloaded() / "test_batch").is_file()
 
 
+def _download(root: Path, folder: Path) -> None:
+    """torchvision's CIFAR-10 download into the cache, unless it is there."""
+    if (folder / "test_batch").is_file():
+        return
+    try:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), train=False, download=True)
+    except Exception:
+        raise DataError("CIFAR-10 not found: pass --data-dir DIR with a cifar-10-batches-py folder, "
+                        "or go online so torchvision can download it") from None
+
+
 def load_cifar10(cfg: DataConfig) -> ImageData:
     """CIFAR-10 from --data-dir (any cifar-10-batches-py folder), else torchvision's download."""
     if cfg.data_dir:
@@ -85,19 +100,20 @@ def load_cifar10(cfg: DataConfig) -> ImageData:
         if folder is None:
             raise DataError(f"no CIFAR-10 batches in {cfg.data_dir}: expected a cifar-10-batches-py folder "
                             "(data_batch_1..5, test_batch); fix --data-dir or omit it to download")
+        train_x, train_y, test_x, test_y = read_cifar10_folder(folder)
     else:
-        folder = _downloaded()
-        root = folder.parent
-        if not (folder / "test_batch").is_file():
-            try:
-                from torchvision.datasets import CIFAR10
-
-                CIFAR10(str(root), train=False, download=True)
-            except Exception:
-                raise DataError("CIFAR-10 not found: pass --data-dir DIR with a cifar-10-batches-py folder, "
-                                "or go online so torchvision can download it") from None
-    train_x, train_y, test_x, test_y = read_cifar10_folder(folder)
+        root = cache_folder("download")
+        folder = root / "cifar-10-batches-py"
+        _download(root, folder)
+        try:
+            train_x, train_y, test_x, test_y = read_cifar10_folder(folder)
+        except DataError as exc:  # the cache's copy is damaged, not CIFAR-10: fetched again, once
+            warnings.warn(f"the cached download {folder} is damaged ({exc}): downloading it again", stacklevel=2)
+            shutil.rmtree(folder, ignore_errors=True)
+            _download(root, folder)
+            train_x, train_y, test_x, test_y = read_cifar10_folder(folder)
     source = str(folder.resolve()) if cfg.data_dir else "torchvision:CIFAR10"
     # The reference normalisation of the pretrained CIFAR ResNets (ImageNet statistics).
     return ImageData("cifar10", train_x, train_y, test_x, test_y, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                     list(CIFAR10_CLASSES), source=source)
+                     list(CIFAR10_CLASSES), source=source,
+                     label_files={"train": f"{folder}/data_batch_1..5", "test": str(folder / "test_batch")})

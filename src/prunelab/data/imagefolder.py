@@ -21,7 +21,7 @@ import torch
 
 from prunelab import progress
 from prunelab.config import DataConfig
-from prunelab.data.base import ImageData, cache_dir
+from prunelab.data.base import ImageData, cache_dir, cache_folder, cache_unwritable
 from prunelab.errors import DataError
 from prunelab.files import atomic_path
 from prunelab.hardware import check_memory
@@ -118,8 +118,11 @@ def _load_cached(path: Path) -> dict | None:
 
 
 def _save_cache(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as exc:  # torch.save says RuntimeError when the disk fills
+        raise cache_unwritable(path, exc) from None
 
 
 def load_imagefolder(cfg: DataConfig) -> ImageData:
@@ -140,6 +143,7 @@ def load_imagefolder(cfg: DataConfig) -> ImageData:
     cache = _cache_file(root, size, [train_files, test_files])
     payload = _load_cached(cache)
     if payload is None:
+        cache_folder()  # one that cannot be written says so before the images are decoded, not after
         # Decoded images are held twice while they are stacked.
         check_memory(2 * 3 * size * size * (len(train_files) + len(test_files)),
                      f"{len(train_files) + len(test_files):,} images of {size} x {size} px",

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from prunelab.data.base import cache_dir
+from prunelab.data.base import cache_folder, cache_unwritable
 from prunelab.errors import DataError, first_line
 
 Download = Callable[[str, Path], Path]  # (uri, into folder) -> where it landed
@@ -18,9 +18,12 @@ Download = Callable[[str, Path], Path]  # (uri, into folder) -> where it landed
 def fetched(uri: str, download: Download) -> Iterator[Path]:
     """The data set at `uri`, fetched with `download` (the tracking package's, which
     knows MLflow's artifact repositories) into a temporary folder of the cache."""
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fetched-", dir=folder) as tmp:
+    folder = cache_folder()
+    try:
+        tmp_dir = tempfile.TemporaryDirectory(prefix="fetched-", dir=folder)
+    except OSError as exc:
+        raise cache_unwritable(folder, exc) from None
+    with tmp_dir as tmp:
         try:
             local = download(uri, Path(tmp))
         except Exception as exc:

@@ -29,8 +29,9 @@ from prunelab.hardware import default_parallel_trials
 from prunelab.pipeline import kubernetes
 from prunelab.pipeline.abandoned import fail_abandoned
 from prunelab.pipeline.steps import run_step, step_key
+from prunelab.studies import common
 from prunelab.studies.common import Step, StudyKind
-from prunelab.tracking import connection, lineage, models, query
+from prunelab.tracking import connection, lineage, lock, models, query
 from prunelab.tracking.run import main_run
 
 STEP_RUNNERS = ("in-process", "processes")
@@ -70,10 +71,21 @@ def run_study(args: StudyArgs, cfg: StudyConfig, cluster: dict | None = None) ->
     """Every trial's chain, then the report; returns the report run id. `cfg` is what
     `args.config()` builds, built once by the caller. With `cluster` (a checked Kubernetes
     backend config, `kubernetes.kubernetes_backend`) the steps run as Kubernetes Jobs
-    through MLflow Projects; the registry and the report run here."""
+    through MLflow Projects; the registry and the report run here. One `main` of a study
+    at a time per server: another one running refuses this one, in one line, before any run."""
+    if cluster is None and not paths.is_uri(cfg.data.data_dir):
+        # The data and the model checked here, before any run (a cluster's data lies in its
+        # containers, and a URI would be downloaded twice): not in a step's run that then fails.
+        common.check_inputs(cfg)
     abandoned = fail_abandoned(cfg.study)  # before anything is reused
     if abandoned:
         print(f"prunelab: marked {len(abandoned)} abandoned RUNNING run(s) FAILED", flush=True)
+    with lock.held(cfg.study):
+        return _run_held(args, cfg, cluster)
+
+
+def _run_held(args: StudyArgs, cfg: StudyConfig, cluster: dict | None) -> str:
+    """`run_study`'s work, while this process holds the study's lock."""
     workers = cfg.parallel_trials or default_parallel_trials(cfg.device)
     kind = studies.get(cfg.kind)
     chain = kind.steps(cfg)

@@ -1,8 +1,10 @@
 """Start and stop the MLflow tracking server prunelab talks to.
 
 Used by `make server` / `make stop-server` and by the test suite's fixture, so
-they all start a server the same way. A no-op when a server already answers on
-the port.
+they all start a server the same way. A no-op when the server folder's own
+server, with the same store and authentication, already answers on the port; any
+other server answering there is refused in one line (exit 2), so `--auth` is never
+silently dropped and the store named is the one that serves.
 
     python -m prunelab.server --port 5000 --dir .mlflow-server
     python -m prunelab.server --backend postgresql --dir .mlflow-server   # a team server
@@ -15,6 +17,10 @@ credentials; `--artifacts-destination` may name an object store
 (`s3://bucket/prefix`, with the server's own credentials). The server listens
 on 127.0.0.1 unless `--host` names another interface and `--allowed-hosts` the
 host names clients use; `--auth` turns on MLflow's basic authentication.
+
+The server folder holds the store (with `--auth`, the users' password hashes): it is
+made private to its owner (0700, and 0600 for the files in it; 0711 when PostgreSQL
+runs as another user and must pass through it), and the server runs with umask 077.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 
 from prunelab.errors import PrunelabError, ServerError
 from prunelab.server.postgresql import PG_AUTH_DATABASE, PG_DATA, postgres_uri, start_postgres, stop_postgres
+from prunelab.server import probe
 from prunelab.server.probe import basic_credentials, client_credentials, healthy
 
 BACKENDS = ("sqlite", "postgresql")
@@ -59,6 +66,45 @@ def check_exposure(host: str, port: int, allowed_hosts: str) -> None:
         raise ServerError("--allowed-hosts '*' lets any Host header through: name the host names clients will use")
 
 
+# --------------------------------------------------------------------------- the server folder, private
+
+PRIVATE_FOLDER, PRIVATE_FILE = 0o700, 0o600
+# As root, PostgreSQL runs as the user `postgres`, which must pass through the server folder to
+# its cluster (a folder of its own, 0700): others may enter, never list.
+PASS_THROUGH_FOLDER = 0o711
+SERVER_UMASK = 0o077  # what the MLflow server creates (mlflow.db, basic_auth.db, artifacts) is its owner's alone
+
+
+def _folder_mode(backend: str) -> int:
+    return PASS_THROUGH_FOLDER if backend == "postgresql" and os.geteuid() == 0 else PRIVATE_FOLDER
+
+
+def make_private(folder: Path, backend: str = "sqlite") -> None:
+    """The server folder readable by its owner alone, and the files in it (the SQLite stores,
+    the log, the auth settings) too: a folder made by an older version, or files made under
+    a looser umask, are fixed here, at every start."""
+    try:
+        folder.chmod(_folder_mode(backend))
+        for entry in folder.iterdir():
+            if entry.is_symlink() or entry.name == PG_DATA:  # the cluster keeps its own modes (and owner)
+                continue
+            if entry.is_file():
+                entry.chmod(PRIVATE_FILE)
+            elif entry.is_dir() and entry.stat().st_uid == os.geteuid():
+                entry.chmod(PRIVATE_FOLDER)
+    except OSError as exc:
+        raise ServerError(f"cannot make the server folder {folder} private ({exc.strerror or type(exc).__name__}: "
+                          f"{exc.filename}): use a --dir of your own") from None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """A file of the server folder, created 0600 (an existing one is made so)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, PRIVATE_FILE)
+        f.write(text)
+
+
 # --------------------------------------------------------------------------- MLflow's basic authentication
 
 AUTH_ADMIN_PASSWORD = "MLFLOW_AUTH_ADMIN_PASSWORD"
@@ -85,19 +131,68 @@ def _auth_env(folder: Path, database_uri: str) -> tuple[dict[str, str], dict[str
         raise ServerError("--auth: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a user of this "
                           f"server) or {AUTH_ADMIN_PASSWORD}, so that the server's start can be checked")
     ini = folder / "basic_auth.ini"
-    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database_uri}\nadmin_username = {admin}\n"
+    _write_private(ini, f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database_uri}\nadmin_username = {admin}\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     # MLflow signs its forms with this key; one per server folder, kept across restarts.
     key_file = folder / "flask_secret_key"
     if not key_file.exists():
-        key_file.touch(mode=0o600)
-        key_file.write_text(secrets.token_hex(32))
+        _write_private(key_file, secrets.token_hex(32))
     env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini),
            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or key_file.read_text()}
     return env, credentials
 
 
 # --------------------------------------------------------------------------- the MLflow server
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value of `name` on a command line (`--port 5000`), or None."""
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
+def _recorded_server(folder: Path) -> list[str] | None:
+    """The command line of the MLflow server the folder's server.pid names, while it runs."""
+    text = (folder / "server.pid").read_text().strip() if (folder / "server.pid").is_file() else ""
+    if not text.isdigit() or not _is_mlflow_server(int(text)):
+        return None
+    try:
+        return Path(f"/proc/{text}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+
+
+def _already_serving(uri: str, port: int, folder: Path, store: str, auth: bool) -> bool:
+    """True when the folder's own server, with this store (and authentication, if asked),
+    answers at `uri`; False when no MLflow server answers there (one is to be started). Any
+    other MLflow server answering there is refused in one line: it would go on serving
+    while the user believes the store and the authentication they asked for are in force."""
+    access = probe.access(uri)
+    if access is None:
+        return False
+    recorded = _recorded_server(folder)
+    ours = recorded is not None and _option(recorded, "--port") == str(port)
+    stop_it = (f"stop it (`python -m prunelab.server --stop --dir {folder}`)" if ours
+               else "stop it (`python -m prunelab.server --stop --dir <the folder it was started from>`)")
+    if auth and access == probe.OPEN:
+        raise ServerError(f"an MLflow server without authentication already answers at {uri}: --auth cannot "
+                          f"turn it on; {stop_it} and start it again with --auth, or pass another --port")
+    if not ours:
+        raise ServerError(f"an MLflow server not started from {folder} already answers at {uri}, so its store is not "
+                          f"{_store_name(store)}: {stop_it}, or pass another --port")
+    serving = _option(recorded, "--backend-store-uri")
+    if serving != store:
+        raise ServerError(f"the MLflow server at {uri} keeps its store in {_store_name(serving or '?')}, not "
+                          f"{_store_name(store)}: {stop_it} and start it again with this --backend")
+    return True
+
+
+def _store_name(store: str) -> str:
+    """A store URI as a person reads it (no socket query strings)."""
+    if store.startswith("sqlite:///"):
+        return f"SQLite {store[len('sqlite:///'):]}"
+    if store.startswith("postgresql"):
+        return "PostgreSQL in " + store.split("host=", 1)[-1].split("&", 1)[0]
+    return store
+
 
 def start(port: int, folder: str | Path, wait: float = 120.0, workers: int = 1, backend: str = "sqlite",
           host: str = "127.0.0.1", allowed_hosts: str = "", artifacts_destination: str = "",
@@ -110,16 +205,20 @@ def start(port: int, folder: str | Path, wait: float = 120.0, workers: int = 1, 
     # A server on every interface is reached here through the loopback one.
     uri = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    store = start_postgres(folder) if backend == "postgresql" else f"sqlite:///{folder / 'mlflow.db'}"
+    store = postgres_uri(folder) if backend == "postgresql" else f"sqlite:///{folder / 'mlflow.db'}"
+    if _already_serving(uri, port, folder, store, auth):  # before anything is written
+        make_private(folder, backend)
+        return uri, None
+    folder.mkdir(parents=True, exist_ok=True, mode=PRIVATE_FOLDER)
+    make_private(folder, backend)
+    if backend == "postgresql":
+        start_postgres(folder)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     credentials = None
     if auth:
         auth_store = postgres_uri(folder, PG_AUTH_DATABASE) if backend == "postgresql" else f"sqlite:///{folder / 'basic_auth.db'}"
         extra, credentials = _auth_env(folder, auth_store)
         env.update(extra)
-    if healthy(uri, credentials=credentials):
-        return uri, None
     destination = artifacts_destination or str(folder / "artifacts")
     if "://" not in destination and not destination.startswith("mlflow-artifacts:"):
         destination = str(Path(destination).resolve())  # the server runs in the server folder
@@ -131,17 +230,19 @@ def start(port: int, folder: str | Path, wait: float = 120.0, workers: int = 1, 
         cmd += ["--allowed-hosts", f"{allowed_hosts},127.0.0.1:{port},localhost:{port}"]
     if auth:
         cmd += ["--app-name", "basic-auth"]
-    log = open(folder / "server.log", "ab")
+    log = os.fdopen(os.open(folder / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE), "ab")
     # MLflow's job runner (a dozen worker processes, ~2 GB between them) serves GenAI jobs that
     # prunelab never submits: off unless the user asks for it (above).
     # A session of its own: the server outlives `make server` and ignores the terminal's Ctrl-C.
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=env)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=env,
+                               umask=SERVER_UMASK)
+    log.close()  # the server holds its own copy
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if healthy(uri, credentials=credentials):
-            (folder / "server.pid").write_text(str(process.pid))
+            _write_private(folder / "server.pid", str(process.pid))
             if auth:
-                (folder / "auth.started").touch()
+                _write_private(folder / "auth.started", "")
             return uri, process
         if process.poll() is not None:
             break

@@ -40,7 +40,8 @@ def basic_credentials(user: str, password: str) -> dict[str, str]:
 
 def _probe_once(uri: str, timeout: float, credentials: dict[str, str] | None) -> str | None:
     try:
-        request = urllib.request.Request(uri.rstrip("/") + _PROBE_PATH, headers=credentials or client_credentials())
+        headers = client_credentials() if credentials is None else credentials  # {}: none at all
+        request = urllib.request.Request(uri.rstrip("/") + _PROBE_PATH, headers=headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, body = response.status, response.read(1 << 16)
     except urllib.error.HTTPError as exc:
@@ -63,7 +64,7 @@ def probe(uri: str, timeout: float = 5.0, credentials: dict[str, str] | None = N
     """None when an MLflow tracking server answers at `uri`; otherwise what answers
     instead. Returns within `timeout` seconds whatever the other end does (a
     server that accepts and never answers, or answers a byte at a time).
-    `credentials`: the Authorization header (default: what MLflow's client would send)."""
+    `credentials`: the Authorization header (default: what MLflow's client would send; {}: none)."""
     outcome: list[str | None] = []
     # The socket's own timeout applies to each step (connect, every read); the join bounds the whole.
     worker = threading.Thread(target=lambda: outcome.append(_probe_once(uri, timeout, credentials)), daemon=True)
@@ -75,6 +76,19 @@ def probe(uri: str, timeout: float = 5.0, credentials: dict[str, str] | None = N
 def healthy(uri: str, timeout: float = 2.0, credentials: dict[str, str] | None = None) -> bool:
     """Whether an MLflow tracking server answers at `uri` within `timeout` seconds."""
     return probe(uri, timeout, credentials) is None
+
+
+OPEN, SIGNED_IN = "open", "signed-in"
+
+
+def access(uri: str, timeout: float = 2.0) -> str | None:
+    """How an MLflow server at `uri` treats a request that carries no credentials: OPEN (it
+    answers it), SIGNED_IN (it refuses it with HTTP 401, as MLflow's basic authentication
+    does), or None when no MLflow server answers there."""
+    said = probe(uri, timeout, credentials={})
+    if said is None:
+        return OPEN
+    return SIGNED_IN if "(HTTP 401)" in said else None
 
 
 def free_port() -> int:

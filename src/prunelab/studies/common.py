@@ -23,7 +23,7 @@ from prunelab import data as datasets, hardware, measure, models, paths, progres
 from prunelab.data import remote
 from prunelab.config import DataConfig, StudyConfig, TrainConfig
 from prunelab.data.base import ImageData, random_crop_flip
-from prunelab.errors import ConfigError, ModelError, NothingToDraw
+from prunelab.errors import ConfigError, ModelError, NothingToDraw, first_line
 from prunelab.models import base
 from prunelab.models.pixels import PixelInput
 from prunelab.tracking import models as logged_models, query, run as runs
@@ -201,8 +201,67 @@ def check_fits(model: nn.Module, data: ImageData, inputs: Callable | None = None
 
 
 def load_data(cfg: StudyConfig) -> ImageData:
-    """The study's data, on its device."""
-    return read_data(cfg.data).to(hardware.resolve(cfg.device))
+    """The study's data, on its device, checked against the study's model (before any run)."""
+    data = read_data(cfg.data)
+    check_image_size(cfg.model, data)
+    return data.to(hardware.resolve(cfg.device))
+
+
+def check_inputs(cfg: StudyConfig) -> None:
+    """What `main` checks before any run: the data set reads (labels whole and in range:
+    `ImageData`'s own check) and the model takes its images."""
+    check_image_size(cfg.model, read_data(cfg.data))
+
+
+LARGEST_SIDE = 4096  # px: the largest square image the search for a model's smallest one tries
+
+
+def _refusal(name: str, shape: tuple[int, ...], num_classes: int, side: int) -> Exception | None:
+    """Why a fresh `name` refuses square images of `side` px with `shape`'s channels (None: it takes
+    them). Built and run on the meta device: nothing is allocated, nothing computed."""
+    try:
+        with torch.device("meta"), torch.no_grad():
+            model = models.build(name, (shape[0], side, side), num_classes).eval()
+            model(torch.empty(1, shape[0], side, side))
+    except NotImplementedError:
+        return None  # an operation the meta device lacks: cannot be told here, so not refused
+    except Exception as exc:
+        return exc
+    return None
+
+
+def smallest_side(name: str, shape: tuple[int, ...], num_classes: int) -> int | None:
+    """The smallest square image side (px) a fresh `name` takes, above `shape`'s, or None when
+    none up to LARGEST_SIDE does."""
+    refused, side = max(shape[1:]), max(shape[1:])
+    while _refusal(name, shape, num_classes, side) is not None:
+        refused, side = side, side * 2
+        if side > LARGEST_SIDE:
+            return None
+    while side - refused > 1:  # taken at `side`, refused at `refused`: halve the gap
+        middle = (side + refused) // 2
+        if _refusal(name, shape, num_classes, middle) is None:
+            side = middle
+        else:
+            refused = middle
+    return side
+
+
+def check_image_size(name: str, data: ImageData) -> None:
+    """Refuse, in one line before any run, a model that cannot take the data's images (VGG16
+    halves the side five times: 28 x 28 px leaves nothing), naming the smallest size it takes."""
+    shape = tuple(data.input_shape)
+    refusal = _refusal(name, shape, data.num_classes, shape[-1]) if shape[-2] == shape[-1] else None
+    if refusal is None:
+        return
+    smallest = smallest_side(name, shape, data.num_classes)
+    size = " x ".join(map(str, shape[1:]))
+    if smallest is None:
+        raise ConfigError(f"model {name!r} cannot take {data.name}'s images of {size} px "
+                          f"({first_line(refusal)[:120]}); choose another model")
+    raise ConfigError(f"model {name!r} cannot take {data.name}'s images of {size} px: it needs at least "
+                      f"{smallest} x {smallest}; choose another model (or, for an image folder, data.image_size={smallest} "
+                      "or more)")
 
 
 def read_data(cfg: DataConfig) -> ImageData:
