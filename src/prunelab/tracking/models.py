@@ -44,6 +44,11 @@ def log_model(run_id: str, model, name: str, example, step: int, final: bool = F
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:
+        # MLflow logs a model into the active run and its experiment: any other would be a model
+        # of no run (or of another run), in whatever experiment happens to be current.
+        raise RuntimeError(f"log_model for run {run_id} while {active.info.run_id if active else 'no run'} is active")
     c = client()
     was_training = model.training
     model.eval()  # exported as it predicts (a traced pt2 module cannot switch modes later)
