@@ -450,15 +450,9 @@ except PrunelabError as exc:
 """
 
 
-@pytest.mark.parametrize("room", ["model", "nothing"])
-def test_a_full_disk_keeps_the_model_first_and_leaves_nothing_running(room, tracking_uri, client, small_disk, tmp_path,
-                                                                       capsys, request):
-    """The server goes away, then the spool's disk fills up. With room for the model but not
-    the metrics buffered before it, the model is kept; with room for neither, the run's
-    params are. Either way the stage ends in one line naming what was kept, run.json says
-    how it ended, and `sync` leaves the run FAILED with what there was, not RUNNING."""
-    experiment = experiment_name(request)
-    model_bytes = checkpoints.save(SimpleCNN(channels=[4, 6]), tmp_path / "size.pt").stat().st_size
+def stage_on_a_full_disk(tracking_uri: str, small_disk: Path, experiment: str, free: int) -> tuple[int, str, str]:
+    """Run STAGE with its spool on `small_disk`, unplug its server and leave `free` bytes;
+    returns (exit code, its stderr, its run id)."""
     cable = Cable(tracking_uri)
     env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")},
            "PRUNELAB_SPOOL": str(small_disk), "PRUNELAB_TRACKING_PATIENCE": "8",
@@ -469,13 +463,26 @@ def test_a_full_disk_keeps_the_model_first_and_leaves_nothing_running(room, trac
         run_id = stage.stdout.readline().strip()
         assert run_id, stage.communicate(timeout=60)[1][-2000:]
         cable.unplug()
-        # Room for the spool's reserve and record, plus the model or not; never for the 990 metrics (~85 KB).
-        leave_free(small_disk, RESERVE_BYTES + 48 * 1024 + (model_bytes if room == "model" else 0))
+        leave_free(small_disk, free)
         _, err = stage.communicate("go\n", timeout=300)
     finally:
         if stage.poll() is None:
             stage.kill()
-    assert stage.returncode == 2, err[-3000:]
+    return stage.returncode, err, run_id
+
+
+@pytest.mark.parametrize("room", ["model", "nothing"])
+def test_a_full_disk_keeps_the_model_first_and_leaves_nothing_running(room, tracking_uri, client, small_disk, tmp_path,
+                                                                       capsys, request):
+    """The server goes away, then the spool's disk fills up. With room for the model but not
+    the metrics buffered before it, the model is kept; with room for neither, the run's
+    params are. Either way the stage ends in one line naming what was kept, run.json says
+    how it ended, and `sync` leaves the run FAILED with what there was, not RUNNING."""
+    model_bytes = checkpoints.save(SimpleCNN(channels=[4, 6]), tmp_path / "size.pt").stat().st_size
+    # Room for the spool's reserve and record, plus the model or not; never for the 990 metrics (~85 KB).
+    free = RESERVE_BYTES + 48 * 1024 + (model_bytes if room == "model" else 0)
+    code, err, run_id = stage_on_a_full_disk(tracking_uri, small_disk, experiment_name(request), free)
+    assert code == 2, err[-3000:]
     assert len(err.strip().splitlines()) == 1, err
     (line,) = err.strip().splitlines()
     assert "then the disk filled up" in line and "could not be kept; the run ended FAILED" in line, line
@@ -498,3 +505,12 @@ def test_a_full_disk_keeps_the_model_first_and_leaves_nothing_running(room, trac
         assert paths.CHECKPOINT in {a.path for a in client.list_artifacts(run_id)}
     else:
         assert paths.TAG_MODEL_URI not in run.data.tags
+
+
+def test_no_room_even_for_the_spool_is_one_line(tracking_uri, small_disk, request):
+    """A disk without room for a spool at all: the stage still ends in one line, saying that
+    only what the server got is kept."""
+    code, err, _ = stage_on_a_full_disk(tracking_uri, small_disk, experiment_name(request), 0)
+    assert code == 2, err[-3000:]
+    assert len(err.strip().splitlines()) == 1, err
+    assert "and the run cannot be kept on disk either" in err and "only what the server got before is kept" in err

@@ -144,7 +144,7 @@ class Run:
                         f"the tracking server {tracking_uri()} stopped answering during {self.stage or 'the run'} "
                         f"({reason[:120]}), and the run cannot be kept on disk either ({spool_dir()}: "
                         f"{disk.strerror or type(disk).__name__}): only what the server got before is kept; free "
-                        "some space or point PRUNELAB_SPOOL at a folder with room, then run it again")
+                        "some space or point PRUNELAB_SPOOL at a writable folder with room, then run it again")
                     raise self._unkept from None
                 self._sink = SpoolSink(self.spool)
                 if not replay:
@@ -199,7 +199,8 @@ class Run:
                   metadata: dict | None = None, carry: tuple[str, ...] = ()) -> str:
         """Log `model` at `step` (see `tracking.models.log_model`), after the buffered metrics,
         so the model carries that step's numbers. Returns the model URI; spooled, the bare
-        network is kept as a checkpoint with its example input (returns the folder)."""
+        network is kept as a checkpoint with its example input (returns the folder), before
+        the buffered metrics."""
         self._flush_live()
         if example.device.type != "cpu":  # exported from a CPU copy: a model trained on a GPU loads anywhere
             model, example = copy.deepcopy(model).cpu(), example.cpu()
