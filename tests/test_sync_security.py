@@ -204,6 +204,23 @@ def test_a_refused_folder_leaves_its_run_untouched(tracking_uri, client, spool_d
     assert len(client.search_runs([experiment_id])) == 1
 
 
+def test_a_folder_cannot_rewrite_a_finished_run(tracking_uri, client, spool_dir, capsys, request):
+    """A folder naming a run that finished on the server (someone else's, say) is refused;
+    that run keeps its status, params and artifacts."""
+    experiment = experiment_name(request)
+    experiment_id = client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id, run_name="finetune-t0").info.run_id
+    client.log_param(run_id, "train.epochs", "30")
+    client.set_terminated(run_id, "FINISHED")
+    spooled = make_spool(tracking_uri, experiment, run_id)
+    edit_record(spooled, lambda r: r.update(status="FAILED"))
+    code, _, err = sync(capsys, str(spooled.folder))
+    assert code == 2 and len(err) == 1 and f"run {run_id}" in err[0] and "finished on the server without it" in err[0]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"train.epochs": "30"}
+    assert client.list_artifacts(run_id) == [] and paths.TAG_SYNCED_FROM not in run.data.tags
+
+
 # --------------------------------------------------------------------------- the server is the user's
 
 class Listener:
