@@ -28,8 +28,10 @@ def save(model: nn.Module, path: str | Path) -> Path:
     # layout (channels-last on the CPU), reads the same everywhere.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "model": models.name_of(model), "spec": model.spec(), "state_dict": state}
-    with atomic_path(path) as tmp:  # never a half-written checkpoint under the real name
-        torch.save(payload, tmp)
+    # Never a half-written checkpoint under the real name. Through a Python file: a full
+    # disk is then an OSError that says so (ENOSPC), not torch's own RuntimeError.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return path
 
 

@@ -114,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server, for run ids and model URIs")
     p = sub.add_parser("sync", help="upload a run kept on disk while the tracking server was gone")
     p.add_argument("folder", help="the folder named by the error that said the server stopped answering")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: the one the run was meant for)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or "
+                   "http://127.0.0.1:5000; never the one the folder names, which anyone could have written)")
     sub.add_parser("settings", help="list every setting a preset or override may set, with its help")
     return top
 
@@ -229,11 +230,20 @@ def report_dir(study: str) -> str:
 
 
 def _sync(args) -> int:
-    record = Spool.open(args.folder).record
-    connection.connect(args.tracking_uri or record["tracking_uri"])
-    run_id, uploaded = sync.sync(args.folder)
+    spooled = Spool.open(args.folder)  # the whole folder checked before any connection
+    # The server is the user's choice alone: a folder naming its own could send the user's run
+    # (and its credentials) anywhere. The one it names is only mentioned when it differs.
+    uri = args.tracking_uri or connection.tracking_uri()
+    named = spooled.record["tracking_uri"]
+    hint = f" (the folder names {named}: pass --tracking-uri {named} if that is the server you mean)" \
+        if named != uri else ""
+    try:
+        connection.connect(uri)
+    except PrunelabError as exc:
+        raise type(exc)(f"{exc}{hint}") from None
+    run_id, uploaded = sync.sync(spooled)
     if uploaded:
-        print(f"prunelab: synced {args.folder} to run {run_id} on {connection.tracking_uri()}", flush=True)
+        print(f"prunelab: synced {args.folder} to run {run_id} on {uri}{hint}", flush=True)
     else:
         print(f"prunelab: {args.folder} was already synced to run {run_id}", flush=True)
     return 0

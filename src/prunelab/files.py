@@ -1,13 +1,15 @@
-"""Writing files so that only a complete file ever carries its final name."""
+"""Writing files so that only a complete file ever carries its final name, and
+reading a folder someone else may have made without leaving it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from prunelab.errors import ConfigError
 
@@ -77,3 +79,80 @@ def written_together(folder: str | Path, what: str = "--out") -> Iterator[Path]:
 def _write_failed(what: str, folder: Path, exc: OSError) -> ConfigError:
     return ConfigError(f"cannot write {what} {folder} ({exc.strerror or type(exc).__name__}): nothing was written "
                        f"there; free space or pass a folder you can write to")
+# ----------------------------------------------------------------------------- reading inside a folder
+
+def is_plain_name(name: object) -> bool:
+    """A file or folder name that stays where it is put: no separator, not `.` or `..`."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _kind(mode: int) -> str | None:
+    """What a file that must not be read is (None for a folder or regular file)."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
+    return "a device, pipe or socket"
+
+
+def plain_tree(folder: str | Path, hint: str) -> list[str]:
+    """The files under `folder` (paths relative to it, '/'-separated, sorted), when it holds
+    only folders and regular files of one name each: no symbolic link (which could lead
+    anywhere), no second name of a file kept elsewhere (a hard link), no device, pipe or
+    socket. Else a one-line error naming the first that is not, followed by `hint`."""
+    folder = Path(folder)
+    found = []
+
+    def walk(where: Path, prefix: str) -> None:
+        with os.scandir(where) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                info = entry.stat(follow_symlinks=False)
+                kind = _kind(info.st_mode)
+                if kind is None and stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+                    kind = f"a file with {info.st_nlink} names (a hard link)"
+                if kind is not None:
+                    raise ConfigError(f"{Path(entry.path)} is {kind}: {hint}")
+                if stat.S_ISDIR(info.st_mode):
+                    walk(Path(entry.path), f"{prefix}{entry.name}/")
+                else:
+                    found.append(f"{prefix}{entry.name}")
+
+    walk(folder, "")
+    return found
+
+
+def open_inside(folder: str | Path, relative: str, hint: str) -> BinaryIO:
+    """The regular file `relative` ('/'-separated plain names) of `folder`, opened for reading
+    without following a symbolic link anywhere below `folder` (each step is opened relative
+    to the one before, so nothing swapped in after a check can lead elsewhere); else a
+    one-line error followed by `hint`."""
+    parts = relative.split("/")
+    if not all(is_plain_name(p) for p in parts):
+        raise ConfigError(f"{relative!r} is not a path inside {folder}: {hint}")
+    path = Path(folder, *parts)
+    try:
+        here = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ConfigError(f"{folder} cannot be read as a folder ({exc.strerror}): {hint}") from None
+    try:
+        for part in parts[:-1]:
+            below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=here)
+            os.close(here)
+            here = below
+        # O_NONBLOCK: opening a pipe must not wait for a writer; it is refused just below.
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=here)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: {hint}") from None
+    except OSError as exc:  # ELOOP or ENOTDIR: a symbolic link on the way
+        raise ConfigError(f"{path} cannot be read as a plain file ({exc.strerror}): {hint}") from None
+    finally:
+        os.close(here)
+    info = os.fstat(fd)
+    kind = _kind(info.st_mode) or ("a folder" if stat.S_ISDIR(info.st_mode) else None)
+    if kind is None and info.st_nlink > 1:
+        kind = f"a file with {info.st_nlink} names (a hard link)"
+    if kind is not None:
+        os.close(fd)
+        raise ConfigError(f"{path} is {kind}: {hint}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")

@@ -25,7 +25,7 @@ from prunelab.errors import ConfigError, TrackingError, first_line
 from prunelab.tracking import lineage, models
 from prunelab.tracking.connection import client, one_try, outage, param_text, server_gone, tracking_uri
 from prunelab.tracking.query import experiment_of, get_run
-from prunelab.tracking.spool import Spool, SpoolSink
+from prunelab.tracking.spool import Spool, SpoolSink, spool_dir
 
 # The experiment's kind as the MLflow UI names it: model training, not GenAI. (Which view
 # a browser opens an experiment on is that browser's choice: see `query.runs_url`.)
@@ -123,10 +123,14 @@ class Run:
         self._buffer: list[tuple] = []
         self._params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
+        self._unkept: TrackingError | None = None  # the server went away and the spool could not be made
 
-    def _write(self, action: Callable[[Any], T]) -> T:
+    def _write(self, action: Callable[[Any], T], replay: bool = True) -> T | None:
         """`action` on the sink; when MLflow's call fails because the server is gone, the run
-        is spooled from here on (with every param and tag it was given) and `action` goes there."""
+        is spooled from here on (with every param and tag it was given) and `action` goes there
+        (unless `replay` is False: the caller then decides what the spool gets first)."""
+        if self._unkept is not None:
+            raise self._unkept
         if self.spool is None:
             try:
                 return action(self._sink)
@@ -136,10 +140,21 @@ class Run:
                     raise
                 if not self._spool_on_outage:
                     raise outage(exc) from None
-                self.spool = Spool.create(tracking_uri=tracking_uri(), experiment=self.experiment, run_id=self.run_id,
-                                          run_name=self.run_name, stage=self.stage, params=self._params,
-                                          tags=self._tags, reason=f"{gone}: {first_line(exc)}")
+                reason = f"{gone}: {first_line(exc)}"
+                try:
+                    self.spool = Spool.create(tracking_uri=tracking_uri(), experiment=self.experiment,
+                                              run_id=self.run_id, run_name=self.run_name, stage=self.stage,
+                                              params=self._params, tags=self._tags, reason=reason)
+                except OSError as disk:
+                    self._unkept = TrackingError(
+                        f"the tracking server {tracking_uri()} stopped answering during {self.stage or 'the run'} "
+                        f"({reason[:120]}), and the run cannot be kept on disk either ({spool_dir()}: "
+                        f"{disk.strerror or type(disk).__name__}): only what the server got before is kept; free "
+                        "some space or point PRUNELAB_SPOOL at a writable folder with room, then run it again")
+                    raise self._unkept from None
                 self._sink = SpoolSink(self.spool)
+                if not replay:
+                    return None
         return action(self._sink)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -190,15 +205,26 @@ class Run:
                   metadata: dict | None = None, carry: tuple[str, ...] = (), weights_only: bool = False) -> str:
         """Log `model` at `step` (see `tracking.models.log_model`), after the buffered metrics,
         so the model carries that step's numbers. Returns the model URI; spooled, the bare
-        network is kept as a checkpoint with its example input (returns the folder)."""
-        self.flush()
+        network is kept as a checkpoint with its example input (returns the folder), before
+        the buffered metrics."""
+        self._flush_live()
         if example.device.type != "cpu":  # exported from a CPU copy: a model trained on a GPU loads anywhere
             model, example = copy.deepcopy(model).cpu(), example.cpu()
         uri = self._write(lambda sink: sink.log_model(model, name, example, step, final, checkpoint, metadata, carry,
                                                       weights_only))
         if final and self.spool is None:
             self._tags[paths.TAG_MODEL_URI] = uri  # a spool made later keeps it
+        self.flush()  # spooled, the metrics come after the model: on a disk short of room, the model is kept
         return uri
+
+    def _flush_live(self) -> None:
+        """Send the buffered metrics while the server answers (MLflow then links those of the
+        model's step to it); once the run is spooled they stay buffered."""
+        while self._buffer and self.spool is None:
+            chunk = self._buffer[:1000]
+            self._write(lambda sink: sink.log_metrics(chunk), replay=False)
+            if self.spool is None:
+                self._buffer = self._buffer[len(chunk):]
 
     def log_child(self, run_name: str, tags: dict[str, Any], params: dict[str, Any], metrics: dict[str, float],
                   step: int = 0, files: list[Path] | None = None, splits=(), description: str = "") -> str:
@@ -215,30 +241,42 @@ class Run:
         try:
             self.flush()
         finally:
-            self._write(lambda sink: sink.end(status))
-            if self.spool is not None:
-                self._left_spooled(status)
+            try:
+                if self._unkept is None:
+                    self._write(lambda sink: sink.end(status))
+            finally:
+                if self.spool is not None or self._unkept is not None:
+                    self._left_spooled(status)
 
     def _left_spooled(self, status: str) -> None:
         import mlflow
 
-        folder = self.spool.folder
+        folder = self.spool.folder if self.spool is not None else None
         # One quick try each: a server that is back by now learns the run failed and
         # where its rest is; `sync` completes it. Either way the run leaves MLflow's stack.
         with one_try():
             c = client()
             with contextlib.suppress(Exception):
-                c.set_tag(self.run_id, paths.TAG_SPOOLED_TO, str(folder))
+                if folder is not None:
+                    c.set_tag(self.run_id, paths.TAG_SPOOLED_TO, str(folder))
             active = mlflow.active_run()
             with contextlib.suppress(Exception):
                 if active is not None and active.info.run_id == self.run_id:
                     mlflow.end_run("FAILED")
                 else:
                     c.set_terminated(self.run_id, "FAILED")
-        what = "its model, metrics and params" if self.spool.record["models"] else "its metrics and params"
+        if folder is None:
+            raise self._unkept
+        record = self.spool.record
+        server = f"the tracking server {record['tracking_uri']} stopped answering during {self.stage or 'the run'} " \
+                 f"({record['reason'][:120]})"
+        if record["full"]:
+            raise TrackingError(
+                f"{server}, then the disk filled up: {record['full'][:120]} could not be kept; the run ended {status} "
+                f"and only {self.spool.kept()} are kept in {folder}: free some space, then upload them with "
+                f"`prunelab sync {folder}` once the server is back")
         raise TrackingError(
-            f"the tracking server {self.spool.record['tracking_uri']} stopped answering during {self.stage or 'the run'} "
-            f"({self.spool.record['reason'][:120]}); the run went on ({status}) and {what} are kept in {folder}: "
+            f"{server}; the run went on ({status}) and {self.spool.kept()} are kept in {folder}: "
             f"upload them with `prunelab sync {folder}` once the server is back")
 
 
