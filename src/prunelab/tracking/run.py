@@ -1,6 +1,8 @@
 """A run and what it logs: the `Run` handle, which writes to one of two sinks
 (MLflow while the server answers, the on-disk spool once it has gone), the
 context managers that open a stage's run and a study's `main` run, and child runs.
+(Over 400 lines: the handle, its MLflow sink and the runs it opens share the outage
+handling; the child-run and process-tag helpers are the next to move out.)
 
 Metrics are buffered and sent with `log_batch` (a synchronous call to a
 server costs tens of milliseconds, so never one call per value). A model is

@@ -1,5 +1,9 @@
 """A run kept on local disk while the tracking server is gone, until `prunelab sync` uploads it.
 
+(Over 400 lines because a spool folder is untrusted input: the checks of every file and
+field sync reads stay beside the format they check. Splitting `Spool` into its writer and
+its reader is the next step.)
+
 When the server stops answering in the middle of a stage, the stage goes on
 and everything it would have sent lands here instead: the params and tags it
 was given, the metrics not yet sent, its text and file artifacts, its models
