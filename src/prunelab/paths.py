@@ -29,7 +29,7 @@ TAG_SEED = "seed"
 TAG_MODEL_URI = "prunelab.model_uri"  # URI of the run's final model, for the next stage
 TAG_SOURCE_RUNS = "prunelab.source_runs"  # report run: the ids of the runs it drew from, comma-separated
 CHAMPION = "champion"                 # registry alias of a study's best trial
-# Which process owns a run (tracking.run.process_tags): `main` marks a RUNNING run whose process is gone
+# Which process owns a run (tracking.owner.process_tags): `main` marks a RUNNING run whose process is gone
 TAG_PID, TAG_HOST, TAG_PROCESS_START = "prunelab.pid", "prunelab.host", "prunelab.process_start"
 # A step of `main` (prunelab.pipeline): what makes two runs of it the same, and how it ran
 TAG_STEP_KEY, TAG_CODE_VERSION = "prunelab.step_key", "prunelab.code_version"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from prunelab import paths
 from prunelab.tracking.query import find_runs
-from prunelab.tracking.run import PARENT_RUN_ID, fail, is_alive
+from prunelab.tracking.owner import is_alive
+from prunelab.tracking.run import PARENT_RUN_ID, fail
 
 
 def fail_abandoned(experiment: str) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Iterator
 from prunelab import paths
 from prunelab.errors import PrunelabError
 from prunelab.tracking.connection import client, is_mlflow_error, one_try
-from prunelab.tracking.run import is_alive, process_tags
+from prunelab.tracking.owner import is_alive, process_tags
 
 # Longer than a rival's read of the tag followed by its write (two calls to the server).
 SETTLE_SECONDS = 2.0

@@ -2,7 +2,7 @@
 (MLflow while the server answers, the on-disk spool once it has gone), the
 context managers that open a stage's run and a study's `main` run, and child runs.
 (Over 400 lines: the handle, its MLflow sink and the runs it opens share the outage
-handling; the child-run and process-tag helpers are the next to move out.)
+handling; the child-run helpers are the next to move out.)
 
 Metrics are buffered and sent with `log_batch` (a synchronous call to a
 server costs tens of milliseconds, so never one call per value). A model is
@@ -17,7 +17,6 @@ import contextvars
 import copy
 import functools
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -27,7 +26,9 @@ from prunelab.errors import ConfigError, TrackingError, first_line
 from prunelab.tracking import lineage, models
 from prunelab.tracking.connection import client, one_try, outage, param_text, server_gone, tracking_uri
 from prunelab.tracking.query import experiment_of, get_run
-from prunelab.tracking.spool import Spool, SpoolSink, spool_dir
+from prunelab.tracking.owner import process_tags
+from prunelab.tracking.spool import Spool, spool_dir
+from prunelab.tracking.spool_sink import SpoolSink
 
 # The experiment's kind as the MLflow UI names it: model training, not GenAI. (Which view
 # a browser opens an experiment on is that browser's choice: see `query.runs_url`.)
@@ -312,30 +313,6 @@ def create_child_run(parent_id: str, run_name: str, tags: dict[str, Any], params
 
 
 # --------------------------------------------------------------------------- opening runs
-
-def _process_start(pid: int) -> str:
-    """When process `pid` started (clock ticks since boot, Linux), so a reused pid is not taken for it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def process_tags() -> dict[str, str]:
-    """Which process owns a run: `main` marks a RUNNING run whose process is gone as abandoned."""
-    return {paths.TAG_PID: str(os.getpid()), paths.TAG_HOST: socket.gethostname(),
-            paths.TAG_PROCESS_START: _process_start(os.getpid())}
-
-
-def is_alive(tags: dict[str, str]) -> bool | None:
-    """Whether the process that owns a run (its `process_tags`) still runs: None when that
-    cannot be told here (another host, or no such tags)."""
-    pid, host = tags.get(paths.TAG_PID), tags.get(paths.TAG_HOST)
-    if not pid or host != socket.gethostname():
-        return None
-    started = _process_start(int(pid))
-    return bool(started) and started == tags.get(paths.TAG_PROCESS_START, started)
-
 
 def _mark_model_training(experiment_id: str) -> None:
     """Tag the experiment's kind (model training), once per server and experiment in a process:

@@ -2,13 +2,13 @@
 
 (Over 400 lines because a spool folder is untrusted input: the checks of every file and
 field sync reads stay beside the format they check. Splitting `Spool` into its writer and
-its reader is the next step.)
+its reader is the next step; the run handle's sink over it is `tracking.spool_sink`.)
 
 When the server stops answering in the middle of a stage, the stage goes on
 and everything it would have sent lands here instead: the params and tags it
 was given, the metrics not yet sent, its text and file artifacts, its models
 (as weights-only checkpoints with an example input, from which sync logs the
-MLflow model) and its child runs. Knows nothing of MLflow: `SpoolSink` is the
+MLflow model) and its child runs. Knows nothing of MLflow: `spool_sink.SpoolSink` is the
 run handle's second sink (`tracking.run.Run`), beside MLflow's, and
 `tracking.sync` reads a spool back.
 
@@ -442,52 +442,3 @@ class Spool:
         """What sync has uploaded, so a sync cut short goes on where it stopped."""
         self.record["synced"].append(step)
         self.save()
-
-
-class SpoolSink:
-    """What a run handle writes while the server is gone (`tracking.run.Run`): the same
-    calls as `tracking.run.MlflowSink`, kept in a spool folder for `prunelab sync`."""
-
-    def __init__(self, spool: Spool):
-        self.spool = spool
-
-    def log_params(self, params: dict[str, str]) -> None:
-        self.spool.set_params(params)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self.spool.set_tags(tags)
-
-    def log_metrics(self, metrics: list[tuple]) -> None:
-        self.spool.add_metrics([m[:4] for m in metrics])  # (key, value, time, step): no model to link yet
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self.spool.add_text(text, artifact_file)
-
-    def log_dict(self, value: dict | list, artifact_file: str) -> None:
-        self.spool.add_text(json.dumps(value, indent=2), artifact_file)
-
-    def log_figure(self, figure, artifact_file: str, dpi: int) -> None:
-        self.spool.add_figure(figure, artifact_file)
-
-    def log_table(self, table, artifact_file: str) -> None:
-        self.spool.add_text(table.to_json(orient="split"), artifact_file)
-
-    def log_file(self, path: str | Path, artifact_path: str | None) -> None:
-        self.spool.add_file(path, artifact_path)
-
-    def log_inputs(self, splits, model_refs) -> None:
-        """Offline, lineage is not kept: `sync` uploads results, not inputs."""
-
-    def log_model(self, model, name: str, example, step: int, final: bool, checkpoint, metadata, carry,
-                  weights_only: bool = False) -> str:
-        """The bare network as a checkpoint with its example input; returns the folder holding them."""
-        bare = checkpoint if checkpoint is not None else getattr(model, "network", model)
-        return str(self.spool.add_model(bare, name, example, final, step))
-
-    def log_child(self, run_name: str, tags: dict[str, Any], params: dict[str, Any], metrics: dict[str, float],
-                  step: int, files: list[Path] | None, splits) -> str:
-        self.spool.add_child(run_name, tags, params, metrics, step, files)
-        return ""  # no run id until sync uploads it
-
-    def end(self, status: str) -> None:
-        self.spool.close(status)
