@@ -23,10 +23,13 @@ def test_each_trial_is_a_version_and_the_best_is_champion(tiny_study, client):
         logged = {m.key: m.value for m in client.get_logged_model(model_uri.removeprefix("models:/")).metrics}
         assert float(version.tags["test_accuracy"]) == pytest.approx(logged["test_accuracy"], abs=1e-6)
         assert int(version.tags["params"]) == logged["params"] and float(version.tags["fraction_remaining"]) <= 0.6
+        assert float(version.tags["val_accuracy"]) == pytest.approx(logged["val_accuracy"], abs=1e-6)
+    # The default study holds out a validation split: the champion is chosen on it, not on the test set.
     champion = client.get_model_version_by_alias(study, paths.CHAMPION)
-    accuracies = {t: float(v.tags["test_accuracy"]) for t, v in versions.items()}
-    assert float(champion.tags["test_accuracy"]) == max(accuracies.values())
-    assert f"models:/{study}@{paths.CHAMPION}" in tiny_study["stdout"]
+    on_validation = {t: float(v.tags["val_accuracy"]) for t, v in versions.items()}
+    assert float(champion.tags["val_accuracy"]) == max(on_validation.values())
+    assert client.get_registered_model(study).tags[f"{paths.CHAMPION}_chosen_on"] == "val_accuracy"
+    assert f"models:/{study}@{paths.CHAMPION}" in tiny_study["stdout"] and "validation" in tiny_study["stdout"]
 
 
 def test_evaluate_takes_the_champion_by_alias(tiny_study, client, capsys):

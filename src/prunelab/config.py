@@ -78,9 +78,10 @@ def _number(v: float) -> str:
 class DataConfig:
     dataset: str = setting("dataset registry name", "fashionmnist")
     data_dir: str = setting("folder holding the data set; empty: search the usual places, then download", "")
-    n_train: int = setting("use only the first N training images (0: all)", 0)
+    n_train: int = setting("train on only the first N training images, after the validation split is held out (0: all)", 0)
     n_test: int = setting("use only the first N test images (0: all)", 0)
-    val_size: int = setting("hold out N training images for validation / early stopping (0: none)", 0)
+    val_size: int = setting("hold out the last N training images for validation: early stopping, and the choice of "
+                            "the registered champion (0: none; the champion is then chosen on the test set)", 0)
     augment: bool = setting("random crop and flip on training batches", False)
     image_size: int = setting("resize images to this side length when the data set allows (0: native)", 0)
 

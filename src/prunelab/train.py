@@ -25,11 +25,13 @@ class EpochResult:
     test_loss: float
     test_accuracy: float
     seconds: float
+    val_loss: float = float("nan")      # nan: the data holds no validation split
+    val_accuracy: float = float("nan")
 
     def metrics(self) -> dict[str, float]:
         out = asdict(self)
         out.pop("epoch")
-        return out
+        return {k: v for k, v in out.items() if v == v}  # drop nan (no validation set)
 
 
 def _sgd(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -168,7 +170,8 @@ def train_step(model, optimizer, xb, yb, after_step: Callable[[], None] | None =
 def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
         on_epoch: Callable[[EpochResult], None] | None = None, desc: str = "train",
         after_step: Callable[[], None] | None = None, augment=None) -> list[EpochResult]:
-    """Train for `cfg.epochs` epochs, evaluating on the test set after each."""
+    """Train for `cfg.epochs` epochs, evaluating on the validation split (when the data
+    holds one) and the test set after each."""
     generator = torch.Generator().manual_seed(seed)
     history = []
     began = time.monotonic()
@@ -180,9 +183,12 @@ def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
             train_loss, train_acc = train_epoch(model, data, cfg, optimizer, generator, f"{desc} {epoch}/{cfg.epochs}",
                                                 after_step, augment, precision)
             test = evaluate(model, data.test_x, data.test_y, data.normalise)
-            result = EpochResult(epoch, train_loss, train_acc, test["loss"], test["accuracy"], time.perf_counter() - start)
+            val = evaluate(model, data.val_x, data.val_y, data.normalise) if data.val_x is not None else {}
+            result = EpochResult(epoch, train_loss, train_acc, test["loss"], test["accuracy"], time.perf_counter() - start,
+                                 **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val else {}))
             history.append(result)
-            progress.line(f"{desc} epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, "
+            shown_val = f", val accuracy {result.val_accuracy:.4f}" if val else ""
+            progress.line(f"{desc} epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}{shown_val}, "
                           f"test accuracy {result.test_accuracy:.4f}", began)
             if on_epoch is not None:
                 on_epoch(result)

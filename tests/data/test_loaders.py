@@ -29,7 +29,7 @@ def test_data_dir_with_gz_files_and_subset(fashion_dir, tmp_path, monkeypatch):
     for f in fashion_dir.glob("*.gz"):
         shutil.copy(f, tmp_path / f.name)
     d = data.get(config.DataConfig(dataset="fashionmnist", data_dir=str(tmp_path), n_train=1000, n_test=100, val_size=100))
-    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (900, 100, 100)
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (1000, 100, 100)  # n_train counts what trains
     x, _ = next(batches(d.train_x, d.train_y, 900, d.normalise))
     assert abs(x.mean().item()) < 0.2 and 0.8 < x.std().item() < 1.2  # batched normalisation
 
@@ -129,7 +129,7 @@ def test_splits_say_what_a_run_reads(fashion_dir):
     d = data.get(cfg)
     train, val, test = d.splits()
     assert [(s.name, s.context, s.images) for s in (train, val, test)] == [
-        ("fashionmnist-train", "train", 500), ("fashionmnist-validation", "validation", 100), ("fashionmnist-test", "test", 200)]
+        ("fashionmnist-train", "train", 600), ("fashionmnist-validation", "validation", 100), ("fashionmnist-test", "test", 200)]
     assert train.image_shape == (1, 28, 28) and train.source == str(fashion_dir.resolve())
     assert [s.digest for s in data.get(cfg).splits()] == [train.digest, val.digest, test.digest]  # stable across loads
     assert len({train.digest, val.digest, test.digest}) == 3
@@ -142,3 +142,12 @@ def test_splits_say_what_a_run_reads(fashion_dir):
     x[0, 0, 14, 14] ^= 1
     assert digest(x, d.test_y) != test.digest  # a sampled image
     assert digest(d.test_x[:199], d.test_y[:199]) != test.digest
+
+
+def test_the_validation_split_does_not_move_with_n_train(fashion_dir):
+    """The validation images are the whole training set's last ones, whatever n_train:
+    a small training subset and the full study choose their champion on the same images."""
+    small = data.get(config.DataConfig(dataset="fashionmnist", n_train=600, n_test=10, val_size=500))
+    whole = data.get(config.DataConfig(dataset="fashionmnist", n_test=10, val_size=500))
+    assert torch.equal(small.val_x, whole.val_x) and torch.equal(small.val_y, whole.val_y)
+    assert torch.equal(small.train_x, whole.train_x[:600]) and len(whole.train_y) == 60_000 - 500

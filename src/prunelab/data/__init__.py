@@ -52,16 +52,17 @@ def needs_folder(cfg: DataConfig) -> bool:
 
 def _subset(data: ImageData, cfg: DataConfig) -> ImageData:
     train_x, train_y, test_x, test_y = data.train_x, data.train_y, data.test_x, data.test_y
-    if cfg.n_train:
-        train_x, train_y = train_x[: cfg.n_train], train_y[: cfg.n_train]
-    if cfg.n_test:
-        test_x, test_y = test_x[: cfg.n_test], test_y[: cfg.n_test]
     val_x = val_y = None
     if cfg.val_size:
         if cfg.val_size >= len(train_y):
             raise ConfigError(f"data.val_size={cfg.val_size} leaves no training images (only {len(train_y)})")
-        # The validation images come off the end so the first n_train stay the same set.
+        # The validation images come off the end of the whole training set, before
+        # n_train slices it: a small training subset keeps the same validation set.
         val_x, val_y = train_x[-cfg.val_size :], train_y[-cfg.val_size :]
         train_x, train_y = train_x[: -cfg.val_size], train_y[: -cfg.val_size]
+    if cfg.n_train:
+        train_x, train_y = train_x[: cfg.n_train], train_y[: cfg.n_train]
+    if cfg.n_test:
+        test_x, test_y = test_x[: cfg.n_test], test_y[: cfg.n_test]
     return dataclasses.replace(data, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
                                val_x=val_x, val_y=val_y, augment=cfg.augment)

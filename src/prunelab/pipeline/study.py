@@ -170,23 +170,28 @@ def deliverable_runs(kind: StudyKind, steps: list[Step], chains: list[list[str]]
 def register(cfg: StudyConfig, kind: StudyKind, steps: list[Step], chains: list[list[str]]) -> str | None:
     """Each trial's deliverable model as a version of the registered model `cfg.study`,
     tagged with its trial, size and accuracy; the most accurate gets the alias
-    `champion`. Returns the champion's version."""
-    versions: dict[str, float] = {}
+    `champion`. Accuracy on the validation split chooses when every model has one:
+    choosing on the test set would make the champion's test number optimistic.
+    Returns the champion's version."""
+    versions: dict[str, dict[str, float]] = {}
     for trial, run_id in deliverable_runs(kind, steps, chains).items():
         model_id = models.logged_model_id(run_id)
         if model_id is None:
             raise ModelError(f"trial {trial}'s {kind.deliverable} run {run_id} logged no final model to register")
         metrics = models.logged_model_metrics(model_id)
         tags = {"trial": trial, "run_id": run_id,
-                **{k: _number(metrics[k]) for k in ("params", "fraction_remaining", "test_accuracy") if k in metrics}}
+                **{k: _number(metrics[k]) for k in ("params", "fraction_remaining", "val_accuracy", "test_accuracy")
+                   if k in metrics}}
         version = models.register(cfg.study, run_id, tags)
-        versions[version] = metrics.get("test_accuracy", float("-inf"))
+        versions[version] = metrics
     if not versions:
         return None
-    champion = max(versions, key=lambda v: (versions[v], -int(v)))  # ties: the earliest trial
-    models.set_alias(cfg.study, paths.CHAMPION, champion)
-    print(f"prunelab: registered {len(versions)} models as {cfg.study!r}; {paths.CHAMPION} is version {champion} "
-          f"(models:/{cfg.study}@{paths.CHAMPION})", flush=True)
+    chosen_on = "val_accuracy" if all("val_accuracy" in m for m in versions.values()) else "test_accuracy"
+    champion = max(versions, key=lambda v: (versions[v].get(chosen_on, float("-inf")), -int(v)))  # ties: the earliest
+    models.set_alias(cfg.study, paths.CHAMPION, champion, chosen_on=chosen_on)
+    shown = "validation" if chosen_on == "val_accuracy" else "test (the study holds out no validation split)"
+    print(f"prunelab: registered {len(versions)} models as {cfg.study!r}; {paths.CHAMPION} is version {champion}, "
+          f"the most accurate on the {shown} data (models:/{cfg.study}@{paths.CHAMPION})", flush=True)
     return champion
 
 

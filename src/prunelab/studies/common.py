@@ -363,7 +363,9 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str, method: str) -> str:
     with stage_run(cfg, trial, "finetune", f"finetune-t{trial}", method, params={"input_model": model_ref},
                    data=data, model_ref=model_ref) as run:
         before = evaluate(model, data.test_x, data.test_y, data.normalise)
+        val = evaluate(model, data.val_x, data.val_y, data.normalise) if data.val_x is not None else {}
         run.log_metrics({"test_loss": before["loss"], "test_accuracy": before["accuracy"],
+                         **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val else {}),
                          **query.newest_metrics(model_ref, ("fraction_remaining", "latency_ms"))}, step=0)
         log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_AFTER)
         train_model(run, model, data, cfg.finetune, seed + 10_000)

@@ -345,8 +345,13 @@ def register(name: str, run_id: str, tags: dict[str, Any]) -> str:
     return str(version.version)
 
 
-def set_alias(name: str, alias: str, version: str) -> None:
-    client().set_registered_model_alias(name, alias, version)
+def set_alias(name: str, alias: str, version: str, chosen_on: str | None = None) -> None:
+    """Point `alias` at `version`; `chosen_on` (the metric that chose it) becomes the
+    registered model's tag `<alias>_chosen_on`, shown on its page in the UI."""
+    c = client()
+    c.set_registered_model_alias(name, alias, version)
+    if chosen_on is not None:
+        c.set_registered_model_tag(name, f"{alias}_chosen_on", chosen_on)
 
 
 def _quote(text: str) -> str:
