@@ -157,6 +157,32 @@ def test_the_study_link_opens_on_its_runs_with_test_accuracy(tiny_study, client,
     assert shown["main"] in (None, "-")  # the parent run holds no accuracy of its own
 
 
+def test_the_result_link_opens_main_with_the_study_result(tiny_study, client, tracking_uri, browser, shots):
+    """The first link prunelab prints opens the `main` run, which shows the study's result
+    without a click: the report's table in its description, its headline metrics with the
+    values the report run logged, and the figures among its artifacts."""
+    from selenium.webdriver.common.by import By
+
+    main = next(r for r in tiny_study["runs"] if r.data.tags.get("stage") == "main")
+    report = next(r for r in tiny_study["runs"] if r.data.tags.get("stage") == "report")
+    link = query.run_url(tiny_study["experiment_id"], main.info.run_id, tracking_uri)
+    assert f"the study's result in the MLflow UI: {link}" in tiny_study["stdout"]
+    headline = "pruned_fine-tuned.test_accuracy_mean"
+    assert main.data.metrics[headline] == report.data.metrics[headline]  # what the server holds
+    browser.get(link)
+    body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    wait(browser).until(lambda d: "pruned + fine-tuned" in body(d) and headline in body(d))
+    close_assistant(browser)
+    assert "genai" not in browser.current_url
+    browser.save_screenshot(str(shots / "0-study-result.png"))
+    # The UI shows a metric's value rounded; the digits it shows are the report's.
+    shown = f"{report.data.metrics[headline]:.3f}"[:-1]
+    assert shown in body(browser), f"{headline} {shown} not on the page"
+    browser.get(link.replace("?", "/artifacts/figures?", 1))
+    wait(browser).until(lambda d: "test_accuracy.png" in body(d))
+    browser.save_screenshot(str(shots / "0-study-figures.png"))
+
+
 def test_models_page_lists_the_pruned_model_with_its_real_size(tiny_study, client, tracking_uri, browser, shots):
     """The Models page shows each trial's pruned model with the parameter count its run logged
     last (not the unpruned count), and the trained model with the unpruned one."""

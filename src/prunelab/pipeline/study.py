@@ -17,6 +17,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shlex
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from prunelab.pipeline.steps import run_step, step_key
 from prunelab.studies import common
 from prunelab.studies.common import Step, StudyKind
 from prunelab.tracking import connection, lineage, lock, models, query
-from prunelab.tracking.run import main_run
+from prunelab.tracking.run import NOTE, Run, main_run
 
 STEP_RUNNERS = ("in-process", "processes")
 # Settings that change how a study is executed, not what a step computes.
@@ -110,9 +111,27 @@ def _run_held(args: StudyArgs, cfg: StudyConfig, cluster: dict | None) -> str:
         report_params = {"study": args.study, "overrides": args.overrides, "out_dir": args.out_dir or f"reports/{cfg.study}"}
         report = (lambda: studies.report(cfg, report_params["out_dir"], args.command())) if args.steps == "in-process" else None
         report_id = run_step(cfg.study, "report", report_params, call=report, parent_id=main.run_id)
-        print(f"prunelab: the study's runs in the MLflow UI: {query.runs_url(query.experiment_of(main.run_id))}",
-              flush=True)
+        show_result(main, report_id, description)
+        experiment = query.experiment_of(main.run_id)
+        print(f"prunelab: the study's result in the MLflow UI: {query.run_url(experiment, main.run_id)}\n"
+              f"prunelab: its runs: {query.runs_url(experiment)}", flush=True)
         return report_id
+
+
+def show_result(main: Run, report_id: str, description: str) -> None:
+    """The report's numbers, figures and table on `main` too: the run a user finds first (the
+    one row of the collapsed run list, the run the printed link opens) shows the study's
+    result, in its metrics, its charts, its artifacts and its description, with nothing to
+    expand or follow."""
+    report = query.get_run(report_id)
+    main.log_metrics(dict(report.data.metrics), step=0, model_linked=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = query.download(report_id, paths.REPORT_DIR, tmp)
+        for path in sorted(folder.iterdir()):
+            main.log_file(path, paths.REPORT_DIR)
+        table = folder / paths.REPORT_MARKDOWN
+        result = table.read_text() if table.is_file() else ""
+    main.set_tags({NOTE: f"{description}\n\n{result}" if result else description})
 
 
 def run_trial(args: StudyArgs, cfg: StudyConfig, trial: int, parent_id: str, tracking_uri: str | None = None,

@@ -89,6 +89,11 @@ def download_uri(uri: str, dst: str | Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
 
 
+def run_url(experiment_id: str, run_id: str, uri: str | None = None) -> str:
+    """One run's page in the MLflow UI, in the model-training view (see `runs_url`)."""
+    return f"{(uri or tracking_uri()).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def runs_url(experiment_id: str, uri: str | None = None) -> str:
     """The experiment's runs in the MLflow UI. The link names the UI's model-training view:
     without it a fresh browser opens every experiment on its GenAI overview (the UI keeps
