@@ -1,6 +1,6 @@
 """`prunelab sync` of a folder someone else may have made, against the real server.
 
-A spool folder is built the way a stage builds one (`Spool.create` and its
+A spool folder is built the way a stage builds one (`SpoolWriter.create` and its
 writers), then altered the ways an attacker or a damaged disk would: a child
 file or model name that climbs out of the folder, links to files outside it,
 a record or metrics file of the wrong shapes, a record naming another server.
@@ -31,6 +31,7 @@ import torch
 from prunelab import checkpoints, cli, paths
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.tracking.spool import RESERVE_BYTES, Spool
+from prunelab.tracking.spool_writer import SpoolWriter
 
 SECRET = "secret-from-outside-the-spool-folder"
 
@@ -57,7 +58,7 @@ def experiment_name(request) -> str:
 def make_spool(tracking_uri: str, experiment: str, run_id: str | None = None) -> Spool:
     """A spooled train run as a stage leaves it: params, metrics, a text artifact, a round
     model and the final one, a child run with a file; closed FINISHED."""
-    spooled = Spool.create(tracking_uri=tracking_uri, experiment=experiment, run_id=run_id or uuid.uuid4().hex,
+    spooled = SpoolWriter.create(tracking_uri=tracking_uri, experiment=experiment, run_id=run_id or uuid.uuid4().hex,
                            run_name="train-t0", stage="train", params={"train.epochs": "2"},
                            tags={paths.TAG_STUDY: experiment}, reason="nothing answers there (ConnectionRefusedError)")
     spooled.add_metrics([("test_accuracy", 0.5 + 0.1 * step, 1_700_000_000_000 + step, step) for step in (1, 2)])

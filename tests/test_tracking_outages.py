@@ -16,7 +16,7 @@ from prunelab.errors import TrackingError
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.server import probe
 from prunelab.tracking import connection, models as logged_models, run as tracking_run, sync as tracking_sync
-from prunelab.tracking.spool import Spool
+from prunelab.tracking.spool_writer import SpoolWriter
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_sync_uploads_a_spooled_run_the_server_never_saw(tracking_uri, client, t
     monkeypatch.setenv("PRUNELAB_SPOOL", str(tmp_path / "spool"))
     connection.connect(tracking_uri)
     lost = uuid.uuid4().hex
-    spooled = Spool.create(tracking_uri=tracking_uri, experiment="test-sync-new-run", run_id=lost, run_name="train-t0",
+    spooled = SpoolWriter.create(tracking_uri=tracking_uri, experiment="test-sync-new-run", run_id=lost, run_name="train-t0",
                            stage="train", params={"train.epochs": "3"}, tags={paths.TAG_STUDY: "test-sync-new-run"},
                            reason="nothing answers there (ConnectionRefusedError)")
     spooled.add_metrics([("test_accuracy", 0.5 + 0.1 * step, 1_700_000_000_000 + step, step) for step in (1, 2, 3)])

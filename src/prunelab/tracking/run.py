@@ -1,8 +1,7 @@
 """A run and what it logs: the `Run` handle, which writes to one of two sinks
 (MLflow while the server answers, the on-disk spool once it has gone), the
 context managers that open a stage's run and a study's `main` run, and child runs.
-(Over 400 lines: the handle, its MLflow sink and the runs it opens share the outage
-handling; the child-run helpers are the next to move out.)
+How a run starts and ends on the spool is `tracking.spool_sink`'s.
 
 Metrics are buffered and sent with `log_batch` (a synchronous call to a
 server costs tens of milliseconds, so never one call per value). A model is
@@ -27,8 +26,8 @@ from prunelab.tracking import lineage, models
 from prunelab.tracking.connection import client, one_try, outage, param_text, server_gone, tracking_uri
 from prunelab.tracking.query import experiment_of, get_run
 from prunelab.tracking.owner import process_tags
-from prunelab.tracking.spool import Spool, spool_dir
-from prunelab.tracking.spool_sink import SpoolSink
+from prunelab.tracking.spool_sink import SpoolSink, left_on_disk
+from prunelab.tracking.spool_writer import SpoolWriter
 
 # The experiment's kind as the MLflow UI names it: model training, not GenAI. (Which view
 # a browser opens an experiment on is that browser's choice: see `query.runs_url`.)
@@ -120,7 +119,7 @@ class Run:
                  spool_on_outage: bool = True):
         self.run_id = run_id
         self.experiment, self.stage, self.run_name = experiment, stage, run_name
-        self.spool: Spool | None = None
+        self.spool: SpoolWriter | None = None
         self._spool_on_outage = spool_on_outage
         self._sink: MlflowSink | SpoolSink = MlflowSink(run_id)
         self._buffer: list[tuple] = []
@@ -145,17 +144,13 @@ class Run:
                     raise outage(exc) from None
                 reason = f"{gone}: {first_line(exc)}"
                 try:
-                    self.spool = Spool.create(tracking_uri=tracking_uri(), experiment=self.experiment,
-                                              run_id=self.run_id, run_name=self.run_name, stage=self.stage,
-                                              params=self._params, tags=self._tags, reason=reason)
-                except OSError as disk:
-                    self._unkept = TrackingError(
-                        f"the tracking server {tracking_uri()} stopped answering during {self.stage or 'the run'} "
-                        f"({reason[:120]}), and the run cannot be kept on disk either ({spool_dir()}: "
-                        f"{disk.strerror or type(disk).__name__}): only what the server got before is kept; free "
-                        "some space or point PRUNELAB_SPOOL at a writable folder with room, then run it again")
-                    raise self._unkept from None
-                self._sink = SpoolSink(self.spool)
+                    self._sink = SpoolSink.start(experiment=self.experiment, run_id=self.run_id,
+                                                 run_name=self.run_name, stage=self.stage, params=self._params,
+                                                 tags=self._tags, reason=reason)
+                except TrackingError as unkept:
+                    self._unkept = unkept
+                    raise
+                self.spool = self._sink.spool
                 if not replay:
                     return None
         return action(self._sink)
@@ -249,38 +244,7 @@ class Run:
                     self._write(lambda sink: sink.end(status))
             finally:
                 if self.spool is not None or self._unkept is not None:
-                    self._left_spooled(status)
-
-    def _left_spooled(self, status: str) -> None:
-        import mlflow
-
-        folder = self.spool.folder if self.spool is not None else None
-        # One quick try each: a server that is back by now learns the run failed and
-        # where its rest is; `sync` completes it. Either way the run leaves MLflow's stack.
-        with one_try():
-            c = client()
-            with contextlib.suppress(Exception):
-                if folder is not None:
-                    c.set_tag(self.run_id, paths.TAG_SPOOLED_TO, str(folder))
-            active = mlflow.active_run()
-            with contextlib.suppress(Exception):
-                if active is not None and active.info.run_id == self.run_id:
-                    mlflow.end_run("FAILED")
-                else:
-                    c.set_terminated(self.run_id, "FAILED")
-        if folder is None:
-            raise self._unkept
-        record = self.spool.record
-        server = f"the tracking server {record['tracking_uri']} stopped answering during {self.stage or 'the run'} " \
-                 f"({record['reason'][:120]})"
-        if record["full"]:
-            raise TrackingError(
-                f"{server}, then the disk filled up: {record['full'][:120]} could not be kept; the run ended {status} "
-                f"and only {self.spool.kept()} are kept in {folder}: free some space, then upload them with "
-                f"`prunelab sync {folder}` once the server is back")
-        raise TrackingError(
-            f"{server}; the run went on ({status}) and {self.spool.kept()} are kept in {folder}: "
-            f"upload them with `prunelab sync {folder}` once the server is back")
+                    left_on_disk(self.run_id, self.stage, status, self.spool, self._unkept)
 
 
 def create_child_run(parent_id: str, run_name: str, tags: dict[str, Any], params: dict[str, Any],
