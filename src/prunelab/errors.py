@@ -6,6 +6,8 @@ do) and exits non-zero without a traceback. Every other exception is a bug and
 keeps its traceback.
 """
 
+import re
+
 
 class PrunelabError(Exception):
     """A problem the user can fix; the message says how."""
@@ -44,7 +46,28 @@ class Stopped(BaseException):
         super().__init__(f"stopped by {self.name}")
 
 
+MAX_MESSAGE = 1000  # characters of one error line: a message quoting a huge input still fits a terminal
+_CONTROL = {c: " " for c in range(32)} | {127: " "}  # newlines, tabs, escapes: nothing that breaks the line
+_TERMINAL_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours and cursor moves
+
+
 def first_line(exc: BaseException) -> str:
     """What `exc` says, in one line of at most 200 characters (its type when it says nothing)."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` as one line of at most `limit` characters: terminal colour codes go (some
+    libraries' messages carry them), other control characters become spaces, and a
+    longer text ends in '…'."""
+    text = _TERMINAL_CODE.sub("", text).strip().translate(_CONTROL)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """How an error quotes a value the user gave: its repr, at most `limit` characters
+    (a 4 KB value or a control character must not become the message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + "…" + text[-3:]
+

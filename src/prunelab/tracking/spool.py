@@ -34,6 +34,11 @@ from prunelab.files import atomic_path
 
 FORMAT = "prunelab-spool-v1"
 RECORD = "run.json"
+# The record's keys (as `Spool.create` writes them) and their types, checked when a spool is opened.
+RECORD_SHAPE: dict[str, type | tuple[type, ...]] = {
+    "tracking_uri": str, "experiment": str, "run_id": str, "run_name": str, "stage": str, "status": str,
+    "reason": str, "spooled_at": int, "end_time": (int, type(None)), "params": dict, "tags": dict,
+    "models": list, "children": list, "synced": list, "synced_to": (str, type(None))}
 METRICS = "metrics.jsonl"
 ARTIFACTS = "artifacts"
 MODELS = "models"
@@ -84,6 +89,9 @@ class Spool:
             raise ConfigError(f"{folder / RECORD} cannot be read ({type(exc).__name__}): the spool folder is damaged") from None
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise ConfigError(f"{folder / RECORD} is not a prunelab spool record ({FORMAT})")
+        wrong = [key for key, kinds in RECORD_SHAPE.items() if not isinstance(record.get(key, ...), kinds)]
+        if wrong:  # what `sync` reads must be there: a hand-edited record is one line, not a KeyError
+            raise ConfigError(f"{folder / RECORD} is damaged: {', '.join(wrong[:3])} missing or of the wrong type")
         return cls(folder, record)
 
     def save(self) -> None:
