@@ -141,6 +141,10 @@ class Inputs:
                 (folder / "test" / "bird").mkdir()
             elif how == "classes-differ":
                 (folder / "test" / "dog").rename(folder / "test" / "wolf")
+            elif how == "huge-image":  # over PIL's pixel limit: decoding it warns of a decompression bomb
+                from PIL import Image
+
+                Image.new("L", (10_000, 9_000)).save(folder / "train" / "cat" / "huge.png")
             return folder
         return str(self.once(f"images-{how}", make))
 
@@ -617,6 +621,10 @@ CASES = [
     Case("images-dogs-unreadable-process", imagefolder("dogs-unreadable"), "could be read (2 unreadable): class 'dog'",
          process=True),  # no warning line for each unreadable file before the error
     Case("images-empty-class", imagefolder("empty-class"), "holds no image"),
+    Case("images-warned-then-refused-process", staged("train", "--set", "data.dataset=imagefolder", "--set", "data.image_size=32",
+                                                      "--set", "study=test-bad-images-huge", "--set", "data.val_size=100",
+                                                      data_dir=lambda c: c.images("huge-image")),
+         "data.val_size=100 leaves no training images", process=True),  # PIL's warning, held, is not printed
     Case("images-classes-differ", imagefolder("classes-differ"), "have different class folders"),
     Case("images-none", imagefolder("no-images"), "no images in"),
     Case("images-no-dir", staged("train", "--set", "data.dataset=imagefolder", "--set", "study=test-bad-images"),

@@ -1,7 +1,9 @@
 """`prunelab train|prune|finetune|report|run|evaluate|sync|settings`.
 
 Errors the user can fix print as one line and exit 2; `--debug` shows the
-traceback instead. SIGTERM and SIGHUP stop the command like Ctrl-C does: the
+traceback instead. A library's warnings raised while the input is still being
+checked are held until the first run starts, so a refused input prints its one
+line alone. SIGTERM and SIGHUP stop the command like Ctrl-C does: the
 run in progress ends FAILED and the exit code is 128 + the signal number.
 """
 
@@ -19,7 +21,7 @@ from typing import Iterator
 
 from prunelab import files, paths, studies
 from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range, preset_file
-from prunelab.errors import ConfigError, PrunelabError, Stopped, one_line
+from prunelab.errors import ConfigError, HeldWarnings, PrunelabError, Stopped, one_line
 from prunelab.models import is_registered
 from prunelab.pipeline.kubernetes import kubernetes_backend
 from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
@@ -243,21 +245,30 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+    with HeldWarnings() as held:  # a library's warnings before a refusal: the refusal's one line alone
+        return _run(argv, debug, held)
+
+
+def _run(argv: list[str] | None, debug: bool, held: HeldWarnings) -> int:
     try:
         with signals_stop():
             return dispatch(parser().parse_args(argv))
     except PrunelabError as exc:
         if debug:
             raise
+        held.drop()
         print(f"prunelab: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        held.release()  # not a refusal: what was held comes before the last line
         print("prunelab: interrupted; any run in progress was marked FAILED", file=sys.stderr)
         return 130
     except Stopped as exc:
+        held.release()
         print(f"prunelab: error: stopped by {exc.name}; any run in progress was marked FAILED", file=sys.stderr)
         return 128 + exc.signum
     except Exception as exc:
+        held.release()
         # A tracking server that went away mid-command is the user's to fix, not a bug.
         gone = None if debug else connection.outage(exc)
         if gone is None:

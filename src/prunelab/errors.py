@@ -7,6 +7,7 @@ keeps its traceback.
 """
 
 import re
+import warnings
 
 
 class PrunelabError(Exception):
@@ -71,3 +72,54 @@ def shown(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 4] + "…" + text[-3:]
 
+
+class HeldWarnings:
+    """Python warnings (a library's: torch, PIL, ...) raised while a command's input is
+    still being checked, held back: a refused input then ends with its one line alone
+    (`drop`), since a warning about the very file it refuses says nothing more, while an
+    accepted input prints them as soon as its first run starts (`input_accepted`), and
+    any other ending (success, a bug, a signal) prints them on the way out. From then on
+    warnings print as they happen: nothing is hidden from a command that runs."""
+
+    def __init__(self):
+        self._held: list[tuple] = []
+        self._holding = False
+        self._previous = None
+
+    def __enter__(self) -> "HeldWarnings":
+        self._previous, warnings.showwarning = warnings.showwarning, self._show
+        self._holding = True
+        _active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        _active.remove(self)
+        warnings.showwarning = self._previous
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if self._holding:
+            self._held.append((message, category, filename, lineno, file, line))
+        else:
+            self._previous(message, category, filename, lineno, file, line)
+
+    def release(self) -> None:
+        """Print what was held; later warnings print as they happen."""
+        self._holding = False
+        held, self._held = self._held, []
+        for warning in held:
+            self._previous(*warning)
+
+    def drop(self) -> None:
+        """Forget what was held (the input was refused: its one line says what matters)."""
+        self._held = []
+
+
+_active: list[HeldWarnings] = []
+
+
+def input_accepted() -> None:
+    """The command's input passed every check and its work started (a run is open):
+    warnings held until now are printed, and later ones as they happen."""
+    for held in _active:
+        held.release()
