@@ -1,12 +1,14 @@
 """The table of bad inputs: every one is refused with one line on stderr
-(`prunelab: error: ...`), a non-zero exit, no traceback, no run left RUNNING on
-the server and nothing half-written (no report folder, no partial file in the
-caches, nothing spooled). Most rows call the real CLI entry function in-process,
-a few run `python -m prunelab` as a user would; all of them stop before any
-training starts."""
+(`prunelab: error: ...`, at most errors.MAX_MESSAGE characters), exit code 2,
+no traceback, no run created on the server (none left RUNNING either) and
+nothing half-written (no report folder, no partial file in the caches, nothing
+spooled). Most rows call the real CLI entry function in-process, a few run
+`python -m prunelab` as a user would (and see every warning printed before the
+error line); all of them stop before any training starts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -22,7 +24,8 @@ import pytest
 from conftest import start_foreign_server
 import torch
 
-from prunelab import checkpoints, cli
+from prunelab import checkpoints, cli, config, files
+from prunelab.errors import MAX_MESSAGE
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.server import probe
 
@@ -30,6 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port: settings must fail before any connection
 TINY = "data.n_train=600 data.n_test=200 train.epochs=1 trials=1"
 FORMAT = checkpoints.FORMAT
+LONG_NAME = "n" * (files.NAME_MAX + 1)  # one byte more than any file system takes in one name
+# A module that records being imported: what a pickle model's pickle_module_info.txt may name.
+MARKER_MODULE = "prunelab_bad_input_marker"
 
 
 class Inputs:
@@ -37,9 +43,10 @@ class Inputs:
 
     def __init__(self, root: Path, fashion_dir: Path, dogs_cats_dir: Path, cifar_dir: Path, tracking_uri: str):
         self.root, self.fashion, self.dogs_cats, self.cifar, self.uri = root, fashion_dir, dogs_cats_dir, cifar_dir, tracking_uri
-        self.marker = root / "code-ran"  # the evil model's __reduce__ would create it
+        self.marker = root / "code-ran"  # the evil model's __reduce__, or importing MARKER_MODULE, would create it
         self._made: dict[str, object] = {}
         self.running: set[str] = set()  # the RUNNING runs on the server after the previous row
+        self.runs: set[str] = set()  # every run on the server after the previous row
 
     def once(self, key: str, make: Callable[[], object]):
         if key not in self._made:
@@ -53,6 +60,18 @@ class Inputs:
 
     def text(self, name: str, content: str) -> str:
         return str(self.once(name, lambda: _write(self.path(name), content)))
+
+    def binary(self, name: str, content: bytes) -> str:
+        def make():
+            self.path(name).write_bytes(content)
+            return self.path(name)
+        return str(self.once(name, make))
+
+    def folder(self, name: str) -> str:
+        def make():
+            self.path(name).mkdir()
+            return self.path(name)
+        return str(self.once(name, make))
 
     def a_file(self) -> str:
         return self.text("a-file.txt", "not a folder\n")
@@ -122,6 +141,10 @@ class Inputs:
                 (folder / "test" / "bird").mkdir()
             elif how == "classes-differ":
                 (folder / "test" / "dog").rename(folder / "test" / "wolf")
+            elif how == "huge-image":  # over PIL's pixel limit: decoding it warns of a decompression bomb
+                from PIL import Image
+
+                Image.new("L", (10_000, 9_000)).save(folder / "train" / "cat" / "huge.png")
             return folder
         return str(self.once(f"images-{how}", make))
 
@@ -149,6 +172,8 @@ class Inputs:
                 (folder / "run.json").write_text("{ not json")
             elif how == "foreign":
                 (folder / "run.json").write_text(json.dumps({"format": "something-else"}))
+            elif how == "incomplete":
+                (folder / "run.json").write_text(json.dumps({"format": "prunelab-spool-v1", "tracking_uri": 5}))
             return folder
         return str(self.once(f"spool-{how}", make))
 
@@ -170,7 +195,7 @@ class Inputs:
             return f"http://127.0.0.1:{sock.getsockname()[1]}"
         return str(self.once("silent", make))
 
-    def evil_model(self) -> tuple[str, str]:
+    def evil_model(self, name: str = "evil") -> tuple[str, str]:
         """(run id, models:/ URI) of a pickle-format MLflow model whose unpickling would create `marker`."""
         def make():
             import mlflow
@@ -179,12 +204,81 @@ class Inputs:
             experiment = mlflow.set_experiment("test-bad-inputs-evil")
             with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
                 # pip_requirements given: MLflow would otherwise load (unpickle) the model to infer them.
-                info = mlflow.pytorch.log_model(_EvilModule(self.marker), name="evil", serialization_format="pickle",
+                info = mlflow.pytorch.log_model(_EvilModule(self.marker), name=name, serialization_format="pickle",
                                                 pip_requirements=["torch"])
             os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
             assert not self.marker.exists(), "logging the model must not run it"
             return run.info.run_id, info.model_uri
-        return self.once("evil", make)
+        return self.once(name, make)
+
+
+    def marker_module(self) -> str:
+        """A module on sys.path whose import creates `marker`: code a model file could make run."""
+        def make():
+            _write(self.root / f"{MARKER_MODULE}.py", f"open({str(self.marker)!r}, 'w').close()\n")
+            return MARKER_MODULE
+        return str(self.once("marker-module", make))
+
+    def crafted_model(self, how: str) -> str:
+        """runs:/ URI of a model folder logged as a run's artifacts: MLflow's own pt2 model,
+        then changed in one way (each a way past a check that reads only file names)."""
+        def make():
+            import mlflow
+            import mlflow.pytorch
+            import yaml
+
+            folder = self.path(f"model-{how}")
+            example = torch.zeros(2, 1, 28, 28)
+            mlflow.pytorch.save_model(SimpleCNN().eval(), str(folder), input_example=example.numpy(),
+                                      serialization_format="pt2", pip_requirements=["torch"])
+            data = folder / "data"
+            if how == "pth-beside-pt2":  # MLflow's loader sees model.pth, imports the named module, then unpickles
+                (data / "pickle_module_info.txt").write_text(self.marker_module())
+                torch.save(_EvilModule(self.marker), data / "model.pth")
+            elif how == "extra-file":
+                (data / "notes.txt").write_text("anything beside model.pt2\n")
+            elif how == "data-elsewhere":
+                meta = yaml.safe_load((folder / "MLmodel").read_text())
+                meta["flavors"]["pytorch"]["model_data"] = "../data"
+                (folder / "MLmodel").write_text(yaml.safe_dump(meta))
+            mlflow.set_tracking_uri(self.uri)
+            experiment = mlflow.set_experiment("test-bad-inputs-crafted")
+            with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+                mlflow.log_artifacts(str(folder), how)
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+            return f"runs:/{run.info.run_id}/{how}"
+        return str(self.once(f"crafted-{how}", make))
+
+    def evil_model_beside_pt2(self) -> str:
+        """models:/ URI of the pickle-format evil model with an empty model.pt2 added to its data folder,
+        and a pickle_module_info.txt naming a module whose import creates `marker`."""
+        def make():
+            from mlflow import MlflowClient
+
+            model_id = self.evil_model("evil-beside-pt2")[1].removeprefix("models:/")
+            empty = self.path("pt2") / "model.pt2"
+            empty.parent.mkdir()
+            empty.write_bytes(b"")
+            info = self.path("pt2") / "pickle_module_info.txt"
+            info.write_text(self.marker_module())
+            for f in (empty, info):
+                MlflowClient(self.uri).log_model_artifact(model_id, str(f), "data")
+            return f"models:/{model_id}"
+        return str(self.once("evil-pt2", make))
+
+    def round_run(self, round_param: str) -> str:
+        """A run tagged as a lottery-ticket prune round whose `round` param is `round_param`."""
+        def make():
+            from mlflow import MlflowClient
+
+            c = MlflowClient(self.uri)
+            experiment = c.get_experiment_by_name("test-bad-inputs-rounds") or \
+                c.get_experiment(c.create_experiment("test-bad-inputs-rounds"))
+            run = c.create_run(experiment.experiment_id, tags={"stage": "prune"})
+            c.log_param(run.info.run_id, "round", round_param)
+            c.set_terminated(run.info.run_id)
+            return run.info.run_id
+        return str(self.once(f"round-{round_param}", make))
 
 
 class _EvilModule(torch.nn.Module):
@@ -236,7 +330,8 @@ class Case:
     argv: Callable[[Inputs], list[str]]
     needle: str
     process: bool = False  # run as `python -m prunelab` in a real process
-    env: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # set while the row runs; {root}: the table's folder
+    absent: Callable[[Inputs], Path] | None = None  # a path that must not exist afterwards (nothing created there)
 
 
 def settings(*sets: str, command: str = "train", study: str = "") -> Callable[[Inputs], list[str]]:
@@ -291,9 +386,9 @@ CASES = [
     Case("rank-batch-zero", settings("prune.rank_batch_size=0"), "prune.rank_batch_size must be >= 1"),
     Case("epochs-zero", settings("train.epochs=0"), "train.epochs must be >= 1"),
     Case("epochs-negative", settings("train.epochs=-3"), "train.epochs must be >= 1"),
-    Case("epochs-word", settings("train.epochs=abc"), "train.epochs must be a int"),
-    Case("epochs-fraction", settings("train.epochs=1.5"), "train.epochs must be a int"),
-    Case("epochs-bool", settings("train.epochs=true"), "train.epochs must be a int"),
+    Case("epochs-word", settings("train.epochs=abc"), "train.epochs must be an int"),
+    Case("epochs-fraction", settings("train.epochs=1.5"), "train.epochs must be an int"),
+    Case("epochs-bool", settings("train.epochs=true"), "train.epochs must be an int"),
     Case("batch-size-zero", settings("train.batch_size=0"), "train.batch_size must be >= 1"),
     Case("lr-zero", settings("train.lr=0"), "train.lr must be > 0"),
     Case("lr-negative", settings("train.lr=-0.1"), "train.lr must be > 0"),
@@ -310,7 +405,7 @@ CASES = [
     Case("finetune-momentum-negative", settings("finetune.momentum=-1"), "finetune.momentum must be in [0, 1)"),
     Case("seed-negative", settings("seed=-1"), "seed must be in [0,"),
     Case("seed-huge", settings("seed=99999999999999999999"), "seed must be in [0,"),
-    Case("seed-fraction", settings("seed=1.5"), "seed must be a int"),
+    Case("seed-fraction", settings("seed=1.5"), "seed must be an int"),
     Case("trials-zero", settings("trials=0"), "trials must be in [1, 10000]"),
     Case("trials-negative", settings("trials=-2"), "trials must be in [1, 10000]"),
     Case("trials-huge", settings("trials=1000000"), "trials must be in [1, 10000]"),
@@ -320,7 +415,7 @@ CASES = [
     Case("study-space", settings("study=has space"), "study name 'has space' is not allowed"),
     Case("study-hidden", settings("study=.hidden"), "study name '.hidden' is not allowed"),
     Case("study-too-long", settings("study=" + "x" * 101), "is not allowed"),
-    Case("study-number", settings("study=[1, 2]"), "study name '[1, 2]' is not allowed"),
+    Case("study-number", settings("study=[1, 2]"), "study must be a str, got [1, 2]"),
     Case("n-train-negative", settings("data.n_train=-1"), "data.n_train must be >= 0"),
     Case("n-test-negative", settings("data.n_test=-5"), "data.n_test must be >= 0"),
     Case("val-size-negative", settings("data.val_size=-1"), "data.val_size must be >= 0"),
@@ -350,6 +445,34 @@ CASES = [
     Case("kmeans-n-init-zero", settings("kmeans.n_init=0", study=KMEANS), "kmeans.n_init must be >= 1"),
     Case("kmeans-pruned-negative", settings("kmeans.stage_pruned=[-1]", study=KMEANS), "kmeans.stage_pruned must be"),
     Case("transfer-head-zero", settings("transfer.head_width=0", study=VGG), "transfer.head_width must be >= 1"),
+    # types: a bool is never a number, inside lists too; a list is a list
+    Case("kmeans-keep-bool", settings("kmeans.merge_keep=[true]", study=KMEANS), "kmeans.merge_keep[0] must be a float, got True"),
+    Case("kmeans-keep-bool-later", settings("kmeans.merge_keep=[0.5, no]", study=KMEANS),
+         "kmeans.merge_keep[1] must be a float, got False"),
+    Case("kmeans-pruned-bool", settings("kmeans.stage_pruned=[1, false]", study=KMEANS),
+         "kmeans.stage_pruned[1] must be an int, got False"),
+    Case("kmeans-keep-not-list", settings("kmeans.merge_keep=0.5", study=KMEANS), "kmeans.merge_keep must be a list"),
+    Case("kmeans-stages-nested", settings("kmeans.stages=[[layer1]]", study=KMEANS), "kmeans.stages[0] must be a str"),
+    Case("lr-bool", settings("train.lr=true"), "train.lr must be a float, got True"),
+    Case("lr-word", settings("train.lr=1e-3x"), "train.lr must be a float, got '1e-3x'"),
+    Case("study-yes", settings("study=yes"), "study must be text, got True"),
+    Case("lr-exponent-then-range", settings("train.lr=1e-3", "train.momentum=2"), "train.momentum must be in [0, 1)"),
+    # --------------------------------------------------------------- override values: one validating YAML parse
+    Case("value-unclosed-list", settings("train.epochs=[1, 2"), "override 'train.epochs' is not valid YAML"),
+    Case("value-unclosed-map", settings("train.epochs={a: 1"), "override 'train.epochs' is not valid YAML"),
+    Case("value-undefined-alias", settings("train.epochs=*x"), "anchors and aliases (&name, *name) are not allowed"),
+    Case("value-anchor", settings("kmeans.stages=[&a layer1, *a]", study=KMEANS), "anchors and aliases"),
+    Case("value-alias-bomb", settings("study=[&a [x, x, x, x, x, x, x, x, x], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a], "
+                                      "&c [*b, *b, *b, *b, *b, *b, *b, *b, *b], [*c, *c, *c, *c, *c, *c, *c, *c, *c]]"),
+         "anchors and aliases"),
+    Case("value-yaml-directive", settings("train.epochs=%YAML 1.1"), "override 'train.epochs' is not valid YAML"),
+    Case("value-two-documents", settings("train.epochs=1\n---\n2"), "expected a single document"),
+    Case("value-control-character", settings("study=a\x01b"), "unacceptable character #x0001"),
+    Case("value-escape-character", settings("study=a\x1b[31mred"), "unacceptable character #x001b"),
+    Case("value-deeply-nested", settings("study=" + "[" * 500 + "]" * 500), "nested deeper than"),
+    Case("value-too-large", settings("study=" + "x" * (config.MAX_VALUE_BYTES + 1)), "is larger than 4096 bytes"),
+    Case("value-python-tag", settings("study=!!python/object/apply:os.system [echo hi]"), "is not valid YAML"),
+    Case("key-long-unknown", settings("x" * 5000 + "=1"), "unknown setting xxxx"),
     # --------------------------------------------------------------- presets
     Case("preset-unknown", lambda c: ["train", "--tracking-uri", DEAD, "--study", "no-such-study"], "unknown study 'no-such-study'"),
     Case("preset-plain-string", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.text("string.yaml", "just a string\n")],
@@ -366,6 +489,54 @@ CASES = [
          "unknown study kind 'nope'"),
     Case("preset-study-escapes", lambda c: ["report", "--tracking-uri", DEAD, "--study",
                                             c.text("escape.yaml", "study: ../../escaped\n")], "is not allowed"),
+    Case("preset-empty", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.text("empty.yaml", "")], "sets nothing"),
+    Case("preset-comments-only", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.text("comments.yaml", "# nothing\n")],
+         "sets nothing"),
+    Case("preset-empty-section", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.text("data-only.yaml", "data:\n")],
+         "sets nothing"),
+    Case("preset-section-list", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.text("data-list.yaml", "data: []\n")],
+         "section data must be a mapping"),
+    Case("preset-not-utf8", lambda c: ["train", "--tracking-uri", DEAD, "--study",
+                                       c.binary("latin1.yaml", "study: caf\xe9\n".encode("latin-1"))], "is not UTF-8 text"),
+    Case("preset-alias-bomb", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.text("bomb.yaml", "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9 if p else ['x'] * 9)}]\n" for n, p in zip("abcdefghi", ["", *"abcdefgh"])))],
+         "anchors and aliases"),
+    Case("preset-too-large", lambda c: ["train", "--tracking-uri", DEAD, "--study",
+                                        c.text("large.yaml", "study: x\n" + "# padding\n" * 7000)], "is larger than 65536 bytes"),
+    Case("preset-two-documents", lambda c: ["train", "--tracking-uri", DEAD, "--study",
+                                            c.text("two.yaml", "study: a\n---\nstudy: b\n")], "expected a single document"),
+    Case("preset-number-keys", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.text("keys.yaml", "1: 2\nstudy: x\n")],
+         "unknown setting 1"),
+    Case("preset-control-character", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.text("bell.yaml", "study: a\x07\n")],
+         "unacceptable character #x0007"),
+    Case("preset-alias-bomb-process", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.text("bomb.yaml", "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9 if p else ['x'] * 9)}]\n" for n, p in zip("abcdefghi", ["", *"abcdefgh"])))],
+         "anchors and aliases", process=True),
+    # --------------------------------------------------------------- a study is a preset's plain name, or a .yaml file
+    Case("study-name-escapes", lambda c: ["train", "--tracking-uri", DEAD, "--study", "../x"], "is neither a preset name"),
+    Case("study-name-escapes-deep", lambda c: ["train", "--tracking-uri", DEAD, "--study", "../../presets/taylor-cnn-fashionmnist"],
+         "is neither a preset name"),
+    Case("study-name-absolute", lambda c: ["train", "--tracking-uri", DEAD, "--study", str(c.path("escape"))],
+         "is neither a preset name"),
+    Case("study-name-device", lambda c: ["train", "--tracking-uri", DEAD, "--study", "/dev/zero"], "is neither a preset name"),
+    Case("study-file-absent", lambda c: ["train", "--tracking-uri", DEAD, "--study", "../absent.yaml"], "no preset file '../absent.yaml'"),
+    Case("study-file-folder", lambda c: ["train", "--tracking-uri", DEAD, "--study", c.folder("folder.yaml")],
+         "no preset file"),
+    Case("study-escapes-process", lambda c: ["train", "--tracking-uri", DEAD, "--study", "../x"], "is neither a preset name",
+         process=True),
+    # --------------------------------------------------------------- paths no file system takes
+    Case("study-name-too-long", lambda c: ["train", "--tracking-uri", DEAD, "--study", LONG_NAME + ".yaml"],
+         "holds a name of 261 bytes"),
+    Case("data-dir-name-too-long", lambda c: ["train", "--tracking-uri", DEAD, "--data-dir", LONG_NAME], "holds a name of 256 bytes"),
+    Case("data-dir-setting-too-long", settings(f"data.data_dir=/tmp/{LONG_NAME}/x"), "holds a name of 256 bytes"),
+    Case("out-name-too-long", lambda c: ["report", "--tracking-uri", DEAD, "--out", LONG_NAME], "holds a name of 256 bytes"),
+    Case("model-uri-name-too-long", staged("finetune", "--set", "study=test-bad-long", "--model-uri", LONG_NAME),
+         "holds a name of 256 bytes"),
+    Case("evaluate-name-too-long", evaluate(lambda c: LONG_NAME + ".pt"), "holds a name of 259 bytes"),
+    Case("kmeans-weights-too-long", staged("prune", "--set", "study=test-bad-kmeans", "--set", f"kmeans.weights={LONG_NAME}.th",
+                                           study=KMEANS, data_dir=lambda c: str(c.cifar)), "holds a name of 259 bytes"),
+    Case("out-name-too-long-process", lambda c: ["report", "--tracking-uri", DEAD, "--out", LONG_NAME], "holds a name of 256 bytes",
+         process=True),
     # --------------------------------------------------------------- the command line itself
     Case("trial-negative", lambda c: ["train", "--tracking-uri", DEAD, "--trial", "-1"], "--trial must be in [0,"),
     Case("trial-huge", lambda c: ["train", "--tracking-uri", DEAD, "--trial", "4294967296"], "--trial must be in [0,"),
@@ -377,6 +548,9 @@ CASES = [
     Case("flag-unknown", lambda c: ["train", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     Case("n-test-negative-flag", evaluate(lambda c: c.checkpoint("ok.pt"), "--n-test", "-5"), "--n-test must be >= 0"),
     Case("evaluate-dataset-unknown", lambda c: ["evaluate", c.checkpoint("ok.pt"), "--dataset", "mnist3d"], "unknown dataset 'mnist3d'"),
+    Case("finetune-model-uri-empty", lambda c: ["finetune", "--tracking-uri", DEAD, "--model-uri", ""], "--model-uri is empty"),
+    Case("finetune-model-uri-blank", lambda c: ["finetune", "--tracking-uri", DEAD, "--model-uri", "  "], "--model-uri is empty"),
+    Case("evaluate-model-empty", evaluate(lambda c: ""), "the model reference is empty"),
     # --------------------------------------------------------------- environment and server
     Case("patience-word", lambda c: ["train"], "PRUNELAB_TRACKING_PATIENCE='soon' is not a number",
          env=(("PRUNELAB_TRACKING_PATIENCE", "soon"),)),
@@ -388,6 +562,43 @@ CASES = [
          "a web server answers there (HTTP 200), but not as an MLflow tracking server"),
     Case("server-never-answers", lambda c: ["train", "--tracking-uri", c.silent_server()], "no answer within 5 s"),
     Case("tracking-uri-scheme", lambda c: ["train", "--tracking-uri", "htp://nowhere"], "cannot use the tracking URI 'htp://nowhere'"),
+    # MLflow's own settings and tracking URIs MLflow would fail on with a traceback, or quietly create
+    Case("mlflow-timeout-word", lambda c: ["train", "--overrides", TINY, "--set", "study=test-bad-env"],
+         "MLFLOW_HTTP_REQUEST_TIMEOUT='abc' is not a whole number", env=(("MLFLOW_HTTP_REQUEST_TIMEOUT", "abc"),)),
+    Case("mlflow-timeout-zero", lambda c: ["train", "--overrides", TINY, "--set", "study=test-bad-env"],
+         "MLFLOW_HTTP_REQUEST_TIMEOUT must be >= 1", env=(("MLFLOW_HTTP_REQUEST_TIMEOUT", "0"),)),
+    Case("mlflow-backoff-word", lambda c: ["train", "--overrides", TINY, "--set", "study=test-bad-env"],
+         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR='abc' is not a whole number", env=(("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "abc"),)),
+    Case("mlflow-jitter-word", lambda c: ["train", "--overrides", TINY, "--set", "study=test-bad-env"],
+         "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER='a bit' is not a number", env=(("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "a bit"),)),
+    Case("mlflow-retries-negative", lambda c: ["train", "--overrides", TINY, "--set", "study=test-bad-env"],
+         "MLFLOW_HTTP_REQUEST_MAX_RETRIES must be in [0, 10], got -1", env=(("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "-1"),)),
+    Case("mlflow-retries-too-many", lambda c: ["train", "--overrides", TINY, "--set", "study=test-bad-env"],
+         "MLFLOW_HTTP_REQUEST_MAX_RETRIES must be in [0, 10], got 99", env=(("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "99"),)),
+    Case("mlflow-run-id-junk", lambda c: ["train", "--overrides", TINY, "--set", "study=test-bad-env"],
+         "MLFLOW_RUN_ID='junk' names no run on", env=(("MLFLOW_RUN_ID", "junk"),)),
+    Case("mlflow-run-id-unknown-process", lambda c: ["train", "--overrides", TINY, "--set", "study=test-bad-env"],
+         f"MLFLOW_RUN_ID='{ZERO_RUN}' names no run on", env=(("MLFLOW_RUN_ID", ZERO_RUN),), process=True),
+    Case("tracking-uri-trailing-space", lambda c: ["train", "--tracking-uri", c.uri + " "], "holds a space or control character"),
+    Case("tracking-uri-env-trailing-space", lambda c: ["train"], "holds a space or control character",
+         env=(("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000 "),)),
+    Case("tracking-uri-bad-port", lambda c: ["train", "--tracking-uri", "http://127.0.0.1:99999"], "Port out of range"),
+    Case("tracking-uri-bad-ipv6", lambda c: ["train", "--tracking-uri", "http://[::1"], "Invalid IPv6 URL"),
+    Case("tracking-uri-no-host", lambda c: ["train", "--tracking-uri", "http://:5000"], "names no host"),
+    Case("tracking-store-folder-absent", lambda c: ["train", "--overrides", TINY, "--tracking-uri",
+                                                    f"sqlite:///{c.path('no-such-folder')}/mlflow.db"],
+         "of the tracking store", absent=lambda c: c.path("no-such-folder")),
+    Case("tracking-store-folder-absent-process", lambda c: ["train", "--overrides", TINY, "--set", "study=test-bad-env"],
+         "of the tracking store", env=(("MLFLOW_TRACKING_URI", "sqlite:///{root}/no-such-folder-env/dir/x.db"),),
+         process=True, absent=lambda c: c.path("no-such-folder-env")),
+    Case("tracking-file-store-folder-absent", lambda c: ["train", "--tracking-uri", f"file://{c.path('no-such-parent')}/mlruns"],
+         "of the tracking store", absent=lambda c: c.path("no-such-parent")),
+    Case("presets-folder-is-file", lambda c: ["train", "--tracking-uri", DEAD, "--study", "nope"],
+         "PRUNELAB_CONFIGS=", env=(("PRUNELAB_CONFIGS", str(REPO / "pyproject.toml")),)),
+    Case("presets-folder-absent", lambda c: ["train", "--tracking-uri", DEAD],
+         "is not a folder", env=(("PRUNELAB_CONFIGS", str(REPO / "no-such-presets")),)),
+    Case("presets-folder-is-file-process", lambda c: ["train", "--tracking-uri", DEAD],
+         "PRUNELAB_CONFIGS=", env=(("PRUNELAB_CONFIGS", str(REPO / "pyproject.toml")),), process=True),
     # --------------------------------------------------------------- data folders
     Case("fashion-folder-absent", staged("train", "--set", "study=test-bad-fashion", data_dir=lambda c: str(c.path("absent"))),
          "no FashionMNIST files in"),
@@ -410,6 +621,10 @@ CASES = [
     Case("images-dogs-unreadable-process", imagefolder("dogs-unreadable"), "could be read (2 unreadable): class 'dog'",
          process=True),  # no warning line for each unreadable file before the error
     Case("images-empty-class", imagefolder("empty-class"), "holds no image"),
+    Case("images-warned-then-refused-process", staged("train", "--set", "data.dataset=imagefolder", "--set", "data.image_size=32",
+                                                      "--set", "study=test-bad-images-huge", "--set", "data.val_size=100",
+                                                      data_dir=lambda c: c.images("huge-image")),
+         "data.val_size=100 leaves no training images", process=True),  # PIL's warning, held, is not printed
     Case("images-classes-differ", imagefolder("classes-differ"), "have different class folders"),
     Case("images-none", imagefolder("no-images"), "no images in"),
     Case("images-no-dir", staged("train", "--set", "data.dataset=imagefolder", "--set", "study=test-bad-images"),
@@ -473,6 +688,19 @@ CASES = [
     Case("evil-runs-uri-process", evaluate(lambda c: f"runs:/{c.evil_model()[0]}/evil"), "is a pickle-format MLflow model",
          process=True),
     Case("run-without-model", evaluate(lambda c: c.evil_model()[0]), "logged no final model"),
+    # a check of file names alone can be passed: the data folder must hold model.pt2 and nothing else
+    Case("evil-beside-empty-pt2", evaluate(lambda c: c.evil_model_beside_pt2()), "is a pickle-format MLflow model"),
+    Case("pt2-with-pth-beside", evaluate(lambda c: c.crafted_model("pth-beside-pt2")), "is a pickle-format MLflow model"),
+    Case("pt2-with-pth-beside-process", evaluate(lambda c: c.crafted_model("pth-beside-pt2")), "is a pickle-format MLflow model",
+         process=True),
+    Case("pt2-with-extra-file", evaluate(lambda c: c.crafted_model("extra-file")), "data/ holds model.pt2, notes.txt"),
+    Case("pt2-data-elsewhere", evaluate(lambda c: c.crafted_model("data-elsewhere")), "its model data is in '../data'"),
+    Case("evil-finetune-beside-pt2", lambda c: ["finetune", "--overrides", TINY, "--set", "study=test-bad-evil",
+                                                "--model-uri", c.evil_model_beside_pt2()], "is a pickle-format MLflow model"),
+    Case("lottery-round-not-a-number", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{round-abc}", study=LTH,
+                                              data_dir=lambda c: str(c.cifar)), "round 'abc'"),
+    Case("lottery-round-fraction", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{round-1.5}", study=LTH,
+                                          data_dir=lambda c: str(c.cifar)), "round '1.5'"),
     Case("prune-unknown-run", staged("prune", "--set", "study=test-bad-prune", "--model-uri", ZERO_RUN), "no run 00000000"),
     Case("lottery-round-without-run", staged("prune", "--set", "study=test-bad-lth", study=LTH), "needs --model-uri"),
     Case("lottery-round-of-other-run", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{evil-run}", study=LTH,
@@ -519,6 +747,7 @@ CASES = [
     Case("sync-not-spool", lambda c: ["sync", c.spool("empty")], "is not a spooled run"),
     Case("sync-garbage", lambda c: ["sync", c.spool("garbage")], "cannot be read (JSONDecodeError)"),
     Case("sync-foreign", lambda c: ["sync", c.spool("foreign")], "is not a prunelab spool record"),
+    Case("sync-incomplete", lambda c: ["sync", c.spool("incomplete")], "is not a valid spool record: tracking_uri is 5, not a URI"),
 ]
 
 
@@ -527,8 +756,10 @@ def inputs(tmp_path_factory, tracking_uri, client, fashion_dir, dogs_cats_dir, c
     made = Inputs(tmp_path_factory.mktemp("bad-inputs"), fashion_dir, dogs_cats_dir, cifar_dir, tracking_uri)
     made.spool("empty")
     made.evil_model()  # logged here, so MLflow's warning about pickle is not any row's output
-    made.running = running_runs(client)  # each row compares with the state the previous row left
+    made.evil_model_beside_pt2()
+    sys.path.insert(0, str(made.root))  # where MARKER_MODULE is written: importable, as any installed module is
     yield made
+    sys.path.remove(str(made.root))
     assert not made.marker.exists(), "a bad input ran code it carried"
 
 
@@ -537,10 +768,32 @@ def running_runs(client) -> set[str]:
     return {r.info.run_id for r in client.search_runs(ids, "attributes.status = 'RUNNING'")}
 
 
+def all_runs(client) -> set[str]:
+    from mlflow.entities import ViewType
+
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return {r.info.run_id for r in client.search_runs(ids, run_view_type=ViewType.ALL, max_results=50_000)}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def argv_of(case: Case, inputs: Inputs) -> list[str]:
     argv = case.argv(inputs)
     subs = {"{evil}": lambda: f"runs:/{inputs.evil_model()[0]}/evil", "{evil-run}": lambda: inputs.evil_model()[0],
-            "{junk}": lambda: inputs.text("junk.pt", "this is no checkpoint")}
+            "{junk}": lambda: inputs.text("junk.pt", "this is no checkpoint"),
+            "{round-abc}": lambda: inputs.round_run("abc"), "{round-1.5}": lambda: inputs.round_run("1.5")}
     out = []
     for a in argv:
         for key, value in subs.items():
@@ -557,28 +810,32 @@ def test_bad_input_is_refused_in_one_line(case, inputs, client, tmp_path, monkey
     monkeypatch.chdir(work)  # a report would write reports/<study> here
     monkeypatch.setenv("PRUNELAB_CACHE", str(cache))
     monkeypatch.setenv("PRUNELAB_SPOOL", str(spool))
-    for key, value in case.env:
-        monkeypatch.setenv(key, value)
-    argv = argv_of(case, inputs)
-    if case.process:
-        proc = subprocess.run([sys.executable, "-m", "prunelab", *argv], capture_output=True, text=True, timeout=300,
-                              env={**os.environ}, cwd=work)
-        code, err = proc.returncode, proc.stderr
-    else:
-        code = cli.main(argv)
-        err = capsys.readouterr().err
+    argv = argv_of(case, inputs)  # may log what the row refers to (a model, a run): before the count
+    runs_before, running_before = all_runs(client), running_runs(client)
+    env = {key: value.replace("{root}", str(inputs.root)) for key, value in case.env}
+    with environment(env):  # only while prunelab runs: the counts' own client must not read them
+        if case.process:
+            python_path = os.pathsep.join([str(inputs.root), os.environ.get("PYTHONPATH", "")])
+            proc = subprocess.run([sys.executable, "-m", "prunelab", *argv], capture_output=True, text=True,
+                                  timeout=300, env={**os.environ, "PYTHONPATH": python_path}, cwd=work)
+            code, err = proc.returncode, proc.stderr
+        else:
+            code = cli.main(argv)
+            err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert code != 0
     assert len(lines) == 1 and lines[0].startswith("prunelab: error: "), err[-3000:]
     assert "Traceback" not in err
     assert case.needle in lines[0], lines[0]
-    after = running_runs(client)
-    left, inputs.running = after - inputs.running, after
-    assert left == set(), "a run was left RUNNING"
+    assert len(lines[0]) <= len("prunelab: error: ") + MAX_MESSAGE
+    assert code == 2, f"exit code {code}, not 2"
+    assert all_runs(client) - runs_before == set(), "a run was created"
+    assert running_runs(client) - running_before == set(), "a run was left RUNNING"
     assert not inputs.marker.exists(), "a bad input ran code it carried"
     assert list(work.iterdir()) == [], "something was written to the working folder"
     assert not list(tmp_path.rglob("*.part")), "a half-written file was left"
     assert not spool.exists(), "a run was spooled"
+    if case.absent is not None:
+        assert not case.absent(inputs).exists(), "a refused input created a path"
 
 
 def test_the_table_is_large_enough():

@@ -173,3 +173,30 @@ def test_output_into_a_closed_pipe_stops_quietly(reader):
     assert proc.stderr == "", proc.stderr[-2000:]
     if reader == "head -1":
         assert proc.stdout.startswith("study ") and len(proc.stdout.splitlines()) == 1
+
+
+def test_a_warning_is_held_only_while_the_input_is_checked(tracking_uri, client, dogs_cats_dir, tmp_path):
+    """A library's warning raised while the input is checked (PIL decoding an image over its
+    pixel limit) is not printed before a refusal's one line (tests/test_bad_inputs.py), and is
+    printed once the input is accepted: a run that goes ahead hides nothing."""
+    import shutil
+
+    from PIL import Image
+
+    from conftest import clean_env
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for f in sorted((dogs_cats_dir / split / cls).iterdir())[:3]:
+                shutil.copy(f, tmp_path / "images" / split / cls / f.name)
+    Image.new("L", (10_000, 9_000)).save(tmp_path / "images" / "train" / "cat" / "huge.png")
+    env = {**clean_env(tracking_uri), "PRUNELAB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "prunelab", "train", "--data-dir", str(tmp_path / "images"),
+                           "--overrides", "data.dataset=imagefolder data.image_size=32 train.epochs=1 "
+                                          "study=test-cli-held-warning"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DecompressionBombWarning" in proc.stderr
+    (run,) = client.search_runs([client.get_experiment_by_name("test-cli-held-warning").experiment_id])
+    assert run.info.status == "FINISHED"

@@ -35,8 +35,11 @@ def env_for(uri: str, tmp_path: Path) -> dict[str, str]:
 
 
 def prunelab(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    # SIGINT as from a terminal: a shell starts background jobs (a test run among them) with
+    # SIGINT ignored, which a child inherits, and Python then never raises KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "prunelab", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def runs_of(client: MlflowClient, experiment: str) -> list:
@@ -57,8 +60,10 @@ def wait_for_epoch(client: MlflowClient, experiment: str, proc: subprocess.Popen
     raise AssertionError(f"no epoch {epoch} of {experiment} within {timeout} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["SIGTERM", "SIGHUP", "SIGINT"])
 def test_a_signal_ends_the_stage_failed(sig, tracking_uri, client, fashion_dir, tmp_path):
+    """kill, a closed terminal and Ctrl-C mid-training: exit 128 + the signal (143, 129, 130),
+    one line, and the run FAILED on the server."""
     study = f"test-fault-{sig.name.lower()}"
     proc = prunelab("train", "--overrides", f"data.n_train=2000 data.n_test=200 train.epochs=500 study={study}",
                     env=env_for(tracking_uri, tmp_path))
@@ -66,7 +71,8 @@ def test_a_signal_ends_the_stage_failed(sig, tracking_uri, client, fashion_dir, 
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig
-    assert err.strip().splitlines() == [f"prunelab: error: stopped by {sig.name}; any run in progress was marked FAILED"]
+    said = ("prunelab: interrupted" if sig == signal.SIGINT else f"prunelab: error: stopped by {sig.name}")
+    assert err.strip().splitlines() == [f"{said}; any run in progress was marked FAILED"]
     assert client.get_run(run.info.run_id).info.status == "FAILED"
 
 

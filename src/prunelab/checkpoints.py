@@ -17,7 +17,7 @@ from torch import nn
 
 from prunelab import models
 from prunelab.errors import ModelError
-from prunelab.files import atomic_path
+from prunelab.files import atomic_path, checked_path
 
 FORMAT = "prunelab-checkpoint-v1"
 
@@ -37,7 +37,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
 
 def read(path: str | Path, hint: str = "save a state dict with torch.save(model.state_dict(), path)"):
     """The payload of a weights file, loaded with weights_only=True (no code runs)."""
-    path = Path(path)
+    path = checked_path(path, "weights file")
     if not path.is_file():
         raise ModelError(f"no weights file at {path}: check the path")
     try:

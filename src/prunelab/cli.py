@@ -1,7 +1,9 @@
 """`prunelab train|prune|finetune|report|run|evaluate|sync|settings`.
 
 Errors the user can fix print as one line and exit 2; `--debug` shows the
-traceback instead. SIGTERM and SIGHUP stop the command like Ctrl-C does: the
+traceback instead. A library's warnings raised while the input is still being
+checked are held until the first run starts, so a refused input prints its one
+line alone. SIGTERM and SIGHUP stop the command like Ctrl-C does: the
 run in progress ends FAILED and the exit code is 128 + the signal number.
 """
 
@@ -15,12 +17,11 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Iterator
 
 from prunelab import files, paths, studies
-from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range
-from prunelab.errors import NothingToDraw, PrunelabError, Stopped
+from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range, preset_file
+from prunelab.errors import ConfigError, HeldWarnings, NothingToDraw, PrunelabError, Stopped, one_line
 from prunelab.models import is_registered
 from prunelab.pipeline.kubernetes import kubernetes_backend
 from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
@@ -86,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("prune", help="prune a trained model (trains one when --model-uri is not given)")
     _common(p)
-    p.add_argument("--model-uri", default="", help="run id, model URI (runs:/…, models:/…) or weights file")
+    p.add_argument("--model-uri", default="", help="run id, model URI (runs:/…, models:/…) or weights file "
+                   "(empty: train one, as MLproject's prune passes it when model_uri is not given)")
     p = sub.add_parser("finetune", help="fine-tune a (pruned) model")
     _common(p)
     p.add_argument("--model-uri", required=True, help="run id, model URI or weights file")
@@ -125,7 +127,7 @@ def _from_here(args) -> None:
     command was typed in; the steps of a study may run elsewhere (a `mlflow run` process
     runs in the project's folder), so those paths travel absolute (--out too, below).
     URIs stay as they are."""
-    if Path(args.study).suffix in (".yaml", ".yml") and Path(args.study).is_file():
+    if preset_file(args.study) is not None:  # checked: an existing .yaml file, or a plain preset name
         args.study = os.path.abspath(args.study)
     # On a cluster, a data folder is one inside the step's container, as typed.
     if args.data_dir and not paths.is_uri(args.data_dir) and getattr(args, "backend", "local") == "local":
@@ -151,6 +153,10 @@ def dispatch(args) -> int:
         return _sync(args)
     if args.command == "report":
         return _report(args)
+    model_uri = getattr(args, "model_uri", None) or None  # prune: empty is "train one"
+    if args.command == "finetune" and not (model_uri or "").strip():
+        raise ConfigError("--model-uri is empty: pass the run id, model URI (runs:/…, models:/…) or weights file "
+                          "of the model to fine-tune")
     cfg = _config(args)
     if hasattr(args, "trial"):
         # Every seed a stage derives from seed + trial must stay a valid seed.
@@ -167,7 +173,7 @@ def dispatch(args) -> int:
         run_study(StudyArgs(args.study, " ".join(_overrides(args)), args.data_dir, args.out, args.steps), cfg, cluster)
         return 0
     # What each entry point means depends on the study's kind.
-    run_id = studies.get(cfg.kind).run(args.command, cfg, args.trial, getattr(args, "model_uri", None) or None)
+    run_id = studies.get(cfg.kind).run(args.command, cfg, args.trial, model_uri)
     print(f"prunelab: {args.command} run {run_id} finished", flush=True)
     return 0
 
@@ -218,7 +224,7 @@ def _cluster(args) -> dict | None:
         if args.backend_config:
             raise PrunelabError("--backend-config is read only with --backend kubernetes")
         return None
-    if Path(args.study).is_file():
+    if preset_file(args.study) is not None:
         raise PrunelabError(f"--backend kubernetes: the Jobs cannot read the preset file {args.study} on this machine: "
                             "use a preset shipped with prunelab (prunelab settings lists the keys) and --overrides")
     return kubernetes_backend(args.backend_config, args.tracking_uri or connection.tracking_uri())
@@ -253,7 +259,7 @@ def _evaluate(args) -> int:
     check_range("--n-test", args.n_test, 0, hint="the number of test images to score, 0 for all")
     cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, n_test=args.n_test)
     cfg.validate("data")
-    if not Path(args.model).is_file():
+    if logged_models.weights_file(args.model) is None:  # a run id or model URI: the server holds it
         connection.connect(args.tracking_uri)
     model = logged_models.load_model(args.model, args.model_name)
     dataset = read_data(cfg)
@@ -296,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+    with HeldWarnings() as held:  # a library's warnings before a refusal: the refusal's one line alone
+        return _run(argv, debug, held)
+
+
+def _run(argv: list[str] | None, debug: bool, held: HeldWarnings) -> int:
     try:
         with signals_stop():
             code = dispatch(parser().parse_args(argv))
@@ -311,20 +322,24 @@ def main(argv: list[str] | None = None) -> int:
     except PrunelabError as exc:
         if debug:
             raise
-        print(f"prunelab: error: {exc}", file=sys.stderr)
+        held.drop()
+        print(f"prunelab: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        held.release()  # not a refusal: what was held comes before the last line
         print("prunelab: interrupted; any run in progress was marked FAILED", file=sys.stderr)
         return 130
     except Stopped as exc:
+        held.release()
         print(f"prunelab: error: stopped by {exc.name}; any run in progress was marked FAILED", file=sys.stderr)
         return 128 + exc.signum
     except Exception as exc:
+        held.release()
         # A tracking server that went away mid-command is the user's to fix, not a bug.
         gone = None if debug else connection.outage(exc)
         if gone is None:
             raise
-        print(f"prunelab: error: {gone}", file=sys.stderr)
+        print(f"prunelab: error: {one_line(str(gone))}", file=sys.stderr)
         return 2
 
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from prunelab import hardware
-from prunelab.errors import ConfigError
+from prunelab import files, hardware, paths
+from prunelab.errors import ConfigError, one_line, shown
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -40,6 +40,12 @@ MAX_IMAGE_SIZE = 4096  # a side beyond this is a typo: one 3 x 4096 x 4096 image
 # letters, digits, '.', '_' and '-', starting with a letter or digit, so it can never
 # name a path outside reports/ (no '/', no '..' alone, nothing hidden).
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+PRESET_SUFFIXES = (".yaml", ".yml")  # a --study ending so is a file; anything else names a preset
+# Settings are text a person types: a preset is a few dozen lines (the shipped ones are 1-3 KB),
+# a value at most a path (PATH_MAX). Anything larger is a mistake, or an attack on memory.
+MAX_PRESET_BYTES = 64 * 1024
+MAX_VALUE_BYTES = 4096
+MAX_NESTING = 8  # a preset is sections of values and lists: deeper is not settings (and YAML's composer recurses)
 
 
 def setting(text: str, default: Any) -> Any:
@@ -86,6 +92,8 @@ class DataConfig:
     image_size: int = setting("resize images to this side length when the data set allows (0: native)", 0)
 
     def validate(self, where: str = "data") -> None:
+        if self.data_dir and not paths.is_uri(self.data_dir):
+            files.checked_path(self.data_dir, f"{where}.data_dir")  # a name no file system takes is one line
         for name in ("n_train", "n_test", "val_size"):
             check_range(f"{where}.{name}", getattr(self, name), 0)
         check_range(f"{where}.image_size", self.image_size, 0, MAX_IMAGE_SIZE,
@@ -196,9 +204,15 @@ def _section_class(f: dataclasses.Field) -> type | None:
 def presets_dir() -> Traversable:
     """Where the study presets live: package data (prunelab/presets, read through
     importlib.resources, so an installed prunelab finds them from any folder), or
-    $PRUNELAB_CONFIGS when set."""
+    $PRUNELAB_CONFIGS when set (checked to be a folder)."""
     env = os.environ.get("PRUNELAB_CONFIGS")
-    return Path(env) if env else importlib.resources.files("prunelab") / "presets"
+    if not env:
+        return importlib.resources.files("prunelab") / "presets"
+    folder = files.checked_path(env, "PRUNELAB_CONFIGS")
+    if not folder.is_dir():
+        raise ConfigError(f"PRUNELAB_CONFIGS={shown(env)} is not a folder: point it at a folder of preset .yaml "
+                          "files, or unset it for the presets shipped with prunelab")
+    return folder
 
 
 def available_studies() -> list[str]:
@@ -214,8 +228,10 @@ def raw_settings(study: str, overrides: list[str] | str | None) -> dict:
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=3)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+            raise ConfigError(f"override {shown(item)} is not KEY=VALUE (e.g. train.epochs=3)")
+        key = key.strip()
+        _set_dotted(raw, key, parse_settings(value, f"override {shown(key, 60)}", MAX_VALUE_BYTES)
+                    if value.strip() else "")
     return raw
 
 
@@ -229,32 +245,116 @@ def build(raw: dict, sections: dict[str, type]) -> StudyConfig:
     return from_dict(raw, for_kind(kind, tuple(sections.items())), kind=kind).validate()
 
 
+def preset_file(study: str) -> Path | None:
+    """The preset file a --study names (an existing .yaml/.yml file, relative to the working
+    folder), or None when it names a shipped preset. A name is a plain name: one that is a
+    path (`../x`, `a/b`) could only reach outside the presets folder, so it is refused."""
+    if study.endswith(PRESET_SUFFIXES):
+        path = files.checked_path(study, "--study")
+        if not path.is_file():
+            raise ConfigError(f"no preset file {shown(study)}: check the path (a study named without "
+                              f"{' or '.join(PRESET_SUFFIXES)} is one of the shipped presets)")
+        return path
+    if not STUDY_NAME.fullmatch(study):
+        raise ConfigError(f"study {shown(study)} is neither a preset name (letters, digits, '.', '_' or '-') nor a "
+                          f"{' or '.join(PRESET_SUFFIXES)} file: pass a preset's name or the path of a preset file")
+    return None
+
+
 def read_preset(study: str) -> dict:
     """The settings of a preset file (a path, relative to the working folder) or of a shipped preset."""
-    path = Path(study)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        source, read = path, path.read_text
+    path = preset_file(study)
+    if path is not None:
+        source, preset = str(path), path
     else:
-        shipped = presets_dir() / f"{study}.yaml"
-        if not shipped.is_file():
+        preset = presets_dir() / f"{study}.yaml"
+        if not preset.is_file():
             raise ConfigError(f"unknown study {study!r}: choose one of {', '.join(available_studies())} or pass a YAML file")
-        source, read = f"{study}.yaml", shipped.read_text
+        source = f"{study}.yaml"
     try:
-        raw = yaml.safe_load(read()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"preset {source} is not valid YAML: {exc}".splitlines()[0]) from None
-    if not isinstance(raw, dict):
+        with preset.open("rb") as f:
+            text = f.read(MAX_PRESET_BYTES + 1)  # never more than the limit into memory
+    except OSError as exc:
+        raise ConfigError(f"preset {source} cannot be read ({exc.strerror or type(exc).__name__}): check the file") from None
+    raw = parse_settings(text, f"preset {source}", MAX_PRESET_BYTES)
+    if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"preset {source} is not a mapping of settings (study: ..., data: {{...}}): check the file")
+    if raw is None or not any(True for _ in _leaves(raw)):  # all defaults is not what a preset file is for
+        raise ConfigError(f"preset {source} sets nothing (it is empty, or its sections are): write the settings "
+                          "it stands for (`prunelab settings` lists them), or name a shipped preset")
     return raw
+
+
+def _leaves(raw: dict):
+    for value in raw.values():
+        if isinstance(value, dict):
+            yield from _leaves(value)
+        elif value is not None:
+            yield value
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """YAML's safe loader, less what settings never need and an attacker would use:
+    anchors and aliases (a few hundred bytes of nested aliases expand to gigabytes)
+    and nesting deeper than MAX_NESTING (the composer recurses once per level)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if event.anchor is not None:  # `&name` on a node, or a `*name` alias
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed in "
+                                              "settings: write the value out", event.start_mark)
+        self.depth = getattr(self, "depth", 0) + 1
+        try:
+            if self.depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def parse_settings(text: str | bytes, source: str, limit: int) -> Any:
+    """The value of a preset's text or of one override's value: at most `limit` bytes,
+    UTF-8, one YAML document, no anchors or aliases; any problem is one line naming `source`."""
+    size = len(text.encode("utf-8", "replace") if isinstance(text, str) else text)
+    if size > limit:
+        raise ConfigError(f"{source} is larger than {limit} bytes: settings are a few lines of text; check it")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    loader = None
+    try:
+        loader = _SettingsLoader(text)  # refuses control characters already
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(exc)}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What YAML found wrong and where, in one short line (its own message spans several)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 160)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return one_line(f"{context + ', ' if context else ''}{problem}{where}", 200)
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section in the preset (`data:`)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            raise ConfigError(f"override {shown(key)}: {shown(part)} is not a section")
     node[parts[-1]] = value
 
 
@@ -262,24 +362,28 @@ def from_dict(raw: dict, cls: type, prefix: str = "", kind: str = "") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"section {prefix.rstrip('.') or 'top level'} must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted((k for k in raw if k not in fields), key=str)  # YAML keys need not be text
     if unknown:
         whose = f" for a {kind} study" if kind else ""
         raise ConfigError(
-            f"unknown setting {prefix}{unknown[0]}{whose}: valid ones are {', '.join(prefix + n for n in fields)}"
+            f"unknown setting {prefix}{one_line(str(unknown[0]), 60)}{whose}: valid ones are {', '.join(prefix + n for n in fields)}"
         )
     kwargs = {}
     for name, value in raw.items():
         nested = _section_class(fields[name])
         if nested is not None:
-            kwargs[name] = from_dict(value or {}, nested, f"{prefix}{name}.", kind)
+            kwargs[name] = from_dict({} if value is None else value, nested, f"{prefix}{name}.", kind)
         else:
-            kwargs[name] = _coerce(value, fields[name], f"{prefix}{name}")
+            default = fields[name].default if fields[name].default is not dataclasses.MISSING else None
+            kwargs[name] = _typed(value, default, f"{prefix}{name}")
     return cls(**kwargs)
 
 
-def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
-    default = f.default if f.default is not dataclasses.MISSING else None
+def _typed(value: Any, default: Any, key: str) -> Any:
+    """`value` as the type of the setting's default, or a one-line error. A bool is never
+    a number (YAML reads yes/no/on/off as booleans), a number written without a dot
+    (1e-3, which YAML 1.1 reads as text) is a float, and a list is checked element
+    by element against the default's elements."""
     kind = type(default)
     if kind is bool:
         if isinstance(value, bool):
@@ -290,8 +394,25 @@ def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif kind is str:
-        return "" if value is None else str(value)
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be text, got {value!r}: YAML reads yes/no/on/off/true/false as "
+                              f"booleans, so put the word in quotes ({key}='...')")
+    elif kind is tuple:
+        if isinstance(value, (list, tuple)):
+            element = default[0] if default else ""
+            return type(value)(_typed(v, element, f"{key}[{i}]") for i, v in enumerate(value))
+        raise ConfigError(f"{key} must be a list (e.g. {key}=[{', '.join(map(str, default[:2])) or 'a, b'}]), got {shown(value)}")
     else:
         return value
-    raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise ConfigError(f"{key} must be {article} {kind.__name__}, got {shown(value)}")

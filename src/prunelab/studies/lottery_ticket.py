@@ -39,7 +39,7 @@ from prunelab.tracking import query
 from prunelab.tracking.run import Run
 from prunelab.config import StudyConfig, check_range, setting
 from prunelab.data.base import ImageData
-from prunelab.errors import ConfigError, ModelError
+from prunelab.errors import ConfigError, ModelError, shown
 from prunelab.models import base
 from prunelab.pruning import masks
 from prunelab.studies import common
@@ -187,16 +187,26 @@ def _read_round(cfg: StudyConfig, run_ref: str, tmp: Path, device: torch.device
     """(round, trained model, mask, model holding the weights to rewind to) of a ticket run, on `device`."""
     source = query.get_run(run_ref)
     tags = source.data.tags
-    if tags.get(paths.TAG_STAGE) not in (STAGE_TICKET_ROUND_0, STAGE_TICKET) or "round" not in source.data.params:
-        raise ModelError(f"run {run_ref} is not a lottery-ticket round (stage {tags.get(paths.TAG_STAGE, '?')}): "
-                         "pass the run id of a train (round 0) or prune round of this study")
-    k = int(source.data.params["round"])
+    k = _round_of(source)
+    if tags.get(paths.TAG_STAGE) not in (STAGE_TICKET_ROUND_0, STAGE_TICKET) or k is None:
+        raise ModelError(f"run {run_ref} is not a lottery-ticket round (stage {tags.get(paths.TAG_STAGE, '?')}, "
+                         f"round {shown(source.data.params.get('round', '?'))}): pass the run id of a train "
+                         "(round 0) or prune round of this study")
     trained = checkpoints.load(query.download(run_ref, paths.CHECKPOINT, tmp), cfg.model).to(device)
     start = checkpoints.load(query.download(run_ref, paths.REWIND_WEIGHTS, tmp), cfg.model).to(device)
     saved = torch.load(query.download(run_ref, paths.MASK, tmp), map_location=device, weights_only=True)
     mask = masks.Mask(saved)
     mask.check_fits(trained)
     return k, trained, mask, start
+
+
+def _count(text: str) -> int | None:
+    """A round or trial number as a run records it (a param or tag: text), or None for anything else."""
+    return int(text) if text.isdecimal() and text.isascii() and len(text) < 10 else None
+
+
+def _round_of(run) -> int | None:
+    return _count(run.data.params.get("round", ""))
 
 
 def next_round(cfg: StudyConfig, trial: int, model_ref: str | None) -> str:
@@ -248,8 +258,9 @@ def round_runs(cfg: StudyConfig, stages: tuple[str, ...]) -> dict[int, dict[int,
     for stage in stages:
         for r in reporting.find_study_runs(cfg, f"tags.{paths.TAG_STAGE} = '{stage}'"):
             # newest first, so setdefault keeps the newest
-            if "round" in r.data.params:
-                k, trial = int(r.data.params["round"]), int(r.data.tags.get(paths.TAG_TRIAL, -1))
+            trial_tag = r.data.tags.get(paths.TAG_TRIAL)
+            k, trial = _round_of(r), -1 if trial_tag is None else _count(trial_tag)
+            if k is not None and trial is not None:  # a run whose round or trial is not a number is no point
                 out.setdefault(k, {}).setdefault(trial, r)
     return dict(sorted(out.items()))
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.parse
 from typing import Any, Iterator
 
+from prunelab import files
 from prunelab.config import check_range
-from prunelab.errors import ConfigError, TrackingError, first_line
+from prunelab.errors import ConfigError, TrackingError, first_line, shown
 from prunelab.server import probe
 
 DEFAULT_URI = "http://127.0.0.1:5000"
@@ -51,6 +53,64 @@ def retry_settings(seconds: float) -> dict[str, str]:
             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
 
 
+# MLflow's own HTTP settings, read at every request: (type, lowest, highest or the variable
+# holding MLflow's limit and its default, what it is). MLflow fails with a traceback on a value
+# it cannot convert, and refuses a negative count only inside the first call.
+MLFLOW_HTTP_SETTINGS: dict[str, tuple[type, float, float | tuple[str, int] | None, str]] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": (int, 0, ("_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT", 10), "retries of a failed request"),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": (int, 0, ("_MLFLOW_HTTP_REQUEST_MAX_BACKOFF_FACTOR_LIMIT", 120),
+                                           "seconds of backoff between retries"),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": (float, 0, None, "seconds of random jitter added to a backoff"),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": (int, 1, None, "seconds a request waits for an answer"),
+}
+
+
+def check_mlflow_settings() -> None:
+    """One line for an MLflow HTTP setting in the environment that MLflow could not use."""
+    for name, (kind, low, high, what) in MLFLOW_HTTP_SETTINGS.items():
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        try:
+            value = kind(raw)
+        except ValueError:
+            number = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{name}={shown(raw)} is not {number} ({what}): set it to one, or unset it") from None
+        if isinstance(high, tuple):
+            limit = os.environ.get(high[0], "")
+            high = int(limit) if limit.strip().isdigit() else high[1]
+        check_range(name, value, low, high, hint=f"MLflow's {what}: set it in range, or unset it")
+
+
+def checked_uri(uri: str) -> str:
+    """`uri`, or a one-line error for a tracking URI MLflow would fail on with a traceback,
+    or a local store MLflow would quietly create in a folder that is not there."""
+    if uri != uri.strip() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in uri):
+        raise TrackingError(f"the tracking URI {shown(uri)} holds a space or control character: check "
+                            "--tracking-uri or MLFLOW_TRACKING_URI")
+    try:
+        parsed = urllib.parse.urlparse(uri)
+        parsed.port  # noqa: B018  (raises on a port that is not one)
+    except ValueError as exc:
+        raise TrackingError(f"the tracking URI {shown(uri)} is not a URI ({exc}): use http://host:port") from None
+    if parsed.scheme in ("http", "https"):
+        if not parsed.hostname:
+            raise TrackingError(f"the tracking URI {shown(uri)} names no host: use http://host:port")
+        return uri
+    if parsed.scheme == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db; sqlite:// is in memory
+        database = uri[len("sqlite:///"):].partition("?")[0] if uri.startswith("sqlite:///") else ""
+        folder = files.checked_path(database, "the tracking store's database").parent if database else None
+    elif parsed.scheme in ("", "file"):  # a folder MLflow keeps runs in (it creates the last one)
+        folder = files.checked_path(parsed.path if parsed.scheme else uri, "the tracking store's folder").parent
+    else:
+        return uri
+    if folder is not None and not folder.is_dir():
+        raise TrackingError(f"the folder {shown(str(folder))} of the tracking store {shown(uri)} does not exist "
+                            f"(MLflow would create it, and ./mlruns beside it): create it first, or point "
+                            f"--tracking-uri at a running server")
+    return uri
+
+
 def forbid_pickle() -> None:
     """MLflow's own guard: no model it loads may be unpickled (pt2 archives are checked to be pickle-free)."""
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
@@ -59,9 +119,10 @@ def forbid_pickle() -> None:
 def connect(uri: str | None = None, timeout: float = 5.0) -> str:
     """Point MLflow at `uri` and make sure an MLflow tracking server answers there
     (fails within `timeout` s); bound MLflow's retries unless the user set them."""
-    uri = uri or tracking_uri()
+    uri = checked_uri(uri or tracking_uri())
     for key, value in retry_settings(patience()).items():
         os.environ.setdefault(key, value)  # the user's own MLflow settings win
+    check_mlflow_settings()
     forbid_pickle()
     if uri.startswith(("http://", "https://")):
         problem = probe.probe(uri, timeout)  # before importing mlflow: the answer comes within `timeout`
@@ -77,8 +138,18 @@ def connect(uri: str | None = None, timeout: float = 5.0) -> str:
             client().search_experiments(max_results=1)
         except Exception as exc:
             mlflow.set_tracking_uri(previous)  # as it was: a refused URI leaves nothing behind
-            raise TrackingError(f"cannot use the tracking URI {uri!r}: {first_line(exc)[:160]}; pass an "
+            raise TrackingError(f"cannot use the tracking URI {shown(uri)}: {first_line(exc)[:160]}; pass an "
                                 "http://host:port of an MLflow server (or a file:/sqlite: store)") from None
+    resumed = os.environ.get("MLFLOW_RUN_ID")
+    if resumed:  # `mlflow run` hands its step the run to resume; any other value fails the first run start
+        try:
+            client().get_run(resumed)
+        except Exception as exc:
+            if not is_mlflow_error(exc):
+                raise
+            mlflow.set_tracking_uri(previous)
+            raise TrackingError(f"MLFLOW_RUN_ID={shown(resumed)} names no run on {uri}: unset it (`mlflow run` "
+                                "sets it for the step it starts)") from None
     os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow.run) inherit it
     _connected[:] = [uri]
     return uri

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunelab import checkpoints, export, paths
-from prunelab.errors import ModelError, PrunelabError, TrackingError, first_line
+from prunelab import checkpoints, export, files, paths
+from prunelab.errors import ModelError, PrunelabError, TrackingError, first_line, one_line, shown
 from prunelab.tracking.connection import client, forbid_pickle, is_mlflow_error, outage, server_gone, \
     tracking_uri
 from prunelab.tracking.query import download, experiment_of, get_run, is_run_id
@@ -18,7 +18,9 @@ from prunelab.tracking.query import download, experiment_of, get_run, is_run_id
 # Pinned so a logged model reinstalls the versions that trained it; listing them
 # also spares MLflow from inferring requirements (slow) at every log_model.
 MODEL_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
-PT2_FILE = "model.pt2"  # what mlflow.pytorch writes for serialization_format='pt2'
+PT2_FILE = "model.pt2"  # what mlflow.pytorch writes for serialization_format='pt2', alone in its data folder
+PT2_DATA = "data"       # that folder (the flavour's model_data); pickle models write model.pth and
+                        # pickle_module_info.txt there instead
 TAG_WEIGHTS_ONLY = "prunelab.weights_only"  # a logged model holding only checkpoint.pt (no pt2)
 
 
@@ -178,12 +180,13 @@ def load_model(ref: str, model_name: str | None = None):
     weights-only checkpoint. Any other URI must be an MLflow PyTorch model in
     the traced pt2 format: its MLmodel and file list are read first, and a
     pickle-format model is refused before a byte of it is loaded."""
-    if Path(ref).suffix in (".pt", ".pth", ".th", ".tar") or Path(ref).is_file():
-        return checkpoints.load(ref, model_name)
-    if is_run_id(ref):
-        return _load_run_checkpoint(ref)
+    path = weights_file(ref)
+    if path is not None:
+        return checkpoints.load(path, model_name)
     if not ref.startswith(("runs:/", "models:/")):
-        raise ModelError(f"{ref!r} is neither a weights file, a run id nor a model URI (runs:/... or models:/...)")
+        if is_run_id(ref):
+            return _load_run_checkpoint(ref)
+        raise ModelError(f"{shown(ref)} is neither a weights file, a run id nor a model URI (runs:/... or models:/...)")
     forbid_pickle()
     run_id = _final_model_run(ref)
     if run_id:
@@ -212,6 +215,17 @@ def _weights_only_model(ref: str) -> str | None:
     return logged.artifact_location if logged.tags.get(TAG_WEIGHTS_ONLY) == "true" else None
 
 
+def weights_file(ref: str) -> Path | None:
+    """The weights file a model reference names (a checkpoint's suffix, or an existing
+    file), checked to be a path; None for a run id or a model URI."""
+    if not ref.strip():
+        raise ModelError("the model reference is empty: pass a weights file, a run id or a model URI")
+    if ref.startswith(("runs:/", "models:/")):
+        return None
+    path = files.checked_path(ref, "model")  # a name no file system takes is one line, not an OSError
+    return path if path.suffix in (".pt", ".pth", ".th", ".tar") or path.is_file() else None
+
+
 def _final_model_run(ref: str) -> str | None:
     """The run whose final model `ref` is, when it has a weights-only checkpoint of it."""
     if ref.startswith("runs:/"):
@@ -237,8 +251,38 @@ def _model_error(ref: str, exc: Exception) -> PrunelabError:
     return outage(exc) or ModelError(f"cannot load model {ref} from {tracking_uri()}: {first_line(exc)[:160]}")
 
 
+def _pt2_problem(flavour: Any, data: Any, names: set[str]) -> str | None:
+    """Why a model whose MLmodel has the pytorch flavour `flavour`, and whose data folder
+    `data` holds `names`, is not a pt2 model as MLflow writes one; None when it is.
+
+    MLflow's MLmodel does not say which format a PyTorch model was saved in (its
+    flavour is {code, model_data, pytorch_version} either way); its loader decides
+    by the files: a `model.pth` means pickle, and it then imports the module that
+    `pickle_module_info.txt` names before anything refuses the pickle. So the data
+    folder must hold `model.pt2` and nothing else, and the flavour must carry no
+    code and name MLflow's own data folder."""
+    if not isinstance(flavour, dict):
+        return "it is not a PyTorch MLflow model"
+    if flavour.get("code"):
+        return f"it carries code ({shown(flavour['code'])}) that loading it would import"
+    if data != PT2_DATA:
+        return f"its model data is in {shown(data)}, not the {PT2_DATA}/ folder MLflow writes"
+    if names != {PT2_FILE}:
+        found = ", ".join(sorted(names)) or "nothing"
+        return f"it is a pickle-format MLflow model, or not one MLflow wrote ({PT2_DATA}/ holds {one_line(found, 160)})"
+    return None
+
+
+def _pt2_refused(ref: str, problem: str) -> ModelError:
+    return ModelError(f"{ref} is refused: {problem}, and unpickling or importing what it carries could run any code: "
+                      "prunelab loads only pt2 models (a data folder of model.pt2 alone) and weights-only checkpoints "
+                      "(log it with serialization_format='pt2', or pass a checkpoint file)")
+
+
 def _load_pt2(ref: str):
-    """An MLflow PyTorch model in the pt2 format, checked before anything of it is read."""
+    """An MLflow PyTorch model in the pt2 format, checked before anything of it is loaded:
+    its MLmodel and file list on the server (a pickle model is refused before its files are
+    downloaded), then the very files downloaded (what MLflow loads is what was checked)."""
     import mlflow.artifacts
     import mlflow.pytorch
     from mlflow.models import Model
@@ -247,9 +291,12 @@ def _load_pt2(ref: str):
     try:
         meta = Model.load(ref)  # the MLmodel file alone, read as plain YAML
         flavour = meta.flavors.get("pytorch")
-        base = ModelsArtifactRepository.get_underlying_uri(ref) if ref.startswith("models:/") else ref
-        data = str((flavour or {}).get("model_data", "data"))
-        files = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=f"{base.rstrip('/')}/{data}")}
+        data = flavour.get("model_data") if isinstance(flavour, dict) else None
+        names: set[str] = set()
+        if isinstance(data, str) and data == PT2_DATA:
+            base = ModelsArtifactRepository.get_underlying_uri(ref) if ref.startswith("models:/") else ref
+            names = {Path(f.path).name + ("/" if f.is_dir else "")
+                     for f in mlflow.artifacts.list_artifacts(artifact_uri=f"{base.rstrip('/')}/{data}")}
     except Exception as exc:
         if is_mlflow_error(exc) or isinstance(exc, OSError):
             raise _model_error(ref, exc) from None
@@ -257,21 +304,31 @@ def _load_pt2(ref: str):
     if not isinstance(flavour, dict):
         raise ModelError(f"{ref} is not a PyTorch MLflow model (its flavours: {', '.join(meta.flavors) or 'none'}): "
                          "pass a train, prune or finetune run, its model URI or a weights file")
-    if flavour.get("code"):
-        raise ModelError(f"{ref} carries code ({flavour['code']}) that loading it would import: prunelab loads only "
-                         "pt2 models and weights-only checkpoints")
-    if PT2_FILE not in files or ".." in data:
-        found = ", ".join(sorted(files)) or "no model file"
-        raise ModelError(f"{ref} is a pickle-format MLflow model ({data}/: {found}), and unpickling it could run any "
-                         "code it carries: prunelab loads only pt2 models and weights-only checkpoints "
-                         "(log it with serialization_format='pt2', or pass a checkpoint file)")
-    try:
-        # MLflow checks the archive holds no pickled record before it loads (forbid_pickle).
-        return mlflow.pytorch.load_model(ref, map_location="cpu")  # traced, fixed in eval mode
-    except Exception as exc:
-        if is_mlflow_error(exc) or isinstance(exc, OSError):
-            raise _model_error(ref, exc) from None
-        raise
+    problem = _pt2_problem(flavour, data, names)
+    if problem:
+        raise _pt2_refused(ref, problem)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp))
+            # What was listed may have changed since: check the copy MLflow will read.
+            copied = Model.load(str(local)).flavors.get("pytorch")
+            folder = local / PT2_DATA
+            names = {p.name + ("/" if p.is_dir() or p.is_symlink() else "") for p in folder.iterdir()} \
+                if folder.is_dir() and not folder.is_symlink() else set()
+        except Exception as exc:
+            if is_mlflow_error(exc) or isinstance(exc, OSError):
+                raise _model_error(ref, exc) from None
+            raise
+        problem = _pt2_problem(copied, copied.get("model_data") if isinstance(copied, dict) else None, names)
+        if problem:
+            raise _pt2_refused(ref, problem)
+        try:
+            # MLflow checks the archive holds no pickled record before it loads (forbid_pickle).
+            return mlflow.pytorch.load_model(str(local), map_location="cpu")  # traced, fixed in eval mode
+        except Exception as exc:
+            if is_mlflow_error(exc) or isinstance(exc, OSError):
+                raise _model_error(ref, exc) from None
+            raise
 
 
 def _load_run_checkpoint(run_id: str):

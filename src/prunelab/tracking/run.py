@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from prunelab import paths
-from prunelab.errors import ConfigError, TrackingError, first_line
+from prunelab.errors import ConfigError, TrackingError, first_line, input_accepted
 from prunelab.tracking import lineage, models
 from prunelab.tracking.connection import client, one_try, outage, param_text, server_gone, tracking_uri
 from prunelab.tracking.query import experiment_of, get_run
@@ -345,6 +345,7 @@ def start_run(experiment: str, stage: str, tags: dict[str, Any], run_name: str |
             if step_run is None and not os.environ.get("MLFLOW_RUN_ID"):
                 mlflow.set_experiment(experiment)
             active = mlflow.start_run(run_id=step_run, run_name=run_name, nested=mlflow.active_run() is not None)
+            input_accepted()  # the warnings the CLI held while checking the input print now
             _mark_model_training(active.info.experiment_id)
         except Exception as exc:
             raise outage(exc) or exc from None
@@ -368,6 +369,7 @@ def main_run(experiment: str, tags: dict[str, Any], description: str = "") -> It
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="main") as active:
+        input_accepted()
         _mark_model_training(active.info.experiment_id)
         handle = Run(active.info.run_id)
         handle.set_tags({**tags, **process_tags(), **({NOTE: description} if description else {})})
