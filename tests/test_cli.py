@@ -158,7 +158,7 @@ def test_progress_reaches_a_pipe(tracking_uri, fashion_dir):
     lines = proc.stdout.splitlines()
     epochs = [line for line in lines if line.startswith("prunelab: prune-t0: pretrain epoch ")]
     assert [line.split(":")[2].strip() for line in epochs] == ["pretrain epoch 1/2", "pretrain epoch 2/2"], proc.stdout[-2000:]
-    assert all(re.search(r"train loss \d\.\d{4}, test accuracy \d\.\d{4} \(\d+ s\)$", line) for line in epochs), epochs
+    assert all(re.search(r"train loss \d\.\d{4}, val accuracy \d\.\d{4}, test accuracy \d\.\d{4} \(\d+ s\)$", line) for line in epochs), epochs
     rounds = [line for line in lines if line.startswith("prunelab: prune-t0: round ")]
     assert len(rounds) >= 2 and rounds[0].startswith("prunelab: prune-t0: round 0: 100.0% of the params left"), rounds
     assert lines.index(rounds[-1]) < next(i for i, line in enumerate(lines) if line.startswith("prunelab: prune run "))
