@@ -544,7 +544,7 @@ CASES = [
     Case("command-unknown", lambda c: ["frobnicate"], "invalid choice: 'frobnicate'"),
     Case("command-missing", lambda c: [], "the following arguments are required: command"),
     Case("finetune-without-model", lambda c: ["finetune"], "the following arguments are required: --model-uri"),
-    Case("evaluate-without-dataset", lambda c: ["evaluate", "x.pt"], "the following arguments are required: --dataset"),
+    Case("evaluate-without-dataset", lambda c: ["evaluate", "x.pt"], "x.pt names no run that says what data it was made on: pass --dataset"),
     Case("flag-unknown", lambda c: ["train", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     Case("n-test-negative-flag", evaluate(lambda c: c.checkpoint("ok.pt"), "--n-test", "-5"), "--n-test must be >= 0"),
     Case("evaluate-dataset-unknown", lambda c: ["evaluate", c.checkpoint("ok.pt"), "--dataset", "mnist3d"], "unknown dataset 'mnist3d'"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -19,14 +20,14 @@ import sys
 import threading
 from typing import Iterator
 
-from prunelab import files, paths, studies
+from prunelab import config, files, paths, studies
 from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range, preset_file
 from prunelab.errors import ConfigError, HeldWarnings, NothingToDraw, PrunelabError, Stopped, one_line
 from prunelab.models import is_registered
 from prunelab.pipeline.kubernetes import kubernetes_backend
 from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
 from prunelab.studies.common import Flag, check_fits, for_users, read_data
-from prunelab.tracking import connection, models as logged_models, sync
+from prunelab.tracking import connection, models as logged_models, query, sync
 from prunelab.tracking.run import check_handed_run
 from prunelab.tracking.spool import Spool
 from prunelab.train import evaluate
@@ -107,12 +108,17 @@ def parser() -> argparse.ArgumentParser:
                         "(needs --backend-config; the registry and the report still run here)")
     p.add_argument("--backend-config", default=None, metavar="FILE",
                    help="MLflow's Kubernetes backend config (JSON; deploy/kubernetes/backend-config.json)")
-    p = sub.add_parser("evaluate", help="print test loss and accuracy of a model as JSON; logs nothing")
+    p = sub.add_parser("evaluate", help="print test loss and accuracy of a model as JSON; logs nothing. A model a "
+                       "run made is scored on the data settings that run logged (data set, folder, image size, "
+                       "test subset) unless told otherwise")
     p.add_argument("model", help="model URI, run id or weights file")
-    p.add_argument("--dataset", required=True, help="dataset registry name")
-    p.add_argument("--data-dir", default="", help="folder holding the data set")
+    p.add_argument("--dataset", default=None, help="dataset registry name (default: the run's; needed for a weights file)")
+    p.add_argument("--data-dir", default=None, help="folder holding the data set (default: the run's)")
     p.add_argument("--model", dest="model_name", default=None, help="architecture of a weights file without one")
-    p.add_argument("--n-test", type=int, default=0, help="score only the first N test images (0: all)")
+    p.add_argument("--n-test", type=int, default=None, help="score only the first N test images (0: all; default: "
+                   "the run's data.n_test, else all)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="one data setting (repeatable), e.g. data.image_size=32")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server, for run ids and model URIs")
     p = sub.add_parser("sync", help="upload a run kept on disk while the tracking server was gone")
     p.add_argument("folder", help="the folder named by the error that said the server stopped answering")
@@ -255,12 +261,25 @@ def _sync(args) -> int:
     return 0
 
 
+# The data settings a model's run logged that say what its test images were; how it trained
+# (n_train, val_size, augment) does not change how it is scored.
+SCORED_ON = ("dataset", "data_dir", "n_test", "image_size")
+
+
 def _evaluate(args) -> int:
-    check_range("--n-test", args.n_test, 0, hint="the number of test images to score, 0 for all")
-    cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, n_test=args.n_test)
-    cfg.validate("data")
-    if logged_models.weights_file(args.model) is None:  # a run id or model URI: the server holds it
+    if args.n_test is not None:
+        check_range("--n-test", args.n_test, 0, hint="the number of test images to score, 0 for all")
+    weights = logged_models.weights_file(args.model)
+    if weights is None:  # a run id or model URI: the server holds it
         connection.connect(args.tracking_uri)
+    made_with = _made_with(args.model) if weights is None else {}
+    flags = {"dataset": args.dataset, "data_dir": args.data_dir, "n_test": args.n_test}
+    raw = config.apply_overrides({"data": {**made_with, **{k: v for k, v in flags.items() if v is not None}}},
+                                 args.sets)
+    if not raw["data"].get("dataset"):
+        raise ConfigError(f"{args.model} names no run that says what data it was made on: pass --dataset "
+                          "(and --data-dir, --set data.image_size=N as the model needs)")
+    cfg = config.data_settings(raw)
     model = logged_models.load_model(args.model, args.model_name)
     dataset = read_data(cfg)
     if is_registered(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
@@ -270,6 +289,24 @@ def _evaluate(args) -> int:
     result = evaluate(model, dataset.test_x, dataset.test_y, dataset.pixels)
     print(json.dumps({"loss": round(result["loss"], 6), "accuracy": round(result["accuracy"], 6), "n": result["n"]}))
     return 0
+
+
+def _made_with(ref: str) -> dict:
+    """The data settings the run that made `ref` logged (`SCORED_ON`), as settings."""
+    run_id = logged_models.source_run(ref)
+    if run_id is None:
+        return {}
+    params = query.get_run(run_id).data.params
+    fields = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+    out = {}
+    for key in SCORED_ON:
+        if f"data.{key}" in params:
+            try:  # MLflow keeps params as text: each is read back as its setting's type
+                out[key] = type(fields[key])(params[f"data.{key}"])
+            except ValueError:
+                raise ConfigError(f"run {run_id} logged data.{key}={params[f'data.{key}']!r:.60}, which is no "
+                                  f"{type(fields[key]).__name__}: pass --set data.{key}=VALUE") from None
+    return out
 
 
 @contextlib.contextmanager

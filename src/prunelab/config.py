@@ -222,7 +222,11 @@ def available_studies() -> list[str]:
 def raw_settings(study: str, overrides: list[str] | str | None) -> dict:
     """Preset `study` (a preset's name or a YAML path) with the overrides applied, not yet
     checked: the study kind it names says which sections it may have (`build`)."""
-    raw = read_preset(study)
+    return apply_overrides(read_preset(study), overrides)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | str | None) -> dict:
+    """`raw` with each KEY=VALUE of `overrides` set, its value parsed as a setting (not yet checked)."""
     if isinstance(overrides, str):
         overrides = overrides.split()
     for item in overrides or []:
@@ -233,6 +237,18 @@ def raw_settings(study: str, overrides: list[str] | str | None) -> dict:
         _set_dotted(raw, key, parse_settings(value, f"override {shown(key, 60)}", MAX_VALUE_BYTES)
                     if value.strip() else "")
     return raw
+
+
+def data_settings(raw: dict) -> DataConfig:
+    """The checked `data` section of `raw` (settings as `raw_settings` returns them); any
+    other section is refused: a command that reads only data takes only data settings."""
+    others = sorted(set(raw) - {"data"})
+    if others:
+        raise ConfigError(f"only data.* settings apply here, not {others[0]}: valid ones are "
+                          f"{', '.join('data.' + f.name for f in dataclasses.fields(DataConfig))}")
+    cfg = from_dict(raw.get("data") or {}, DataConfig, "data.")
+    cfg.validate("data")
+    return cfg
 
 
 def kind_of(raw: dict) -> str:

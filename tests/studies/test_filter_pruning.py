@@ -119,3 +119,23 @@ def test_fine_tuning_continues_the_training_epoch_axis(study):
     original = next(x for label, x in lines.items() if label.startswith("original"))
     tuned = next(x for label, x in lines.items() if label.startswith("pruned + fine-tuned"))
     assert original == [1, 2] and tuned == [2, 3, 4]
+
+
+def test_evaluate_of_a_run_uses_the_data_it_was_made_with(study, client, capsys):
+    """`prunelab evaluate <run id>` with no data flags scores the run's model on the data
+    settings the run logged (here 500 test images) and prints exactly what the run logged;
+    a flag or --set changes one setting, and a setting of another section is refused."""
+    import json
+
+    from prunelab import cli
+
+    _, ids, _ = study
+    logged = history(client, ids["finetune"], "test_accuracy")[-1][1]
+    for ref in (ids["finetune"], client.get_run(ids["finetune"]).data.tags[paths.TAG_MODEL_URI]):
+        assert cli.main(["evaluate", ref]) == 0
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert printed["n"] == 500 and printed["accuracy"] == pytest.approx(logged, abs=1e-6)
+    assert cli.main(["evaluate", ids["finetune"], "--set", "data.n_test=200"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 200
+    assert cli.main(["evaluate", ids["finetune"], "--set", "train.epochs=3"]) == 2
+    assert "only data.* settings apply here, not train" in capsys.readouterr().err

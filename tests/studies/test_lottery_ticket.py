@@ -177,3 +177,19 @@ def test_the_last_round_is_a_model_for_users(five_trials, client, tracking_uri, 
     result = load_and_score(uri, d.pixels(d.test_x).numpy(), d.test_y.numpy(), clean_env(tracking_uri), tmp_path)
     assert result["pyfunc_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=0.002)
     assert result["torch_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=0.002)
+
+
+@pytest.mark.slow
+def test_evaluate_of_a_round_prints_what_it_logged(five_trials, client, capsys):
+    """`prunelab evaluate <round run id>`, no data flags: the round's ticket on the round's data
+    (the CIFAR subset, its test slice) scores the accuracy the round logged last."""
+    import json
+
+    from prunelab import cli
+
+    _, ids = five_trials
+    r1 = ids[0][1]
+    logged = max(client.get_metric_history(r1, "test_accuracy"), key=lambda m: m.step).value
+    assert cli.main(["evaluate", r1]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["accuracy"] == pytest.approx(logged, abs=1e-6)

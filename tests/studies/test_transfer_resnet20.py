@@ -92,3 +92,19 @@ def test_the_report_names_the_block_convs_and_holds_the_logged_numbers(study, cl
         assert table[name].tolist() == [STAGE_WIDTHS[s - 1], history(prune_id, f"filters_left.{name}")[-1]]
     assert transfer_stages._layer_keys({0: client.get_run(prune_id)})[:4] == [
         "filters_left.layer1.0.conv1", "filters_left.layer1.1.conv1", "filters_left.layer1.2.conv1", "filters_left.layer2.0.conv1"]
+
+
+def test_evaluate_of_the_pruned_run_resizes_as_the_run_did(study, client, capsys):
+    """The run read its images at data.image_size=32; `prunelab evaluate <run id>` on the same
+    folder resizes them the same way unasked and prints what the run logged (read at their
+    own size, they would score near chance). Another size that the model cannot take is one line."""
+    import json
+
+    from prunelab import cli
+
+    cfg, _, prune_id = study
+    assert cfg.data.image_size == 32
+    logged = history(prune_id, "test_accuracy")[-1]
+    assert cli.main(["evaluate", prune_id]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["n"] == 100 and printed["accuracy"] == pytest.approx(logged, abs=1e-6)

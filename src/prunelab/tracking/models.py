@@ -226,6 +226,35 @@ def weights_file(ref: str) -> Path | None:
     return path if path.suffix in (".pt", ".pth", ".th", ".tar") or path.is_file() else None
 
 
+def source_run(ref: str) -> str | None:
+    """The run that made the model `ref` names (a run id, `runs:/<run>/...`, a logged model
+    `models:/m-...`, or a registered `models:/<name>/<version>` or `models:/<name>@<alias>`);
+    None for a weights file, or a model no run made."""
+    if is_run_id(ref):
+        return ref
+    if ref.startswith("runs:/"):
+        run_id = ref.removeprefix("runs:/").partition("/")[0]
+        return run_id if is_run_id(run_id) else None
+    if not ref.startswith("models:/"):
+        return None
+    name = ref.removeprefix("models:/").strip("/")
+    c = client()
+    try:
+        if name.startswith("m-") and "/" not in name:
+            return c.get_logged_model(name).source_run_id or None
+        registered, _, version = name.partition("/")
+        if "@" in registered:
+            registered, _, alias = registered.partition("@")
+            return c.get_model_version_by_alias(registered, alias).run_id or None
+        if not version:
+            return None
+        return c.get_model_version(registered, version).run_id or None
+    except Exception as exc:
+        if not is_mlflow_error(exc) or server_gone(exc):
+            raise
+        return None  # unknown: loading it says so in one line
+
+
 def _final_model_run(ref: str) -> str | None:
     """The run whose final model `ref` is, when it has a weights-only checkpoint of it."""
     if ref.startswith("runs:/"):
