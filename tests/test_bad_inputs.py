@@ -24,7 +24,7 @@ import pytest
 from conftest import start_foreign_server
 import torch
 
-from prunelab import checkpoints, cli, config, files
+from prunelab import checkpoints, cli, config, files, paths
 from prunelab.errors import MAX_MESSAGE
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.server import probe
@@ -279,6 +279,36 @@ class Inputs:
             c.set_terminated(run.info.run_id)
             return run.info.run_id
         return str(self.once(f"round-{round_param}", make))
+
+    def mask_round(self, how: str) -> str:
+        """A finished lottery round 1 of Conv-2 on CIFAR-10 whose trained and rewind weights are
+        real checkpoints and whose mask.pt is not a mask (`how`: a list, junk bytes, ints)."""
+        def make():
+            from mlflow import MlflowClient
+
+            from prunelab import models
+
+            folder = self.path(f"mask-{how}")
+            folder.mkdir()
+            net = models.build("conv2", (3, 32, 32), 10)
+            checkpoints.save(net, folder / paths.CHECKPOINT)
+            checkpoints.save(net, folder / paths.REWIND_WEIGHTS)
+            if how == "junk":
+                (folder / paths.MASK).write_bytes(b"not a mask at all")
+            else:
+                bad = [torch.ones(3)] if how == "list" else {k: torch.ones_like(v, dtype=torch.int64)
+                                                             for k, v in net.named_parameters() if v.dim() > 1}
+                torch.save(bad, folder / paths.MASK)
+            c = MlflowClient(self.uri)
+            experiment = c.get_experiment_by_name("test-bad-inputs-rounds") or \
+                c.get_experiment(c.create_experiment("test-bad-inputs-rounds"))
+            run = c.create_run(experiment.experiment_id, tags={"stage": "prune"})
+            c.log_param(run.info.run_id, "round", "1")
+            for f in folder.iterdir():
+                c.log_artifact(run.info.run_id, str(f))
+            c.set_terminated(run.info.run_id)
+            return run.info.run_id
+        return str(self.once(f"mask-{how}", make))
 
 
 class _EvilModule(torch.nn.Module):
@@ -702,6 +732,12 @@ CASES = [
     Case("lottery-round-fraction", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{round-1.5}", study=LTH,
                                           data_dir=lambda c: str(c.cifar)), "round '1.5'"),
     Case("prune-unknown-run", staged("prune", "--set", "study=test-bad-prune", "--model-uri", ZERO_RUN), "no run 00000000"),
+    Case("lottery-mask-a-list", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{mask-list}", study=LTH,
+                                       data_dir=lambda c: str(c.cifar)), "mask.pt is not a mask"),
+    Case("lottery-mask-junk", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{mask-junk}", study=LTH,
+                                     data_dir=lambda c: str(c.cifar)), "mask.pt is not a weights file (nothing of it was unpickled)"),
+    Case("lottery-mask-of-ints", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{mask-ints}", study=LTH,
+                                        data_dir=lambda c: str(c.cifar)), "is not a bool tensor"),
     Case("lottery-round-without-run", staged("prune", "--set", "study=test-bad-lth", study=LTH), "needs --model-uri"),
     Case("lottery-round-of-other-run", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{evil-run}", study=LTH,
                                               data_dir=lambda c: str(c.cifar)), "is not a lottery-ticket round"),
@@ -709,7 +745,7 @@ CASES = [
     Case("kmeans-weights-absent", staged("prune", "--set", "study=test-bad-kmeans", "--set", "kmeans.weights=/nonexistent/r.th",
                                          study=KMEANS, data_dir=lambda c: str(c.cifar)), "no weights file at /nonexistent/r.th"),
     Case("kmeans-weights-junk", staged("prune", "--set", "study=test-bad-kmeans", "--set", "kmeans.weights={junk}",
-                                       study=KMEANS, data_dir=lambda c: str(c.cifar)), "is not a PyTorch checkpoint"),
+                                       study=KMEANS, data_dir=lambda c: str(c.cifar)), "mask.pt is not a weights file (nothing of it was unpickled)"),
     # --------------------------------------------------------------- pruning that cannot work, refused before pre-training
     Case("filters-per-step-too-many", staged("prune", "--set", "study=test-bad-prune", "--set", "prune.filters_per_step=100"),
          "a step of 100 filters would remove every filter of a layer"),
@@ -793,7 +829,9 @@ def argv_of(case: Case, inputs: Inputs) -> list[str]:
     argv = case.argv(inputs)
     subs = {"{evil}": lambda: f"runs:/{inputs.evil_model()[0]}/evil", "{evil-run}": lambda: inputs.evil_model()[0],
             "{junk}": lambda: inputs.text("junk.pt", "this is no checkpoint"),
-            "{round-abc}": lambda: inputs.round_run("abc"), "{round-1.5}": lambda: inputs.round_run("1.5")}
+            "{round-abc}": lambda: inputs.round_run("abc"),
+            "{mask-list}": lambda: inputs.mask_round("list"), "{mask-junk}": lambda: inputs.mask_round("junk"),
+            "{mask-ints}": lambda: inputs.mask_round("ints"), "{round-1.5}": lambda: inputs.round_run("1.5")}
     out = []
     for a in argv:
         for key, value in subs.items():

@@ -53,6 +53,20 @@ def test_retry_settings_fit_the_patience(patience):
     assert 3 * int(settings["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5 <= patience
 
 
+def test_the_users_own_retry_settings_win(tracking_uri, monkeypatch):
+    """`connect` fills in only the MLflow retry settings the user left unset: one the user set
+    keeps its value, the others get the patience's, and MLflow's client reads them from there."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    ours = connection.retry_settings(connection.patience())
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
+    assert ours["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] != "4"
+    connection.connect(tracking_uri)
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 4  # the user's
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == int(ours["MLFLOW_HTTP_REQUEST_TIMEOUT"])  # ours, where none was set
+
+
 @pytest.mark.parametrize("other_end", ["closed port", pytest.param("silent port", marks=pytest.mark.slow)])
 def test_a_call_to_a_gone_server_gives_up_within_the_patience(other_end, monkeypatch):
     """MLflow's own client, with the settings `connect` gives it, against a port nobody
@@ -75,7 +89,10 @@ def test_a_call_to_a_gone_server_gives_up_within_the_patience(other_end, monkeyp
 
 def test_a_model_uri_never_unpickles(tracking_uri, client):
     """The final model's URIs give the run's weights-only checkpoint (a real SimpleCNN);
-    a round model is read as a pt2 archive that MLflow checked to be pickle-free."""
+    a round model is read as a pt2 archive that MLflow checked to be pickle-free. (That nothing
+    is unpickled is shown where it could be: tests/test_bad_inputs.py's `evil-*` and `pt2-*`
+    rows load models whose unpickling, or whose pickle_module_info.txt import, would create a
+    marker file, and assert that it does not exist.)"""
     connection.connect(tracking_uri)
     torch.manual_seed(0)
     model, example = SimpleCNN(channels=[3, 5]), torch.randn(2, 1, 28, 28)

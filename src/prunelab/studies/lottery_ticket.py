@@ -194,8 +194,17 @@ def _read_round(cfg: StudyConfig, run_ref: str, tmp: Path, device: torch.device
                          "(round 0) or prune round of this study")
     trained = checkpoints.load(query.download(run_ref, paths.CHECKPOINT, tmp), cfg.model).to(device)
     start = checkpoints.load(query.download(run_ref, paths.REWIND_WEIGHTS, tmp), cfg.model).to(device)
-    saved = torch.load(query.download(run_ref, paths.MASK, tmp), map_location=device, weights_only=True)
-    mask = masks.Mask(saved)
+    # Read as any weights file is (nothing unpickled, one line for a file that is not one),
+    # then checked to be a mask of this network.
+    try:
+        saved = checkpoints.read(query.download(run_ref, paths.MASK, tmp))
+    except ModelError:
+        raise ModelError(f"run {run_ref}'s {paths.MASK} is not a weights file (nothing of it was unpickled): pass "
+                         "a lottery round run of this study") from None
+    if not isinstance(saved, dict) or not all(isinstance(k, str) for k in saved):
+        raise ModelError(f"run {run_ref}'s {paths.MASK} is not a mask ({{weight name: bool tensor}}, got "
+                         f"{type(saved).__name__}): pass a lottery round run of this study")
+    mask = masks.Mask({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()})
     mask.check_fits(trained)
     return k, trained, mask, start
 
