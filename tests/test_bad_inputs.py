@@ -473,6 +473,15 @@ CASES = [
     Case("evil-runs-uri-process", evaluate(lambda c: f"runs:/{c.evil_model()[0]}/evil"), "is a pickle-format MLflow model",
          process=True),
     Case("run-without-model", evaluate(lambda c: c.evil_model()[0]), "logged no final model"),
+    # `prunelab serve` checks the model before it becomes MLflow's server: each row runs in a process
+    # of its own, so that a check that let a model through could never replace the test process.
+    Case("serve-evil", lambda c: ["serve", f"runs:/{c.evil_model()[0]}/evil"], "is a pickle-format MLflow model", process=True),
+    Case("serve-unknown", lambda c: ["serve", "models:/no-such-model@champion"],
+         "cannot load model models:/no-such-model@champion", process=True),
+    Case("serve-run-without-model", lambda c: ["serve", c.evil_model()[0]], "logged no final model to serve", process=True),
+    Case("serve-port-taken", lambda c: ["serve", "models:/m-doesnotexist", "--port", c.silent_server().rsplit(":", 1)[1]],
+         "cannot serve on 127.0.0.1:", process=True),
+    Case("serve-port-range", lambda c: ["serve", "models:/m-doesnotexist", "--port", "70000"], "--port", process=True),
     Case("prune-unknown-run", staged("prune", "--set", "study=test-bad-prune", "--model-uri", ZERO_RUN), "no run 00000000"),
     Case("lottery-round-without-run", staged("prune", "--set", "study=test-bad-lth", study=LTH), "needs --model-uri"),
     Case("lottery-round-of-other-run", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{evil-run}", study=LTH,
