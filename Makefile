@@ -12,7 +12,7 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server postgresql run test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans vgg-quick transfer-resnet20
+.PHONY: help install server stop-server postgresql run serve test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans vgg-quick transfer-resnet20
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -48,6 +48,11 @@ postgresql:
 
 run: server ## the default study end to end (STUDY=...), figures in reports/$(STUDY)
 	$(BIN)/mlflow run . -e main -P study=$(STUDY) --env-manager local --experiment-name $(STUDY)
+
+MODEL ?= models:/$(STUDY)@champion
+SERVE_PORT ?= 5001
+serve: install ## serve MODEL (default: the study's champion) over HTTP on 127.0.0.1:$(SERVE_PORT) with MLflow's scoring server
+	$(BIN)/prunelab serve '$(MODEL)' --port $(SERVE_PORT)
 
 test: install postgresql ## the test suite (starts its own server on a free port)
 	$(BIN)/python -m pytest

@@ -731,6 +731,15 @@ CASES = [
                                               data_dir=lambda c: str(c.cifar)), "round 'abc'"),
     Case("lottery-round-fraction", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{round-1.5}", study=LTH,
                                           data_dir=lambda c: str(c.cifar)), "round '1.5'"),
+    # `prunelab serve` checks the model before it becomes MLflow's server: each row runs in a process
+    # of its own, so that a check that let a model through could never replace the test process.
+    Case("serve-evil", lambda c: ["serve", f"runs:/{c.evil_model()[0]}/evil"], "is a pickle-format MLflow model", process=True),
+    Case("serve-unknown", lambda c: ["serve", "models:/no-such-model@champion"],
+         "cannot load model models:/no-such-model@champion", process=True),
+    Case("serve-run-without-model", lambda c: ["serve", c.evil_model()[0]], "logged no final model to serve", process=True),
+    Case("serve-port-taken", lambda c: ["serve", "models:/m-doesnotexist", "--port", c.silent_server().rsplit(":", 1)[1]],
+         "cannot serve on 127.0.0.1:", process=True),
+    Case("serve-port-range", lambda c: ["serve", "models:/m-doesnotexist", "--port", "70000"], "--port", process=True),
     Case("prune-unknown-run", staged("prune", "--set", "study=test-bad-prune", "--model-uri", ZERO_RUN), "no run 00000000"),
     Case("lottery-mask-a-list", staged("prune", "--set", "study=test-bad-lth", "--model-uri", "{mask-list}", study=LTH,
                                        data_dir=lambda c: str(c.cifar)), "mask.pt is not a mask"),

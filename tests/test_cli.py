@@ -193,7 +193,7 @@ def test_a_warning_is_held_only_while_the_input_is_checked(tracking_uri, client,
     Image.new("L", (10_000, 9_000)).save(tmp_path / "images" / "train" / "cat" / "huge.png")
     env = {**clean_env(tracking_uri), "PRUNELAB_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "prunelab", "train", "--data-dir", str(tmp_path / "images"),
-                           "--overrides", "data.dataset=imagefolder data.image_size=32 train.epochs=1 "
+                           "--overrides", "data.dataset=imagefolder data.image_size=32 data.val_size=0 train.epochs=1 "
                                           "study=test-cli-held-warning"],
                           capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

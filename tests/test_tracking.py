@@ -110,7 +110,9 @@ def _raw_fashion_test(n: int, folder) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.slow
 def test_a_fine_tuned_model_works_without_prunelab(tiny_study, client, tracking_uri, fashion_dir, tmp_path):
     """By its URI, in a process where prunelab cannot be imported, on raw pixels in [0, 1]:
-    pyfunc and pytorch flavours both score the accuracy the run logged."""
+    pyfunc and pytorch flavours both score the accuracy the run logged; pyfunc names its
+    logits by the class names."""
+    from mlflow.models import get_model_info
     from conftest import clean_env
 
     finetune = tiny_study["by_stage"][("finetune", 1)]
@@ -119,6 +121,7 @@ def test_a_fine_tuned_model_works_without_prunelab(tiny_study, client, tracking_
     result = load_and_score(uri, pixels, labels, clean_env(tracking_uri), tmp_path)
     logged = last(client, finetune.info.run_id, "test_accuracy")
     assert result["prunelab_modules"] == [] and result["shape"] == [200, 10]
+    assert result["columns"] == get_model_info(uri).metadata["classes"] and "Ankle boot" in result["columns"]
     assert result["pyfunc_accuracy"] == pytest.approx(logged, abs=0.002)
     assert result["torch_accuracy"] == pytest.approx(logged, abs=0.002)
     assert result["max_abs_diff"] < 1e-5
@@ -131,9 +134,11 @@ def test_the_signature_and_metadata_say_what_goes_in(tiny_study, client):
     info = get_model_info(tiny_study["by_stage"][("finetune", 0)].data.tags[paths.TAG_MODEL_URI])
     (spec,) = info.signature.inputs.inputs
     assert spec.shape == (-1, 1, 28, 28) and str(spec.type) == "float32"
-    assert info.signature.outputs.inputs[0].shape == (-1, 10)
+    # pyfunc's output: a float32 column of logits per class, in the network's order
+    assert info.signature.outputs.input_names() == info.metadata["classes"] and len(info.metadata["classes"]) == 10
+    assert {c.type.name for c in info.signature.outputs.inputs} == {"float"}
     assert "pixels in [0, 1]" in info.metadata["input"] and info.metadata["mean"] == [0.286]
-    assert len(info.metadata["classes"]) == 10
+    assert info.metadata["pixel_range"] == [0.0, 1.0]
 
 
 @pytest.mark.slow
@@ -143,7 +148,10 @@ def test_every_run_records_its_datasets_and_the_model_it_read(tiny_study, client
     for r in runs:
         inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
                   for d in r.inputs.dataset_inputs}
-        assert set(inputs) == {("fashionmnist-train", "train"), ("fashionmnist-test", "test")}, r.info.run_name
+        # the default study holds out the training set's last 5,000 images as its validation split
+        assert set(inputs) == {("fashionmnist-train", "train"), ("fashionmnist-validation", "validation"),
+                               ("fashionmnist-test", "test")}, r.info.run_name
+        assert json.loads(inputs[("fashionmnist-validation", "validation")].profile) == {"num_rows": 5000}
         assert json.loads(inputs[("fashionmnist-test", "test")].profile) == {"num_rows": 200}
         assert json.loads(inputs[("fashionmnist-train", "train")].profile) == {"num_rows": 600}
         assert "fashion-mnist" in json.loads(inputs[("fashionmnist-train", "train")].source)["uri"]
@@ -152,7 +160,7 @@ def test_every_run_records_its_datasets_and_the_model_it_read(tiny_study, client
             read = [m.model_id for m in tiny_study["by_stage"][(stage, trial)].inputs.model_inputs]
             assert read == [model_of(client, tiny_study["by_stage"][(source, trial)]).model_id]
     digests = {d.dataset.digest for r in runs for d in r.inputs.dataset_inputs}
-    assert len(digests) == 2  # every run read the same two image sets
+    assert len(digests) == 3  # every run read the same three image sets
 
 
 @pytest.mark.slow

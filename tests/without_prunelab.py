@@ -34,7 +34,8 @@ import torch
 
 uri, pixels_file, labels_file = sys.argv[1:]
 x, y = np.load(pixels_file), np.load(labels_file)
-pyfunc_out = mlflow.pyfunc.load_model(uri).predict(x)
+predicted = mlflow.pyfunc.load_model(uri).predict(x)  # logits, a column per class name
+pyfunc_out = predicted.to_numpy() if hasattr(predicted, "to_numpy") else predicted
 module = mlflow.pytorch.load_model(uri, map_location="cpu")
 with torch.no_grad():
     torch_out = module(torch.from_numpy(x)).numpy()
@@ -43,6 +44,7 @@ print(json.dumps({
     "torch_accuracy": float((torch_out.argmax(1) == y).mean()),
     "max_abs_diff": float(np.abs(pyfunc_out - torch_out).max()),
     "shape": list(pyfunc_out.shape),
+    "columns": [str(c) for c in getattr(predicted, "columns", [])],
     "prunelab_modules": sorted(m for m in sys.modules if m.split(".")[0] == "prunelab"),
 }))
 '''
@@ -50,7 +52,8 @@ print(json.dumps({
 
 def load_and_score(uri: str, pixels: np.ndarray, labels: np.ndarray, env: dict, tmp: Path) -> dict:
     """Accuracy of the model at `uri` on float32 pixels in [0, 1] (N, C, H, W), through
-    `mlflow.pyfunc` and `mlflow.pytorch`, in a process where prunelab cannot be imported."""
+    `mlflow.pyfunc` and `mlflow.pytorch`, in a process where prunelab cannot be imported;
+    `columns`: the class names pyfunc's DataFrame names its logits by."""
     np.save(tmp / "pixels.npy", pixels.astype(np.float32))
     np.save(tmp / "labels.npy", labels)
     (tmp / "score.py").write_text(SCRIPT)

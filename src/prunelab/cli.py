@@ -1,4 +1,4 @@
-"""`prunelab train|prune|finetune|report|run|evaluate|sync|settings`.
+"""`prunelab train|prune|finetune|report|run|evaluate|serve|sync|settings`.
 
 Errors the user can fix print as one line and exit 2; `--debug` shows the
 traceback instead. A library's warnings raised while the input is still being
@@ -27,7 +27,7 @@ from prunelab.models import is_registered
 from prunelab.pipeline.kubernetes import kubernetes_backend
 from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
 from prunelab.studies.common import Flag, check_fits, for_users, read_data
-from prunelab.tracking import connection, models as logged_models, query, sync
+from prunelab.tracking import connection, models as logged_models, query, serving, sync
 from prunelab.tracking.run import check_handed_run
 from prunelab.tracking.spool import Spool
 from prunelab.train import evaluate
@@ -120,6 +120,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="data.KEY=VALUE",
                    help="one data setting (repeatable), e.g. data.image_size=32")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server, for run ids and model URIs")
+    p = sub.add_parser("serve", help="serve a logged model over HTTP with MLflow's scoring server "
+                       "(`mlflow models serve`, with this environment's uvicorn)")
+    p.add_argument("model", help="model URI (models:/<study>@champion, models:/m-…) or run id")
+    p.add_argument("--port", type=int, default=serving.DEFAULT_PORT, help="port to listen on (default: %(default)s; "
+                   "the tracking server of `make server` has 5000)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking server the model is on (default: "
+                   "$MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
     p = sub.add_parser("sync", help="upload a run kept on disk while the tracking server was gone")
     p.add_argument("folder", help="the folder named by the error that said the server stopped answering")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or "
@@ -157,6 +165,10 @@ def dispatch(args) -> int:
         return _evaluate(args)
     if args.command == "sync":
         return _sync(args)
+    if args.command == "serve":
+        check_range("--port", args.port, 1, 65535, hint="a TCP port")
+        serving.serve(args.model, args.port, args.host, args.tracking_uri)  # returns only by raising
+        return 2
     if args.command == "report":
         return _report(args)
     model_uri = getattr(args, "model_uri", None) or None  # prune: empty is "train one"

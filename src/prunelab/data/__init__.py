@@ -55,7 +55,8 @@ def _subset(data: ImageData, cfg: DataConfig) -> ImageData:
     val_x = val_y = None
     if cfg.val_size:
         if cfg.val_size >= len(train_y):
-            raise ConfigError(f"data.val_size={cfg.val_size} leaves no training images (only {len(train_y)})")
+            raise ConfigError(f"data.val_size={cfg.val_size} leaves no training images (only {len(train_y)}): set "
+                              f"data.val_size below {len(train_y)} (0: no validation split)")
         # The validation images come off the end of the whole training set, before
         # n_train slices it: a small training subset keeps the same validation set.
         val_x, val_y = train_x[-cfg.val_size :], train_y[-cfg.val_size :]

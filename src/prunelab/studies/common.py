@@ -305,7 +305,7 @@ def log_model(run: runs.Run, model: nn.Module, data: ImageData, name: str, step:
     bare network, which the next stage reads. Returns the model URI."""
     metadata = {"input": "float32 pixels in [0, 1], N x C x H x W; the data set's normalisation is inside the model",
                 "image_shape": list(data.input_shape), "mean": list(data.mean), "std": list(data.std),
-                "classes": list(data.classes), "dataset": data.name}
+                "pixel_range": [0.0, 1.0], "classes": list(data.classes), "dataset": data.name}
     return run.log_model(for_users(model, data), name, data.pixels(data.test_x[:2]), step, final=final,
                          checkpoint=model if final or weights_only else None, metadata=metadata, carry=carry,
                          weights_only=weights_only)

@@ -5,6 +5,9 @@
   the on-disk spool (`spool`), and the runs a stage and a study open;
 - `models`: logging a model (pt2, ONNX, checkpoint), loading one with nothing
   unpickled, the registry;
+- `pixel_classifier`: the pyfunc flavour a logged model carries (copied into it; imports
+  no prunelab): pixels outside [0, 1] refused, logits named by class;
+- `serving`: `prunelab serve`, MLflow's scoring server for a checked model;
 - `query`: reading runs, metrics and artifacts back;
 - `lineage`: the data sets and models a run starts from;
 - `sync`: uploading a spooled run;

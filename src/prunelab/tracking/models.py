@@ -15,12 +15,15 @@ from prunelab.tracking.connection import client, forbid_pickle, is_mlflow_error,
     tracking_uri
 from prunelab.tracking.query import download, experiment_of, get_run, is_run_id
 
-# Pinned so a logged model reinstalls the versions that trained it; listing them
-# also spares MLflow from inferring requirements (slow) at every log_model.
-MODEL_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
+# Pinned so a logged model reinstalls the version that trained it; listing it also spares
+# MLflow from inferring requirements (slow) at every log_model. Only what loading and
+# serving the model imports: the traced network needs torch alone (MLflow adds itself,
+# and brings numpy and pandas, which the pyfunc flavour uses).
+MODEL_REQUIREMENTS = ["torch==2.14.1"]
 PT2_FILE = "model.pt2"  # what mlflow.pytorch writes for serialization_format='pt2', alone in its data folder
 PT2_DATA = "data"       # that folder (the flavour's model_data); pickle models write model.pth and
                         # pickle_module_info.txt there instead
+PYFUNC_CODE = "code"  # the model's folder holding its pyfunc loader module (pixel_classifier.py)
 TAG_WEIGHTS_ONLY = "prunelab.weights_only"  # a logged model holding only checkpoint.pt (no pt2)
 
 
@@ -75,6 +78,10 @@ def log_model(run_id: str, model, name: str, example, step: int, final: bool = F
     given its metrics, written by `mlflow.pytorch.save_model` (the same files) and
     uploaded, then marked READY (FAILED if any of it fails).
 
+    The pyfunc flavour (`mlflow.pyfunc`, `mlflow models serve`) is `pixel_classifier`, shipped
+    in the model: it refuses pixels outside `metadata['pixel_range']` with a 400 and names the
+    outputs by `metadata['classes']`, which the signature's outputs name too.
+
     `weights_only` (a model of a step in between, never a final one): the model holds only
     the weights-only checkpoint of the bare network (`checkpoint.pt`, no pt2 export; tagged
     `prunelab.weights_only`): `load_model` reads it, `mlflow.pytorch.load_model` cannot."""
@@ -89,7 +96,9 @@ def log_model(run_id: str, model, name: str, example, step: int, final: bool = F
     was_training = model.training
     model.eval()  # exported as it predicts (a traced pt2 module cannot switch modes later)
     try:
-        signature = None if weights_only else _signature(model, example)
+        outputs = None if weights_only else _outputs(model, example)
+        classes = None if weights_only else _class_names(metadata, outputs)
+        signature = None if weights_only else _signature(example, outputs, classes)
         logged = mlflow.initialize_logged_model(
             name=name, source_run_id=run_id, experiment_id=experiment_of(run_id),
             tags={TAG_WEIGHTS_ONLY: "true"} if weights_only else None,
@@ -106,11 +115,13 @@ def log_model(run_id: str, model, name: str, example, step: int, final: bool = F
                     checkpoints.save(checkpoint if checkpoint is not None else getattr(model, "network", model),
                                      local / paths.CHECKPOINT)
                 else:
+                    mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
+                                         run_id=run_id, metadata=metadata, model_id=logged.model_id)
                     mlflow.pytorch.save_model(
                         model, str(local), serialization_format="pt2", signature=signature,
                         input_example=example.numpy(), pip_requirements=MODEL_REQUIREMENTS, metadata=metadata,
-                        mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
-                                           run_id=run_id, metadata=metadata, model_id=logged.model_id))
+                        mlflow_model=mlflow_model)
+                    _pyfunc_checks_pixels(mlflow_model, local, classes, (metadata or {}).get("pixel_range"))
                 # The model's own artifact store (what `log_model_artifacts` looks up with one more request).
                 store = get_artifact_repository(logged.artifact_location, tracking_uri=tracking_uri())
                 store.log_artifacts(str(local))
@@ -134,18 +145,60 @@ def log_model(run_id: str, model, name: str, example, step: int, final: bool = F
     return LoggedModel(logged.model_id, uri)
 
 
-def _signature(model, example):
-    """Unnamed specs (a named one makes pyfunc pass a dict); -1: any batch size.
-    The example holds two images: torch.export fixes a batch dimension of 1."""
-    import numpy as np
+def _outputs(model, example) -> tuple[int, ...]:
     import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     with torch.no_grad():
-        out = model(example)
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
+        return tuple(model(example).shape[1:])
+
+
+def _class_names(metadata: dict | None, outputs: tuple[int, ...]) -> list[str] | None:
+    """The class names the pyfunc flavour names its outputs by: the metadata's, when they are
+    as many as the network's outputs (`outputs`: an output's shape, batch left out), each
+    once; else None (the bare array)."""
+    classes = [str(c) for c in (metadata or {}).get("classes") or []]
+    if classes and len(set(classes)) == len(classes) and outputs == (len(classes),):
+        return classes
+    return None
+
+
+def _signature(example, outputs: tuple[int, ...], classes: list[str] | None = None):
+    """Input: one unnamed tensor spec (a named one makes pyfunc pass a dict); -1: any batch
+    size. The example holds two images: torch.export fixes a batch dimension of 1. Output:
+    what the pyfunc flavour returns, a float32 column per class name (else the bare tensor)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))])
+    if classes:
+        return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("float", name) for name in classes]))
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *outputs))]))
+
+
+def _pyfunc_checks_pixels(mlflow_model, local: Path, classes: list[str] | None, pixel_range) -> None:
+    """Make the saved model's pyfunc flavour `pixel_classifier` (its module copied into the
+    model's `code/`, nothing pickled): pixels outside `pixel_range` are refused, outputs named
+    by `classes`. The pytorch flavour stays as MLflow wrote it (no code), so
+    `mlflow.pytorch.load_model` and prunelab's `load_model` read the same pt2 file as before."""
+    import shutil
+
+    from mlflow.pyfunc import FLAVOR_NAME
+
+    from prunelab.tracking import pixel_classifier
+
+    source = Path(pixel_classifier.__file__)
+    (local / PYFUNC_CODE).mkdir()
+    shutil.copyfile(source, local / PYFUNC_CODE / source.name)
+    flavour = mlflow_model.flavors[FLAVOR_NAME]
+    flavour.pop("pickle_module_name", None)  # mlflow.pytorch's loader's; this one reads only the pt2 file
+    config = dict(flavour.get("config") or {})
+    if classes:
+        config[pixel_classifier.CLASSES] = list(classes)
+    if pixel_range is not None:
+        config[pixel_classifier.PIXEL_RANGE] = [float(v) for v in pixel_range]
+    flavour.update(loader_module=source.stem, code=PYFUNC_CODE, config=config)
+    mlflow_model.save(str(local / "MLmodel"))
 
 
 def _links(c, run_id: str, model_id: str, step: int, carry: tuple[str, ...], sent: SentMetrics | None) -> list:
@@ -308,14 +361,13 @@ def _pt2_refused(ref: str, problem: str) -> ModelError:
                       "(log it with serialization_format='pt2', or pass a checkpoint file)")
 
 
-def _load_pt2(ref: str):
-    """An MLflow PyTorch model in the pt2 format, checked before anything of it is loaded:
-    its MLmodel and file list on the server (a pickle model is refused before its files are
-    downloaded), then the very files downloaded (what MLflow loads is what was checked)."""
+def check_pt2(ref: str):
+    """The MLmodel of `ref`, checked on the server to be an MLflow PyTorch model in the pt2
+    format as MLflow writes one (see `_pt2_problem`); a one-line ModelError otherwise. Reads
+    the MLmodel and the file list only: a pickle model is refused before its files are
+    downloaded."""
     import mlflow.artifacts
-    import mlflow.pytorch
     from mlflow.models import Model
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
     try:
         meta = Model.load(ref)  # the MLmodel file alone, read as plain YAML
@@ -323,9 +375,8 @@ def _load_pt2(ref: str):
         data = flavour.get("model_data") if isinstance(flavour, dict) else None
         names: set[str] = set()
         if isinstance(data, str) and data == PT2_DATA:
-            base = ModelsArtifactRepository.get_underlying_uri(ref) if ref.startswith("models:/") else ref
             names = {Path(f.path).name + ("/" if f.is_dir else "")
-                     for f in mlflow.artifacts.list_artifacts(artifact_uri=f"{base.rstrip('/')}/{data}")}
+                     for f in mlflow.artifacts.list_artifacts(artifact_uri=f"{artifact_base(ref)}/{data}")}
     except Exception as exc:
         if is_mlflow_error(exc) or isinstance(exc, OSError):
             raise _model_error(ref, exc) from None
@@ -336,6 +387,26 @@ def _load_pt2(ref: str):
     problem = _pt2_problem(flavour, data, names)
     if problem:
         raise _pt2_refused(ref, problem)
+    return meta
+
+
+def artifact_base(ref: str) -> str:
+    """Where the files of the model `ref` are (a registered name or alias resolved), to add paths to."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    return (ModelsArtifactRepository.get_underlying_uri(ref) if ref.startswith("models:/") else ref).rstrip("/")
+
+
+def _load_pt2(ref: str):
+    """An MLflow PyTorch model in the pt2 format, checked before anything of it is loaded:
+    its MLmodel and file list on the server (`check_pt2`), then the very files downloaded
+    (what MLflow loads is what was checked)."""
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.models import Model
+
+    check_pt2(ref)
+
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp))
