@@ -21,7 +21,7 @@ from typing import Iterator
 from prunelab import files, paths, studies
 from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range
 from prunelab.errors import NothingToDraw, PrunelabError, Stopped
-from prunelab.models import is_registered
+from prunelab.models import is_rebuildable
 from prunelab.pipeline.kubernetes import kubernetes_backend
 from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
 from prunelab.studies.common import Flag, check_fits, for_users, read_data
@@ -109,8 +109,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model URI, run id or weights file")
     p.add_argument("--dataset", required=True, help="dataset registry name")
     p.add_argument("--data-dir", default="", help="folder holding the data set")
-    p.add_argument("--model", dest="model_name", default=None, help="architecture of a weights file without one")
+    p.add_argument("--model", dest="model_name", default=None, help="architecture of a weights file without one; for a "
+                   "model built by your own factory (PACKAGE.MODULE:FUNCTION), that factory, which is then imported")
     p.add_argument("--n-test", type=int, default=0, help="score only the first N test images (0: all)")
+    p.add_argument("--image-size", type=int, default=0,
+                   help="resize the images to this side, as the model's study did (data.image_size; 0: native)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server, for run ids and model URIs")
     p = sub.add_parser("sync", help="upload a run kept on disk while the tracking server was gone")
     p.add_argument("folder", help="the folder named by the error that said the server stopped answering")
@@ -251,13 +254,13 @@ def _sync(args) -> int:
 
 def _evaluate(args) -> int:
     check_range("--n-test", args.n_test, 0, hint="the number of test images to score, 0 for all")
-    cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, n_test=args.n_test)
+    cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, n_test=args.n_test, image_size=args.image_size)
     cfg.validate("data")
     if not Path(args.model).is_file():
         connection.connect(args.tracking_uri)
     model = logged_models.load_model(args.model, args.model_name)
     dataset = read_data(cfg)
-    if is_registered(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
+    if is_rebuildable(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
         model = for_users(model, dataset)
     # Every logged model takes float pixels in [0, 1] and normalises them itself.
     check_fits(model, dataset, dataset.pixels)

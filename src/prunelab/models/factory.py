@@ -46,7 +46,6 @@ class Factory(NamedTuple):
 
     call: Callable[..., object]
     takes: frozenset[str]
-    user_code: bool  # whether calling it runs the user's code (rather than an installed library's)
 
 
 def is_factory(name: str) -> bool:
@@ -75,7 +74,7 @@ def _torchvision(name: str) -> Factory:
     import torchvision
 
     # Every torchvision classifier takes num_classes; weights=None builds it untrained, offline.
-    return Factory(functools.partial(torchvision.models.get_model, name, weights=None), frozenset({"num_classes"}), False)
+    return Factory(functools.partial(torchvision.models.get_model, name, weights=None), frozenset({"num_classes"}))
 
 
 # Library sources by prefix; any other `module:function` is the user's own code.
@@ -101,8 +100,8 @@ def _user_function(target: str) -> Factory:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise ConfigError(f"model {target!r}: no module {module_name!r} in the working folder or the environment "
-                              f"({os.getcwd()}): run from the folder that holds it, or install it") from None
+            raise ConfigError(f"model {target!r}: no module {module_name!r} in the working folder ({os.getcwd()}) or the "
+                              "environment: run from the folder that holds it, or install it") from None
         raise ConfigError(f"model {target!r}: importing {module_name} failed: {first_line(exc)}") from None
     except (Exception, SystemExit) as exc:  # whatever the user's module raises while it imports
         raise ConfigError(f"model {target!r}: importing {module_name} failed: {type(exc).__name__}: {first_line(exc)}") from None
@@ -116,7 +115,7 @@ def _user_function(target: str) -> Factory:
         parameters = inspect.signature(function).parameters
     except (TypeError, ValueError):
         parameters = {}
-    return Factory(function, frozenset(p for p in OFFERED if p in parameters), True)
+    return Factory(function, frozenset(p for p in OFFERED if p in parameters))
 
 
 def resolve(name: str) -> Factory:
