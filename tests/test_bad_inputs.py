@@ -528,6 +528,8 @@ CASES = [
     Case("factory-nothing-prunable-run", lambda c: ["run", "--overrides", TINY + " study=test-bad-factory-run "
                                                     "model=tests.models.tiny_factory:no_convs"],
          "the model has no conv whose filters can be removed"),
+    Case("torchvision-aux-outputs", staged("train", "--set", "study=test-bad-factory", "--set", "model=torchvision:googlenet"),
+         "model 'torchvision:googlenet' returns a GoogLeNetOutputs while training, not a tensor of class scores"),
     Case("torchvision-images-too-small", staged("train", "--set", "study=test-bad-factory", "--set", "model=torchvision:vgg11"),
          "model 'torchvision:vgg11' cannot take fashionmnist's images of 28 x 28 px: it needs at least 32 x 32"),
     Case("lr-nan-process", settings("train.lr=.nan"), "train.lr must be > 0", process=True),

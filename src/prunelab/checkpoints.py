@@ -15,6 +15,7 @@ unpickles code.
 from __future__ import annotations
 
 import pickle
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -33,8 +34,15 @@ def save(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     # CPU tensors in the default layout: a checkpoint made on a GPU, or in a device's own
     # layout (channels-last on the CPU), reads the same everywhere.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "model": models.name_of(model), "spec": model.spec(), "state_dict": state}
+    whole = model.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in whole.items()}
+    name = models.name_of(model)
+    payload = {"format": FORMAT, "model": name, "spec": model.spec(), "state_dict": state}
+    if factory.is_factory(name):
+        # The version each module's state was saved at (plain ints): a foreign network may read
+        # it while loading (torchvision's MNASNet refuses a state dict without it).
+        payload["versions"] = {k: v["version"] for k, v in getattr(whole, "_metadata", {}).items()
+                               if isinstance(v.get("version"), int)}
     # Never a half-written checkpoint under the real name. Through a Python file: a full
     # disk is then an OSError that says so (ENOSPC), not torch's own RuntimeError.
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -79,7 +87,7 @@ def load(path: str | Path, model_name: str | None = None, trusted: str | None = 
             raise ModelError(f"{path} holds a {name} checkpoint, not {model_name}: pass --model {name}")
         if factory.is_factory(name):
             return _load_state(_pruned_factory_network(name, spec, path, trusted or model_name),
-                               state_dict_of(payload, path), path, name)
+                               _with_versions(state_dict_of(payload, path), payload.get("versions")), path, name)
         if name not in models.MODELS:
             raise ModelError(f"{path} holds an unknown model {name!r}: known ones are {', '.join(sorted(models.MODELS))}")
         model = models.from_spec(name, spec, str(path))
@@ -104,6 +112,14 @@ def _pruned_factory_network(name: str, spec: dict, path: str | Path, trusted: st
     except ModelError as exc:
         raise ModelError(f"{path} does not fit {name}: {exc}") from None
     return network
+
+
+def _with_versions(state: dict, versions) -> dict:
+    """`state` carrying the modules' state versions a checkpoint recorded (ignored unless plain)."""
+    ordered = OrderedDict(state)
+    if isinstance(versions, dict) and all(isinstance(k, str) and type(v) is int for k, v in versions.items()):
+        ordered._metadata = OrderedDict((k, {"version": v}) for k, v in versions.items())
+    return ordered
 
 
 def _load_state(model: nn.Module, state: dict, path: str | Path, name: str) -> nn.Module:

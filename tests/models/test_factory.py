@@ -39,7 +39,9 @@ def test_a_user_factory_gets_the_arguments_it_names():
     assert models.build("tests.models.tiny_factory:thousand_classes", (1, 28, 28), 10).arguments == {}
 
 
-@pytest.mark.parametrize("name, filters", [("torchvision:resnet18", 40), ("torchvision:mobilenet_v2", 40), (USER_FACTORY, 10)])
+@pytest.mark.parametrize("name, filters", [("torchvision:resnet18", 40), ("torchvision:mobilenet_v2", 40),
+                                           ("torchvision:mnasnet0_5", 40),  # reads its state's saved versions
+                                           (USER_FACTORY, 10)])
 def test_a_pruned_network_reloads_weights_only(name, filters, tmp_path):
     model, x = pruned(name, filters=filters)
     path = checkpoints.save(model, tmp_path / "pruned.pt")

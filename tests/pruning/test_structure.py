@@ -55,6 +55,18 @@ def test_a_conv_classifier_keeps_its_classes():
     assert model(x).shape == (2, 10)
 
 
+def test_grouped_convs_keep_their_channels_and_the_residual_streams_are_pruned():
+    """RegNet's grouped convs could lose channels only a conv group at a time: every layer that
+    reaches one stays whole, and what is left (the stem, the residual streams) prunes cleanly."""
+    model, x = network("torchvision:regnet_x_400mf")
+    layers = structure.find(model, x)
+    grouped = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert grouped and len(layers.convs) == 5  # the stem and one stream per stage
+    assert not {c for convs in layers.filters.values() for c in convs} & set(grouped)
+    surgery.remove_filters(model, schedule.plan_step(criteria.get("l1")(model, layers.convs, coupled=layers.filters), 100), x)
+    assert model(x).shape == (2, 10)
+
+
 def test_ignored_layers_keep_their_filters():
     model, x = network("torchvision:resnet18")
     every = structure.find(model, x)

@@ -55,8 +55,9 @@ def evaluated(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def check_pruned_and_delivered(client, runs: dict, target: float) -> None:
-    """The prune run thinned the network to its target; main registered the finetune run's model."""
+def check_pruned_and_delivered(client, runs: dict, target: float) -> str:
+    """The prune run thinned the network to its target; main registered the finetune run's model.
+    Returns the numbers docs/models.md quotes (each test prints them last: pytest -rP shows them)."""
     prune = runs["prune"]
     assert prune.info.status == "FINISHED" and runs["finetune"].info.status == "FINISHED"
     assert last(client, prune, "fraction_remaining") <= target < 1.0
@@ -64,8 +65,7 @@ def check_pruned_and_delivered(client, runs: dict, target: float) -> None:
     study = prune.data.tags[paths.TAG_STUDY]
     versions = client.search_model_versions(f"name = '{study}'")
     assert [v.run_id for v in versions] == [runs["finetune"].info.run_id]
-    # The numbers docs/models.md quotes (shown with pytest -rP).
-    print(f"{prune.data.params['model']}: {int(last(client, runs['train'], 'params')):,} -> "
+    return (f"{prune.data.params['model']}: {int(last(client, runs['train'], 'params')):,} -> "
           f"{int(last(client, runs['finetune'], 'params')):,} params in {int(prune.data.metrics['rounds'])} round(s), "
           f"{sum(k.startswith('filters_left.') for k in prune.data.metrics)} prunable layers; "
           f"test accuracy {last(client, runs['train'], 'test_accuracy'):.4f} trained, "
@@ -105,7 +105,7 @@ def test_torchvision_resnet18(tracking_uri, client, fashion_dir, tmp_path, capsy
     its three input channels; residual streams pruned as coupled groups."""
     runs = run_study(tracking_uri, client, tmp_path, "test-any-resnet18", "model=torchvision:resnet18",
                      "data.image_size=32", "prune.filters_per_step=400", "prune.target=0.85")
-    check_pruned_and_delivered(client, runs, 0.85)
+    summary = check_pruned_and_delivered(client, runs, 0.85)
     d = scored_images(32)
     check_logged_model(client, runs["prune"], d, tmp_path)
     check_logged_model(client, runs["finetune"], d, tmp_path)
@@ -116,6 +116,7 @@ def test_torchvision_resnet18(tracking_uri, client, fashion_dir, tmp_path, capsy
     # `prunelab evaluate RUN_ID` scores the checkpoint the same (a torchvision name imports no user code).
     result = evaluated(capsys, runs["finetune"].info.run_id, "--image-size", "32")
     assert result["accuracy"] == pytest.approx(last(client, runs["finetune"], "test_accuracy"), abs=1e-6)
+    print(summary)
 
 
 def test_torchvision_mobilenet_v2(tracking_uri, client, fashion_dir, tmp_path):
@@ -123,10 +124,11 @@ def test_torchvision_mobilenet_v2(tracking_uri, client, fashion_dir, tmp_path):
     as coupled groups, at FashionMNIST's own 28 x 28 px."""
     runs = run_study(tracking_uri, client, tmp_path, "test-any-mobilenet-v2", "model=torchvision:mobilenet_v2",
                      "prune.filters_per_step=600", "prune.target=0.85", "prune.method=l1")
-    check_pruned_and_delivered(client, runs, 0.85)
+    summary = check_pruned_and_delivered(client, runs, 0.85)
     d = scored_images()
     check_logged_model(client, runs["finetune"], d, tmp_path)
     check_checkpoint(client, runs["finetune"], d, "torchvision:mobilenet_v2")
+    print(summary)
 
 
 def test_a_factory_of_the_users_own(tracking_uri, client, fashion_dir, tmp_path, capsys):
@@ -134,7 +136,7 @@ def test_a_factory_of_the_users_own(tracking_uri, client, fashion_dir, tmp_path,
     checkpoint loads only when the user names the factory again."""
     runs = run_study(tracking_uri, client, tmp_path, "test-any-user-factory", f"model={USER_FACTORY}",
                      "prune.filters_per_step=2", "prune.target=0.8")
-    check_pruned_and_delivered(client, runs, 0.8)
+    summary = check_pruned_and_delivered(client, runs, 0.8)
     assert runs["train"].data.params["model"] == USER_FACTORY
     d = scored_images()
     check_logged_model(client, runs["finetune"], d, tmp_path)
@@ -146,3 +148,4 @@ def test_a_factory_of_the_users_own(tracking_uri, client, fashion_dir, tmp_path,
     assert refused.startswith("prunelab: error: ") and f"name that factory (--model {USER_FACTORY};" in refused
     result = evaluated(capsys, run_id, "--model", USER_FACTORY)
     assert result["accuracy"] == pytest.approx(last(client, runs["finetune"], "test_accuracy"), abs=1e-6)
+    print(summary)

@@ -192,10 +192,27 @@ def _make(name: str, factory: Factory, arguments: dict, input_shape: tuple[int, 
     if isinstance(shape_only, nn.Module):
         n = sum(p.numel() for p in shape_only.parameters())
         check_memory(n * TRAINING_BYTES_PER_PARAM, f"model {name!r} with {n:,} parameters", "choose a smaller network")
+        _check_training_output(shape_only, arguments, input_shape, name)
     network = _call(factory, arguments, name)
     if not isinstance(network, nn.Module):
         raise ModelError(f"model {name!r}: the factory returned a {type(network).__name__}, not a torch.nn.Module")
     return FactoryNetwork(network, name, arguments, input_shape)
+
+
+def _check_training_output(network: nn.Module, arguments: dict, input_shape: tuple[int, ...], name: str) -> None:
+    """Refuse a network that returns more than class scores while it trains (GoogLeNet's and
+    Inception's auxiliary heads), which the training loop cannot use. Run on the meta device:
+    nothing computed, no BatchNorm statistics touched; a forward pass the meta device cannot
+    run is left to the checks that follow."""
+    channels = _channels_taken(network, input_shape[0], arguments)
+    try:
+        with torch.no_grad():
+            out = network.train()(torch.empty(2, channels, *input_shape[1:], device="meta"))
+    except Exception:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"model {name!r} returns a {type(out).__name__} while training, not a tensor of class "
+                         "scores: build it without auxiliary outputs (e.g. aux_logits=False) in a factory of your own")
 
 
 def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> FactoryNetwork:

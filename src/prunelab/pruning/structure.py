@@ -9,8 +9,9 @@ its filter k removes channel k from every member at once.
 
 Never pruned: a group whose channels reach the network's output (a conv
 classifier's classes; a Linear classifier is never a root), a group holding a
-layer named in `prune.ignored_layers`, and a group with a grouped (not
-depthwise) conv, whose channels could only go a whole conv group at a time.
+layer named in `prune.ignored_layers`, and a group that reaches a grouped (not
+depthwise) conv, whose input or output channels could only go a whole conv
+group at a time (ResNeXt, RegNet: their residual streams stay prunable).
 
 A registered model names its layers itself (`FilterPrunable.prunable_convs` and
 `feature_maps`, in `models/base.py`): those hand-written choices override the
@@ -97,9 +98,11 @@ def _from_graph(model: nn.Module, example: torch.Tensor, skip: set[nn.Module]) -
     for group in graph.get_all_groups(ignored_layers=list(skip), root_module_types=[nn.Conv2d]):
         if any(dep.target.type == tp.ops.OPTYPE.OUTPUT for dep, _ in group):
             continue  # its channels are the network's output: the classes
+        if any(isinstance(dep.target.module, nn.Conv2d) and _grouped(dep.target.module) for dep, _ in group):
+            continue  # a grouped conv loses its input or output channels only a conv group at a time
         losing = [dep.target for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
         convs = sorted({node.module for node in losing if isinstance(node.module, nn.Conv2d)}, key=order.__getitem__)
-        if not convs or any(_grouped(conv) for conv in convs):
+        if not convs:
             continue
         nodes = {node.module: node for node in losing}
         maps = tuple(_feature_map(nodes[conv], set(nodes)) for conv in convs)

@@ -45,7 +45,8 @@ class FilterRemover:
                 continue
             group = self._graph.get_pruning_group(modules[name], tp.prune_conv_out_channels, idxs=sorted(set(idxs)))
             if not self._graph.check_pruning_group(group):
-                raise ConfigError(f"Torch-Pruning refuses to remove {len(idxs)} filters of {name}")
+                raise ConfigError(f"Torch-Pruning refuses to remove {len(idxs)} filters of {name}: a layer coupled to it "
+                                  "would lose every channel; name it in prune.ignored_layers")
             group.prune()
 
 
