@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,11 @@ SHARED = REPO.parent / "shared"
 CIFAR_SUBSET = SHARED / "data" / "cifar10-subset"
 DOGS_VS_CATS = SHARED / "data" / "dogs-vs-cats"
 RESNET20 = SHARED / "models" / "resnet20-12fca82f.th"
+
+# The user's own factories the tests name (`tests.models.tiny_factory:build`) import as a user's
+# module does from the folder the user works in: here, the repository's.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,14 +2,20 @@
 
 A checkpoint is a plain dict of tensors and primitives (so it loads with
 `torch.load(weights_only=True)`): the model's registry name, its `spec()` and
-its state dict. Foreign files (a bare state dict, or {'state_dict': ...} with
-the `module.` prefix of nn.DataParallel) load too when the architecture is
-named. Nothing here ever unpickles code.
+its state dict. A network from a factory (`models/factory.py`) is saved under
+the factory's name, with its arguments, the input shape and every conv's width:
+loading builds the factory's network afresh, thins it to those widths with
+Torch-Pruning (`surgery.shrink_to`) and loads the state dict into it. A user's
+factory is imported only when the caller names it (`trusted`). Foreign files
+(a bare state dict, or {'state_dict': ...} with the `module.` prefix of
+nn.DataParallel) load too when the architecture is named. Nothing here ever
+unpickles code.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -18,6 +24,8 @@ from torch import nn
 from prunelab import models
 from prunelab.errors import ModelError
 from prunelab.files import atomic_path, checked_path
+from prunelab.models import factory
+from prunelab.pruning import surgery
 
 FORMAT = "prunelab-checkpoint-v1"
 
@@ -26,8 +34,15 @@ def save(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     # CPU tensors in the default layout: a checkpoint made on a GPU, or in a device's own
     # layout (channels-last on the CPU), reads the same everywhere.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "model": models.name_of(model), "spec": model.spec(), "state_dict": state}
+    whole = model.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in whole.items()}
+    name = models.name_of(model)
+    payload = {"format": FORMAT, "model": name, "spec": model.spec(), "state_dict": state}
+    if factory.is_factory(name):
+        # The version each module's state was saved at (plain ints): a foreign network may read
+        # it while loading (torchvision's MNASNet refuses a state dict without it).
+        payload["versions"] = {k: v["version"] for k, v in getattr(whole, "_metadata", {}).items()
+                               if isinstance(v.get("version"), int)}
     # Never a half-written checkpoint under the real name. Through a Python file: a full
     # disk is then an OSError that says so (ENOSPC), not torch's own RuntimeError.
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -58,7 +73,10 @@ def state_dict_of(payload, path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load(path: str | Path, model_name: str | None = None) -> nn.Module:
+def load(path: str | Path, model_name: str | None = None, trusted: str | None = None) -> nn.Module:
+    """The network in a weights file. `model_name` names its architecture (needed for a bare
+    state dict; a checkpoint of another one is refused); `trusted` (or `model_name`) is the
+    user's factory the caller names, the only one a checkpoint may make prunelab import."""
     payload = read(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         name, spec = payload.get("model"), payload.get("spec")
@@ -67,6 +85,9 @@ def load(path: str | Path, model_name: str | None = None) -> nn.Module:
                              f"and 'state_dict', and holds {', '.join(map(repr, sorted(payload, key=str)))}; save it again")
         if model_name and model_name != name:
             raise ModelError(f"{path} holds a {name} checkpoint, not {model_name}: pass --model {name}")
+        if factory.is_factory(name):
+            return _load_state(_pruned_factory_network(name, spec, path, trusted or model_name),
+                               _with_versions(state_dict_of(payload, path), payload.get("versions")), path, name)
         if name not in models.MODELS:
             raise ModelError(f"{path} holds an unknown model {name!r}: known ones are {', '.join(sorted(models.MODELS))}")
         model = models.from_spec(name, spec, str(path))
@@ -81,6 +102,24 @@ def load(path: str | Path, model_name: str | None = None) -> nn.Module:
         raise ModelError(f"{path} is not a {model_name} state dict ({type(exc).__name__}: {str(exc)[:80]}): "
                          "pass the --model it was saved from") from None
     return _load_state(models.from_spec(model_name, spec, str(path)), state, path, model_name)
+
+
+def _pruned_factory_network(name: str, spec: dict, path: str | Path, trusted: str | None) -> nn.Module:
+    """The factory's network afresh, thinned to the checkpoint's widths."""
+    network = factory.rebuild(name, spec, str(path), trusted)
+    try:
+        surgery.shrink_to(network, spec["widths"], torch.zeros(1, *network.input_shape))
+    except ModelError as exc:
+        raise ModelError(f"{path} does not fit {name}: {exc}") from None
+    return network
+
+
+def _with_versions(state: dict, versions) -> dict:
+    """`state` carrying the modules' state versions a checkpoint recorded (ignored unless plain)."""
+    ordered = OrderedDict(state)
+    if isinstance(versions, dict) and all(isinstance(k, str) and type(v) is int for k, v in versions.items()):
+        ordered._metadata = OrderedDict((k, {"version": v}) for k, v in versions.items())
+    return ordered
 
 
 def _load_state(model: nn.Module, state: dict, path: str | Path, name: str) -> nn.Module:

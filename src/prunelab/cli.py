@@ -23,7 +23,7 @@ from typing import Iterator
 from prunelab import config, files, paths, studies
 from prunelab.config import DEFAULT_STUDY, MAX_SEED, DataConfig, check_range, preset_file
 from prunelab.errors import ConfigError, HeldWarnings, NothingToDraw, PrunelabError, Stopped, one_line
-from prunelab.models import is_registered
+from prunelab.models import is_rebuildable
 from prunelab.pipeline.kubernetes import kubernetes_backend
 from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
 from prunelab.studies.common import Flag, check_fits, for_users, read_data
@@ -114,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model URI, run id or weights file")
     p.add_argument("--dataset", default=None, help="dataset registry name (default: the run's; needed for a weights file)")
     p.add_argument("--data-dir", default=None, help="folder holding the data set (default: the run's)")
-    p.add_argument("--model", dest="model_name", default=None, help="architecture of a weights file without one")
+    p.add_argument("--model", dest="model_name", default=None, help="architecture of a weights file without one; for a "
+                   "model built by your own factory (PACKAGE.MODULE:FUNCTION), that factory, which is then imported")
     p.add_argument("--n-test", type=int, default=None, help="score only the first N test images (0: all; default: "
                    "the run's data.n_test, else all)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="data.KEY=VALUE",
@@ -294,7 +295,7 @@ def _evaluate(args) -> int:
     cfg = config.data_settings(raw)
     model = logged_models.load_model(args.model, args.model_name)
     dataset = read_data(cfg)
-    if is_registered(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
+    if is_rebuildable(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
         model = for_users(model, dataset)
     # Every logged model takes float pixels in [0, 1] and normalises them itself.
     check_fits(model, dataset, dataset.pixels)

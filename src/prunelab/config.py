@@ -89,7 +89,8 @@ class DataConfig:
     val_size: int = setting("hold out the last N training images for validation: early stopping, and the choice of "
                             "the registered champion (0: none; the champion is then chosen on the test set)", 0)
     augment: bool = setting("random crop and flip on training batches", False)
-    image_size: int = setting("resize images to this side length when the data set allows (0: native)", 0)
+    image_size: int = setting("resize images to this side length, square (0: the data set's own size; "
+                                      "an image folder's default is 224)", 0)
 
     def validate(self, where: str = "data") -> None:
         if self.data_dir and not paths.is_uri(self.data_dir):

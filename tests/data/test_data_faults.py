@@ -109,7 +109,7 @@ def test_bad_data_or_a_model_too_deep_for_it_start_no_run(tracking_uri, client, 
     assert too_deep.returncode == 2
     assert too_deep.stderr.strip() == (
         "prunelab: error: model 'vgg16' cannot take fashionmnist's images of 28 x 28 px: it needs at least 32 x 32; "
-        "choose another model (or, for an image folder, data.image_size=32 or more)")
+        "choose another model (or data.image_size=32 or more)")
     for study in ("test-data-bad-labels", "test-data-vgg16-28px"):
         exp = client.get_experiment_by_name(study)
         assert exp is None or client.search_runs([exp.experiment_id]) == []

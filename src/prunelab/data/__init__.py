@@ -8,7 +8,7 @@ import functools
 from typing import Callable, NamedTuple
 
 from prunelab.config import DataConfig
-from prunelab.data.base import ImageData
+from prunelab.data.base import ImageData, resized
 from prunelab.data.cifar10 import cifar10_here, load_cifar10
 from prunelab.data.fashionmnist import fashionmnist_here, load_fashionmnist
 from prunelab.data.imagefolder import load_imagefolder
@@ -19,12 +19,14 @@ class Dataset(NamedTuple):
     load: Callable[[DataConfig], ImageData]
     # Whether the loader finds the data on this machine without --data-dir and without the network.
     here: Callable[[], bool]
+    # Whether the loader applies data.image_size itself (decoding at that size); otherwise `get` resizes.
+    sizes_itself: bool = False
 
 
 DATASETS: dict[str, Dataset] = {
     "fashionmnist": Dataset(load_fashionmnist, fashionmnist_here),
     "cifar10": Dataset(load_cifar10, cifar10_here),
-    "imagefolder": Dataset(load_imagefolder, lambda: False),  # only ever the folder given
+    "imagefolder": Dataset(load_imagefolder, lambda: False, sizes_itself=True),  # only ever the folder given
 }
 
 
@@ -39,9 +41,11 @@ def get(cfg: DataConfig) -> ImageData:
 
 @functools.lru_cache(maxsize=2)
 def _read(cfg: DataConfig) -> ImageData:
-    """A data set as its loader reads it, kept for the next stage of a study that runs in
-    this process (callers get slices and copies, never this object)."""
-    return DATASETS[cfg.dataset].load(cfg)
+    """A data set as its loader reads it, at `data.image_size` when set, kept for the next stage
+    of a study that runs in this process (callers get slices and copies, never this object)."""
+    dataset = DATASETS[cfg.dataset]
+    data = dataset.load(cfg)
+    return resized(data, cfg.image_size) if cfg.image_size and not dataset.sizes_itself else data
 
 
 def needs_folder(cfg: DataConfig) -> bool:

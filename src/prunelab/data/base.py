@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from prunelab.errors import DataError, first_line
+from prunelab.hardware import check_memory
 
 CACHE_ENV = "PRUNELAB_CACHE"
 
@@ -114,6 +115,30 @@ class ImageData:
                  ("test", self.test_x, self.test_y)]
         return [Split(f"{self.name}-{context}", context, digest(x, y), self.source or "unknown", len(y), tuple(x.shape[1:]))
                 for context, x, y in named if x is not None]
+
+
+RESIZE_CHUNK = 2048  # images resized at once: bounds the float copy a resize makes
+
+
+def resized(data: ImageData, side: int) -> ImageData:
+    """`data` with every image resized to `side` x `side` px (bilinear, antialiased when shrinking),
+    still uint8, so a network that needs larger images (or a faster, smaller input) can have them."""
+    if data.input_shape[-2:] == (side, side):
+        return data
+    images = sum(len(x) for x in (data.train_x, data.test_x, data.val_x) if x is not None)
+    check_memory(images * data.input_shape[0] * side * side, f"{images:,} images of {side} x {side} px",
+                 "lower data.image_size")
+
+    def resize(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        parts = [torch.nn.functional.interpolate(x[i : i + RESIZE_CHUNK].float(), size=(side, side), mode="bilinear",
+                                                 align_corners=False, antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+                 for i in range(0, len(x), RESIZE_CHUNK)]
+        return torch.cat(parts) if parts else x.new_empty((0, x.shape[1], side, side))
+
+    return dataclasses.replace(data, train_x=resize(data.train_x), test_x=resize(data.test_x), val_x=resize(data.val_x),
+                               source=f"{data.source} (resized to {side} x {side} px)" if data.source else data.source)
 
 
 def label_problem(x: torch.Tensor | None, y: torch.Tensor | None, num_classes: int) -> str | None:

@@ -1,9 +1,10 @@
-"""Model registry: name -> nn.Module class.
+"""Model registry: name -> nn.Module class, and networks from factories.
 
 Every model class follows `base.Model`: it takes its widths as constructor
 arguments and `spec()` returns them, so a pruned network is rebuilt from
 (name, spec) alone. What else a model offers (prunable convs, stages, blocks)
-is declared in `base.py`.
+is declared in `base.py`. A model setting with a colon (`torchvision:NAME`,
+`PACKAGE.MODULE:FUNCTION`) names a factory instead (`factory.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from prunelab.hardware import check_memory
 from prunelab.errors import ConfigError, ModelError
+from prunelab.models import factory
 from prunelab.models.conv import Conv2, Conv4, Conv6
 from prunelab.models.lenet import LeNet300100
 from prunelab.models.resnet_cifar import DEPTHS as RESNET_CIFAR
@@ -71,7 +73,10 @@ def get(name: str, **kwargs) -> nn.Module:
 def build(name: str, input_shape: tuple[int, ...], num_classes: int, **options) -> nn.Module:
     """A fresh `name` sized for the data: passes whichever of in_channels,
     num_classes and image_size its constructor takes, and `options` as they are
-    (one its constructor does not take is refused in one line)."""
+    (one its constructor does not take is refused in one line). A factory's name
+    builds its network (`factory.build`), which takes no options."""
+    if factory.is_factory(name) and not options:
+        return factory.build(name, tuple(input_shape), num_classes)
     cls = model_class(name)
     wanted = inspect.signature(cls).parameters
     offered = {"in_channels": input_shape[0], "num_classes": num_classes, "image_size": input_shape[-1]}
@@ -84,6 +89,9 @@ def takes(name: str, argument: str) -> bool:
 
 
 def name_of(model: nn.Module) -> str:
+    """The registry name of `model`'s class, or the factory that built it."""
+    if isinstance(model, factory.FactoryNetwork):
+        return model.factory
     for name, cls in MODELS.items():
         if type(model) is cls:
             return name
@@ -93,6 +101,12 @@ def name_of(model: nn.Module) -> str:
 def is_registered(model: nn.Module) -> bool:
     """Whether `model` is a registered architecture (a network prunelab can rebuild and prune)."""
     return type(model) in MODELS.values()
+
+
+def is_rebuildable(model: nn.Module) -> bool:
+    """Whether `model` is a bare network prunelab can save, rebuild and prune: a registered
+    architecture or a factory's network (not a traced graph loaded from a logged model)."""
+    return is_registered(model) or isinstance(model, factory.FactoryNetwork)
 
 
 def count_params(model: nn.Module) -> int:

@@ -30,7 +30,6 @@ from prunelab.hardware import default_parallel_trials
 from prunelab.pipeline import kubernetes
 from prunelab.pipeline.abandoned import fail_abandoned
 from prunelab.pipeline.steps import run_step, step_key
-from prunelab.studies import common
 from prunelab.studies.common import Step, StudyKind
 from prunelab.tracking import connection, lineage, lock, models, query
 from prunelab.tracking.run import NOTE, Run, main_run
@@ -77,7 +76,7 @@ def run_study(args: StudyArgs, cfg: StudyConfig, cluster: dict | None = None) ->
     if cluster is None and not paths.is_uri(cfg.data.data_dir):
         # The data and the model checked here, before any run (a cluster's data lies in its
         # containers, and a URI would be downloaded twice): not in a step's run that then fails.
-        common.check_inputs(cfg)
+        studies.get(cfg.kind).check_inputs(cfg)
     abandoned = fail_abandoned(cfg.study)  # before anything is reused
     if abandoned:
         print(f"prunelab: marked {len(abandoned)} abandoned RUNNING run(s) FAILED", flush=True)

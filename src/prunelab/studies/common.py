@@ -23,8 +23,8 @@ from prunelab import data as datasets, hardware, measure, models, paths, progres
 from prunelab.data import remote
 from prunelab.config import DataConfig, StudyConfig, TrainConfig
 from prunelab.data.base import ImageData, random_crop_flip
-from prunelab.errors import ConfigError, ModelError, NothingToDraw, first_line
-from prunelab.models import base
+from prunelab.errors import ConfigError, ModelError, NothingToDraw, PrunelabError, first_line
+from prunelab.models import base, factory
 from prunelab.models.pixels import PixelInput
 from prunelab.tracking import models as logged_models, query, run as runs
 from prunelab.train import OPTIMIZERS, PRECISION_SETTINGS, check_precision, eval_mode, evaluate, fit, resolve_precision
@@ -71,17 +71,23 @@ class StudyKind:
     # trial delivers: `main` registers its final model. None: no single model (nothing registered).
     deliverable: str | None = None
     model_protocol: type = base.Model
+    # Whether a network from a factory (torchvision:NAME, PACKAGE.MODULE:FUNCTION) may be used:
+    # the kind finds what it needs from the network's structure, not from `model_protocol`.
+    any_network: bool = False
     # (what, setting key, value getter, registry) of the names this kind's settings hold
     names: tuple[tuple[str, str, Callable[[StudyConfig], str], Any], ...] = ()
     # The kind's own checks of its settings against each other and the model, run last (one line each)
     checks: tuple[Callable[[StudyConfig], None], ...] = ()
     flags: tuple[Flag, ...] = ()  # its own command-line flags
+    # The kind's checks of a fresh model on the study's data (cfg, model, data), run by
+    # `check_inputs` before `main` starts any run (one line each)
+    model_checks: tuple[Callable[[StudyConfig, nn.Module, ImageData], None], ...] = ()
 
     def check(self, cfg: StudyConfig) -> None:
         """Refuse, in one line, an unknown model, dataset or name setting, or a model this
         kind cannot use, before anything loads or a run starts."""
-        shared = (("model", "model", lambda c: c.model, models.MODELS),
-                  ("dataset", "data.dataset", lambda c: c.data.dataset, datasets.DATASETS),
+        self._check_model_name(cfg)
+        shared = (("dataset", "data.dataset", lambda c: c.data.dataset, datasets.DATASETS),
                   ("optimizer", "train.optimizer", lambda c: c.train.optimizer, OPTIMIZERS),
                   ("precision", "train.precision", lambda c: c.train.precision, PRECISION_SETTINGS))
         for what, key, value_of, registry in shared + self.names:
@@ -91,13 +97,40 @@ class StudyKind:
         device = hardware.resolve(cfg.device)  # an absent device: one line naming what there is
         for section in self._training_sections(cfg):
             check_precision(getattr(cfg, section).precision, device, f"{section}.precision")
-        lacks = base.missing(models.MODELS[cfg.model], self.model_protocol)
+        lacks = [] if factory.is_factory(cfg.model) else base.missing(models.MODELS[cfg.model], self.model_protocol)
         if lacks:
-            fits = sorted(n for n, cls in models.MODELS.items() if not base.missing(cls, self.model_protocol))
+            fits = self._fitting_models()
             raise ConfigError(f"model {cfg.model!r} cannot be used in a {self.name} study: it offers no {', '.join(lacks)} "
                               f"({self.model_protocol.__doc__.splitlines()[0].rstrip('.')}); choose one of {', '.join(fits)}")
         for check in self.checks:
             check(cfg)
+
+    def _check_model_name(self, cfg: StudyConfig) -> None:
+        """A registered model, or a factory this kind takes whose module imports (the user's
+        code runs here: the user named it) and holds a callable."""
+        if factory.is_factory(cfg.model):
+            if not self.any_network:
+                raise ConfigError(f"model {cfg.model!r} cannot be used in a {self.name} study: networks from a factory "
+                                  f"are pruned by filter_pruning studies; choose one of {', '.join(self._fitting_models())}")
+            factory.resolve(cfg.model)
+        elif cfg.model not in models.MODELS:
+            more = ", torchvision:NAME or PACKAGE.MODULE:FUNCTION" if self.any_network else ""
+            raise ConfigError(f"unknown model {cfg.model!r} (model must be one of {', '.join(sorted(models.MODELS))}{more})")
+
+    def _fitting_models(self) -> list[str]:
+        return sorted(n for n, cls in models.MODELS.items() if not base.missing(cls, self.model_protocol))
+
+    def check_inputs(self, cfg: StudyConfig) -> None:
+        """What `main` checks before any run: the data set reads (labels whole and in range:
+        `ImageData`'s own check), the model takes its images and predicts its classes, and
+        the kind's own checks of the model pass (`model_checks`)."""
+        data = read_data(cfg.data)
+        check_image_size(cfg.model, data)
+        if self.model_checks or factory.is_factory(cfg.model):
+            with torch.random.fork_rng(devices=[]):  # a check leaves the random state as it found it
+                model = new_model(cfg, data, seed_of(cfg, 0))
+                for check_model in self.model_checks:
+                    check_model(cfg, model, data)
 
     def _training_sections(self, cfg: StudyConfig) -> list[str]:
         """The sections that configure a training loop (train, and finetune where the kind has one)."""
@@ -189,15 +222,22 @@ def stage_run(cfg: StudyConfig, trial: int, stage: str, run_name: str, method: s
 
 def check_fits(model: nn.Module, data: ImageData, inputs: Callable | None = None) -> None:
     """Refuse a model that cannot take the data's images (as `inputs` makes them from
-    uint8; normalised by default) or predicts another number of classes."""
+    uint8; normalised by default) or does not return one score per class."""
     try:
         with torch.no_grad(), eval_mode(model):
             out = model((inputs or data.normalise)(data.test_x[:2]))
     except Exception as exc:  # whatever a foreign (e.g. traced) model raises on input it was not made for
         raise ModelError(f"the model does not accept {data.name} images {tuple(data.input_shape)}: "
-                         f"{str(exc).splitlines()[0][:120]}") from None
+                         f"{first_line(exc)[:120]}") from None
+    made_by = getattr(model, "factory", None)
+    hint = f" (does {made_by} take num_classes?)" if made_by else ""
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"the model returns a {type(out).__name__}, not a tensor of class scores{hint}")
+    if out.dim() != 2:
+        raise ModelError(f"the model returns a tensor of shape {tuple(out.shape)} for 2 images, not one score per "
+                         f"class (2, {data.num_classes}){hint}")
     if out.shape[-1] != data.num_classes:
-        raise ModelError(f"the model predicts {out.shape[-1]} classes, {data.name} has {data.num_classes}")
+        raise ModelError(f"the model predicts {out.shape[-1]} classes, {data.name} has {data.num_classes}{hint}")
 
 
 def load_data(cfg: StudyConfig) -> ImageData:
@@ -205,12 +245,6 @@ def load_data(cfg: StudyConfig) -> ImageData:
     data = read_data(cfg.data)
     check_image_size(cfg.model, data)
     return data.to(hardware.resolve(cfg.device))
-
-
-def check_inputs(cfg: StudyConfig) -> None:
-    """What `main` checks before any run: the data set reads (labels whole and in range:
-    `ImageData`'s own check) and the model takes its images."""
-    check_image_size(cfg.model, read_data(cfg.data))
 
 
 LARGEST_SIDE = 4096  # px: the largest square image the search for a model's smallest one tries
@@ -225,6 +259,8 @@ def _refusal(name: str, shape: tuple[int, ...], num_classes: int, side: int) -> 
             model(torch.empty(1, shape[0], side, side))
     except NotImplementedError:
         return None  # an operation the meta device lacks: cannot be told here, so not refused
+    except PrunelabError:
+        raise  # a factory that does not build: its own one line, not a size it cannot take
     except Exception as exc:
         return exc
     return None
@@ -260,8 +296,7 @@ def check_image_size(name: str, data: ImageData) -> None:
         raise ConfigError(f"model {name!r} cannot take {data.name}'s images of {size} px "
                           f"({first_line(refusal)[:120]}); choose another model")
     raise ConfigError(f"model {name!r} cannot take {data.name}'s images of {size} px: it needs at least "
-                      f"{smallest} x {smallest}; choose another model (or, for an image folder, data.image_size={smallest} "
-                      "or more)")
+                      f"{smallest} x {smallest}; choose another model (or data.image_size={smallest} or more)")
 
 
 def read_data(cfg: DataConfig) -> ImageData:
@@ -275,16 +310,20 @@ def read_data(cfg: DataConfig) -> ImageData:
 
 def new_model(cfg: StudyConfig, data: ImageData, seed: int) -> nn.Module:
     """A freshly initialised `cfg.model` for the data, on the data's device. Initialised on
-    the CPU, so a seed gives the same weights on every device."""
+    the CPU, so a seed gives the same weights on every device. A network from a factory is
+    checked against the data (its output may not be one score per class)."""
     torch.manual_seed(seed)
-    return models.build(cfg.model, data.input_shape, data.num_classes).to(data.device)
+    model = models.build(cfg.model, data.input_shape, data.num_classes).to(data.device)
+    if factory.is_factory(cfg.model):
+        check_fits(model, data)
+    return model
 
 
 def load_model(ref: str, cfg: StudyConfig, data: ImageData) -> nn.Module:
     """The network an earlier step made (run id or weights file), on the data's device,
     checked against the data."""
     model = logged_models.load_model(ref, cfg.model)
-    if not models.is_registered(model):
+    if not models.is_rebuildable(model):
         raise ModelError(f"{ref} is a logged model (a traced graph taking pixels), which a stage cannot prune or "
                          "train: pass the run id of the step that logged it, whose weights-only checkpoint is read")
     model.to(data.device)

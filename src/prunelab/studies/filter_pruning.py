@@ -12,6 +12,11 @@ as a version of the registered model named after the study. Every logged model
 takes float pixels in [0, 1] (the normalisation is inside it); a run's final
 model is also exported to ONNX. The report draws test accuracy and loss per
 epoch, original against pruned + fine-tuned, and a size table.
+
+The model is a registered one, which names its prunable convs itself, or any
+network from a factory (`model=torchvision:NAME`, `model=PACKAGE.MODULE:FUNCTION`,
+docs/models.md), whose prunable layers Torch-Pruning's dependency graph finds
+(`pruning/structure.py`); `prune.ignored_layers` keeps layers whole in either.
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from torch import nn
 
 from prunelab import measure, models, paths, progress, reporting
 from prunelab.config import StudyConfig, TrainConfig, check_range, setting
-from prunelab.data.base import batches
-from prunelab.errors import ConfigError
+from prunelab.data.base import ImageData, batches
+from prunelab.errors import ConfigError, ModelError, first_line
 from prunelab.models import base
-from prunelab.pruning import criteria, schedule, surgery
+from prunelab.pruning import criteria, schedule, structure, surgery
 from prunelab.studies import common
 from prunelab.train import evaluate, fit
 
@@ -51,6 +56,16 @@ class PruneConfig:
                                    "thread; 0: not measured)", 30)
     round_to: int = setting("keep every pruned layer's width a multiple of this (1: any width); widths that fill "
                             "the hardware's vector lanes run faster", 1)
+    ignored_layers: tuple = setting("layers that keep all their filters (names as model.named_modules() gives them; "
+                                    "a block's name covers every layer in it), e.g. [layer4, features.0]", ())
+
+    def __post_init__(self):
+        # `--set prune.ignored_layers=fc,layer4` arrives as one string: a comma-separated list.
+        names = self.ignored_layers
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        if isinstance(names, list):
+            object.__setattr__(self, "ignored_layers", tuple(names))
 
     def validate(self, where: str = "prune") -> None:
         if not 0.0 < self.target < 1.0:
@@ -65,6 +80,8 @@ class PruneConfig:
         check_range(f"{where}.log_models_every", self.log_models_every, 1,
                     hint="the pruned model is logged every N steps; the last step's always is")
         check_range(f"{where}.round_to", self.round_to, 1)
+        if not isinstance(self.ignored_layers, tuple) or not all(isinstance(n, str) for n in self.ignored_layers):
+            raise ConfigError(f"{where}.ignored_layers must be a list of layer names, got {self.ignored_layers!r}")
 
 
 def method(cfg: StudyConfig) -> str:
@@ -81,20 +98,32 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
 
 # --------------------------------------------------------------------------- prune
 
-def _filters(model: nn.Module) -> dict[str, int]:
-    return {name: conv.out_channels for name, conv in model.prunable_convs().items()}
-
-
-def _smallest_fraction(model: nn.Module, kind: str, example: torch.Tensor, round_to: int) -> tuple[float, str]:
-    """What remains (as a fraction) when every prunable layer keeps as few filters as it may
-    (one, or `round_to`)."""
-    widths = _filters(model)
-    least = {n: min(w, round_to) for n, w in widths.items()}
-    if kind == "filters":
-        return sum(least.values()) / sum(widths.values()), next(iter(widths))
+def prunable(model: nn.Module, example: torch.Tensor, pc: PruneConfig) -> structure.Prunable:
+    """The layers this study may thin, checked before any run: a step it can take, a target it
+    can reach, and a network that still runs with every layer at its fewest filters."""
+    layers = structure.find(model, example, pc.ignored_layers)
+    widths = layers.widths()
+    least = {n: min(w, pc.round_to) for n, w in widths.items()}
     slim = copy.deepcopy(model)
     surgery.remove_filters(slim, {n: list(range(least[n], w)) for n, w in widths.items()}, example)
-    return models.count_params(slim) / models.count_params(model), next(iter(widths))
+    try:
+        with torch.no_grad():
+            slim.eval()(example)
+    except Exception as exc:  # whatever the thinned network raises
+        raise ModelError(f"the model no longer runs once its layers are thinned ({first_line(exc)[:120]}): name the "
+                         "layer that must keep its filters in prune.ignored_layers") from None
+    if pc.target_kind == "filters":
+        smallest = sum(least.values()) / sum(widths.values())
+    else:
+        smallest = models.count_params(slim) / models.count_params(model)
+    schedule.check_reachable(pc.target, pc.target_kind, smallest, next(iter(widths)))
+    schedule.check_step(pc.filters_per_step, widths, pc.round_to)
+    return layers
+
+
+def check_prunable(cfg: StudyConfig, model: nn.Module, data: ImageData) -> None:
+    """`prunable` on a fresh model, before `main` starts any run."""
+    prunable(model, data.normalise(data.test_x[:2]), cfg.prune)
 
 
 def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str:
@@ -109,16 +138,14 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         model = common.new_model(cfg, data, seed)
         common.check_fits(model, data)
     example = data.normalise(data.test_x[:2])
-    # Refuse an unreachable target before a run starts or a model trains.
-    smallest, layer = _smallest_fraction(model, pc.target_kind, example, pc.round_to)
-    schedule.check_reachable(pc.target, pc.target_kind, smallest, layer)
-    schedule.check_step(pc.filters_per_step, _filters(model), pc.round_to)
+    # Refuse an unreachable target, or a network with nothing to prune, before a run starts or a model trains.
+    layers = prunable(model, example, pc)
     with common.stage_run(cfg, trial, "prune", f"prune-t{trial}", method(cfg),
                           params={"input_model": model_ref or "trained in this run"}, data=data,
                           model_ref=model_ref) as run:
         if not model_ref:
             common.train_model(run, model, data, cfg.train, seed, prefix="pretrain_")
-        params0, filters0 = models.count_params(model), sum(_filters(model).values())
+        params0, filters0 = models.count_params(model), sum(layers.widths().values())
         size0 = measure.size(model, data.input_shape)
         run.log_text(size0.summary, paths.SUMMARY_BEFORE)
         rank_x = data.train_x[: pc.rank_images or None]
@@ -126,13 +153,13 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
 
         def remaining() -> float:
             if pc.target_kind == "filters":
-                return sum(_filters(model).values()) / filters0
+                return sum(layers.widths().values()) / filters0
             return models.count_params(model) / params0
 
         def log_round(k: int) -> None:
             size = measure.size(model, data.input_shape)
             test = evaluate(model, data.test_x, data.test_y, data.normalise)
-            widths = _filters(model)
+            widths = layers.widths()
             metrics = {"params": size.params, "macs": size.macs, "fraction_remaining": size.params / params0,
                        "filters": sum(widths.values()), "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
             if pc.latency_repeats:
@@ -150,8 +177,8 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         while remaining() > pc.target:
             k += 1
             rb = pc.rank_batch_size
-            scores = criterion(model, model.prunable_convs(), batches(rank_x, rank_y, rb, data.normalise),
-                               total=(len(rank_y) + rb - 1) // rb, outputs=model.feature_maps())
+            scores = criterion(model, layers.convs, batches(rank_x, rank_y, rb, data.normalise),
+                               total=(len(rank_y) + rb - 1) // rb, outputs=layers.feature_maps, coupled=layers.filters)
             remover.remove(schedule.plan_step(scores, pc.filters_per_step, pc.round_to))
             log_round(k)
             done = remaining() <= pc.target
@@ -237,5 +264,7 @@ KIND = common.StudyKind(
     sections={"prune": PruneConfig, "finetune": TrainConfig},
     deliverable="finetune",
     model_protocol=base.FilterPrunable,
+    any_network=True,
     names=(("pruning method", "prune.method", method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
+    model_checks=(check_prunable,),
 )

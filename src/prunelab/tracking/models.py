@@ -232,18 +232,20 @@ def load_model(ref: str, model_name: str | None = None):
     `models:/m-...` its `prunelab.model_uri` tag names), give the run's
     weights-only checkpoint. Any other URI must be an MLflow PyTorch model in
     the traced pt2 format: its MLmodel and file list are read first, and a
-    pickle-format model is refused before a byte of it is loaded."""
+    pickle-format model is refused before a byte of it is loaded. A checkpoint of
+    a network from the user's own factory loads only when `model_name` names
+    that factory: loading imports it."""
     path = weights_file(ref)
     if path is not None:
         return checkpoints.load(path, model_name)
     if not ref.startswith(("runs:/", "models:/")):
         if is_run_id(ref):
-            return _load_run_checkpoint(ref)
+            return _load_run_checkpoint(ref, model_name)
         raise ModelError(f"{shown(ref)} is neither a weights file, a run id nor a model URI (runs:/... or models:/...)")
     forbid_pickle()
     run_id = _final_model_run(ref)
     if run_id:
-        return _load_run_checkpoint(run_id)
+        return _load_run_checkpoint(run_id, model_name)
     weights = _weights_only_model(ref)
     if weights:
         with tempfile.TemporaryDirectory() as tmp:
@@ -431,13 +433,15 @@ def _load_pt2(ref: str):
             raise
 
 
-def _load_run_checkpoint(run_id: str):
+def _load_run_checkpoint(run_id: str, trusted: str | None = None):
+    """The run's weights-only checkpoint; `trusted`: the user's factory the caller named, which
+    a checkpoint of a network from that factory may import (the run's own files never decide)."""
     run_ = get_run(run_id)
     if paths.TAG_MODEL_URI not in run_.data.tags:
         raise ModelError(f"run {run_id} logged no final model (stage {run_.data.tags.get(paths.TAG_STAGE, '?')}, "
                          f"status {run_.info.status}): pass a finished train, prune or finetune run")
     with tempfile.TemporaryDirectory() as tmp:
-        return checkpoints.load(download(run_id, paths.CHECKPOINT, tmp))
+        return checkpoints.load(download(run_id, paths.CHECKPOINT, tmp), trusted=trusted)
 
 
 # --------------------------------------------------------------------------- which model, and its numbers
