@@ -179,7 +179,7 @@ def test_the_experiment_opens_on_runs_and_runs_describe_themselves(tiny_study, c
 def test_report_names_its_sources_and_logs_its_numbers(tiny_study, client):
     report = tiny_study["by_stage"][("report", -1)]
     sources = set(report.data.tags[paths.TAG_SOURCE_RUNS].split(","))
-    expected = {tiny_study["by_stage"][(s, t)].info.run_id for s in ("train", "finetune") for t in (0, 1)}
+    expected = {tiny_study["by_stage"][(s, t)].info.run_id for s in ("train", "prune", "finetune") for t in (0, 1)}
     assert sources == expected
     metrics = report.data.metrics
     tuned = [last(client, tiny_study["by_stage"][("finetune", t)].info.run_id, "test_accuracy") for t in (0, 1)]

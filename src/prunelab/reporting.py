@@ -74,15 +74,49 @@ def band(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return sub.groupby("step")["value"].agg(["mean", "min", "max", "count"]).reset_index()
 
 
-def finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: float | None = None) -> plt.Figure:
-    """Labels, grid, legend and layout: the same finish on every report's figures."""
+# Where `finish` puts the legend: inside the axes, where it covers the fewest points; or below
+# them, where it covers nothing (for figures whose curves fill the axes).
+LEGEND_INSIDE, LEGEND_BELOW = "inside", "below"
+
+
+def finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: float | None = None,
+           legend: str | None = LEGEND_INSIDE) -> plt.Figure:
+    """Labels, grid, legend and layout: the same finish on every report's figures. `legend`:
+    `LEGEND_INSIDE`, `LEGEND_BELOW` (the figure's, holding `ax`'s entries) or None."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    if legend == LEGEND_BELOW:
+        # Constrained layout makes room for a legend outside the axes (tight_layout does not).
+        fig.set_layout_engine("constrained")
+        handles, labels = ax.get_legend_handles_labels()
+        # As many columns as fit across the figure: a wider legend would be cut off at its edges.
+        for ncols in range(max(1, len(handles)), 0, -1):
+            box = fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=legend_size)
+            if ncols == 1 or box.get_window_extent(fig.canvas.get_renderer()).width <= fig.bbox.width:
+                break
+            box.remove()
+        return fig
+    if legend == LEGEND_INSIDE:
+        ax.legend(fontsize=legend_size)
     fig.tight_layout()
     return fig
+
+
+def held_to_the_end(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """`df` (a `histories` table) with each trial's series of `metrics` carried on, at its last
+    value, through the later steps other trials logged: a trial that stopped early (its pruning
+    target reached a round sooner) stays in the later steps' bands as what it ended as, so every
+    step's band spans every trial and the last step's is the trials' final state."""
+    held = []
+    for key in metrics:
+        sub = df[df.metric == key]
+        steps = sorted(sub.step.unique())
+        for (trial, run_id), series in sub.groupby(["trial", "run_id"]):
+            last = series.sort_values("step").iloc[-1]
+            held += [(trial, run_id, key, step, last.value) for step in steps if step > last.step]
+    return pd.concat([df, pd.DataFrame(held, columns=df.columns)], ignore_index=True) if held else df
 
 
 def plot_band(ax, table: pd.DataFrame, label: str, say_band: bool = True, **style) -> None:

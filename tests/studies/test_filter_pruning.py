@@ -139,3 +139,92 @@ def test_evaluate_of_a_run_uses_the_data_it_was_made_with(study, client, capsys)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 200
     assert cli.main(["evaluate", ids["finetune"], "--set", "train.epochs=3"]) == 2
     assert "only data.* settings apply here, not train" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the report's figures, three trials
+
+@pytest.fixture(scope="module")
+def three_trials(fashion_dir, tracking_uri, tmp_path_factory):
+    """Three trials of the default study at test scale, with random filter ranking: random
+    scores depend on the seed alone, so on any machine the trials stop after different numbers
+    of rounds (as Taylor-ranked trials often do at full scale). Returns the config, the runs per
+    trial, the report's figures and table, and the folder it was written to."""
+    cfg = studies.load_config(overrides=["data.n_train=1500", "data.n_test=500", "train.epochs=2", "finetune.epochs=1",
+                                         "prune.method=random", "prune.rank_images=500", "prune.latency_repeats=0",
+                                         "trials=3", "study=test-figures"])
+    ids = {}
+    for trial in range(cfg.trials):
+        train_id = filter_pruning.train(cfg, trial)
+        prune_id = filter_pruning.prune(cfg, trial, train_id)
+        ids[trial] = {"train": train_id, "prune": prune_id, "finetune": filter_pruning.finetune(cfg, trial, prune_id)}
+    out = tmp_path_factory.mktemp("figures-three")
+    report_id = studies.report(cfg, out)
+    figures, table = filter_pruning.report(cfg)
+    return cfg, ids, figures, table, out, report_id
+
+
+def _labelled(ax, start: str):
+    """The errorbar container (a curve or a marker) whose legend label starts with `start`."""
+    (found,) = [c for c in ax.containers if c.get_label().startswith(start)]
+    return found
+
+
+def test_the_pruned_networks_before_fine_tuning_are_marked_and_the_legend_covers_no_data(three_trials, client):
+    """On both epoch figures the pruned networks before fine-tuning (each finetune run's step 0)
+    have a marker of their own at their mean and a note at their worst trial, and the legend
+    lies outside the axes, inside the figure."""
+    cfg, ids, figures, _, _, _ = three_trials
+    for name, metric, worst in (("test_accuracy.png", "test_accuracy", min), ("test_loss.png", "test_loss", max)):
+        fig = figures[name]
+        ax = fig.axes[0]
+        firsts = [history(client, ids[t]["finetune"], metric)[0] for t in range(cfg.trials)]
+        assert {step for step, _ in firsts} == {0}
+        before = [value for _, value in firsts]
+        marker = _labelled(ax, "pruned, before fine-tuning")
+        assert list(marker.lines[0].get_xdata()) == [cfg.train.epochs]
+        assert list(marker.lines[0].get_ydata()) == pytest.approx([sum(before) / len(before)])
+        (note,) = [t for t in ax.texts if t.get_text().startswith("pruned, before fine-tuning")]
+        assert note.xy == pytest.approx((cfg.train.epochs, worst(before)))
+        assert f"{worst(before):.4f}" in note.get_text()
+
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        assert ax.get_legend() is None
+        (legend,) = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert not box.overlaps(ax.get_window_extent(renderer)), name
+        for shown in (box, note.get_window_extent(renderer)):  # neither cut off at the figure's edge
+            assert fig.bbox.x0 <= shown.x0 and shown.x1 <= fig.bbox.x1 and fig.bbox.y0 <= shown.y0 and shown.y1 <= fig.bbox.y1
+        assert any(t.get_text().startswith("pruned, before fine-tuning") for t in legend.get_texts())
+
+
+def test_accuracy_against_parameters_removed_ends_where_the_table_puts_the_pruned_networks(three_trials, client):
+    """Test accuracy right after each round's removal against the percent of parameters removed,
+    mean and min-max of the trials: it starts at the trained networks, and its last point, with
+    a trial that stopped a round sooner held at its final network, is the size table's pruned
+    networks; the fine-tuned ones are a star at the same size. The report logs it and writes it out."""
+    cfg, ids, figures, table, out, report_id = three_trials
+    assert (out / "accuracy_vs_params_removed.png").stat().st_size > 10_000
+    logged = {a.path for a in client.list_artifacts(report_id, paths.REPORT_DIR)}
+    assert f"{paths.REPORT_DIR}/accuracy_vs_params_removed.png" in logged
+
+    ax = figures["accuracy_vs_params_removed.png"].axes[0]
+    assert ax.get_xlabel().startswith("parameters removed")
+    curve = _labelled(ax, "right after removal")
+    x, y = list(curve.lines[0].get_xdata()), list(curve.lines[0].get_ydata())
+    accs = [history(client, ids[t]["prune"], "test_accuracy") for t in range(cfg.trials)]
+    rounds = [len(a) - 1 for a in accs]
+    assert len(set(rounds)) > 1  # the trials stop after different rounds: the case the last point must get right
+    assert len(x) == max(rounds) + 1
+    assert x[0] == 0 and y[0] == pytest.approx(sum(a[0][1] for a in accs) / cfg.trials)
+    lasts = [a[-1][1] for a in accs]
+    tuned = table[table.model == "pruned + fine-tuned"].iloc[0]
+    assert x[-1] == pytest.approx(100 * (1 - tuned.params_fraction))
+    assert y[-1] == pytest.approx(sum(lasts) / cfg.trials)
+    (bars,) = curve.lines[2]  # the min-max bar of each point
+    assert sorted(bars.get_segments()[-1][:, 1]) == pytest.approx([min(lasts), max(lasts)])
+
+    star = _labelled(ax, "after the final fine-tuning")
+    assert star.lines[0].get_xdata()[0] == pytest.approx(x[-1])
+    tuned_accs = [history(client, ids[t]["finetune"], "test_accuracy")[-1][1] for t in range(cfg.trials)]
+    assert star.lines[0].get_ydata()[0] == pytest.approx(sum(tuned_accs) / cfg.trials) == pytest.approx(tuned.test_accuracy_mean)

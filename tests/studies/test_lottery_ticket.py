@@ -103,6 +103,39 @@ def test_report_draws_five_trial_bands(five_trials, tmp_path, client):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(logged)
 
 
+@pytest.mark.slow
+def test_iteration_curves_start_at_the_first_iteration_and_draw_the_reinit_controls_dashed(five_trials):
+    """As the paper draws them: each Pm level's re-init control is a dashed curve in its
+    ticket's colour, the mean of the control runs' logged series; the first panel spans the
+    iterations from the first logged one, every point of every curve in view."""
+    from matplotlib.colors import to_rgba
+
+    cfg, ids = five_trials
+    figures, _ = lottery.report(cfg)
+    for name, metric in (("test_accuracy.png", "test_accuracy"), ("test_loss.png", "test_loss")):
+        whole = figures[name].axes[0]
+        curves = {c.get_label(): c.lines[0] for c in whole.containers}
+        (control_label,) = [label for label in curves if "re-init" in label]
+        level = control_label.split(" re-init")[0]
+        (ticket_label,) = [label for label in curves if label.startswith(f"{level},")]
+        control, ticket = curves[control_label], curves[ticket_label]
+        assert (control.get_linestyle(), ticket.get_linestyle()) == ("--", "-")
+        assert to_rgba(control.get_color()) == to_rgba(ticket.get_color())
+
+        series = [query.metric_history(ids[t][2], metric) for t in range(5)]
+        steps = [s for s, _ in series[0]]
+        assert list(control.get_xdata()) == steps
+        assert list(control.get_ydata()) == pytest.approx([sum(dict(h)[s] for h in series) / 5 for s in steps])
+
+        first = min(s for t in range(5) for run in ids[t] for s, _ in query.metric_history(run, metric))
+        left, right = whole.get_xlim()
+        low, high = whole.get_ylim()
+        assert left == first == 0
+        for line in curves.values():
+            assert all(left <= x <= right for x in line.get_xdata())
+            assert all(low <= y <= high for y in line.get_ydata()), (name, line.get_label())
+
+
 def test_study_steps_chain_rounds_and_controls():
     """`main` runs train, then each round's prune (reading the previous round) and its
     re-init control (reading that round); filter pruning keeps its linear chain."""

@@ -105,6 +105,22 @@ def test_report_draws_from_the_server(study, client, tmp_path):
     assert f"{paths.REPORT_DIR}/filters_left.png" in artifacts
 
 
+def test_the_accuracy_figure_says_the_features_were_random_and_ends_at_the_tables_size(study, client):
+    """The runs say their features were not pretrained, so the figure says its accuracy is that
+    of random features; its last pruning point and its fine-tuned star sit at the parameters
+    removed the table reports."""
+    cfg, _, prune_id, _ = study
+    assert client.get_run(prune_id).data.params["transfer.pretrained"] == "False"
+    figures, table = transfer_stages.report(cfg)
+    ax = figures["accuracy_vs_params_removed.png"].axes[0]
+    assert "random features" in ax.get_title() and "not pretrained" in ax.get_title()
+    removed = {row.model: 100 * (1 - row.params_fraction) for row in table.itertuples()}
+    (curve,) = [c for c in ax.containers if c.get_label().startswith("right after removal")]
+    (star,) = [c for c in ax.containers if c.get_label().startswith("after the final fine-tuning")]
+    assert curve.lines[0].get_xdata()[-1] == pytest.approx(removed["pruned, before fine-tuning"])
+    assert star.lines[0].get_xdata()[0] == pytest.approx(removed["pruned + fine-tuned"])
+
+
 def test_target_that_empties_a_layer_fails_before_any_step(study, client):
     """A filter target below one filter per layer is a one-line ConfigError raised before any run starts."""
     cfg, train_id, _, _ = study

@@ -77,11 +77,14 @@ def test_pruning_removes_block_internal_channels_only(study, client):
 
 def test_the_report_names_the_block_convs_and_holds_the_logged_numbers(study, client, tmp_path):
     """The report draws from the prune run alone (no finetune run yet): its table's sizes and
-    filter counts, in total and per block conv, are the logged ones."""
+    filter counts, in total and per block conv, are the logged ones; its accuracy figure does
+    not call the pretrained features random."""
     import pandas as pd
 
     cfg, _, prune_id = study
     studies.report(cfg, tmp_path)
+    figures, _ = transfer_stages.report(cfg)
+    assert "random features" not in figures["accuracy_vs_params_removed.png"].axes[0].get_title()  # pretrained
     assert {"accuracy_vs_params_removed.png", "filters_left.png"} <= {p.name for p in tmp_path.iterdir()}
     table = pd.read_csv(tmp_path / paths.REPORT_TABLE)
     assert list(table["model"]) == ["before pruning (transfer only)", "pruned, before fine-tuning"]

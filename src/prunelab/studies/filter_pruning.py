@@ -11,7 +11,10 @@
 as a version of the registered model named after the study. Every logged model
 takes float pixels in [0, 1] (the normalisation is inside it); a run's final
 model is also exported to ONNX. The report draws test accuracy and loss per
-epoch, original against pruned + fine-tuned, and a size table.
+epoch, original against pruned + fine-tuned (the pruned networks before
+fine-tuning marked and their worst trial written out), test accuracy against
+the share of parameters removed per pruning round (`accuracy_vs_params_removed.png`),
+and a size table.
 
 The model is a registered one, which names its prunable convs itself, or any
 network from a factory (`model=torchvision:NAME`, `model=PACKAGE.MODULE:FUNCTION`,
@@ -203,10 +206,14 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
 # --------------------------------------------------------------------------- report
 
 CURVE_METRICS = ["test_accuracy", "test_loss", "params", "macs"]
+# What a prune run logs per round that the accuracy-against-parameters-removed figure draws.
+ROUND_METRICS = ["params", "test_accuracy", "retrained_test_accuracy"]
+PRUNED_BEFORE_FINETUNING = "pruned, before fine-tuning"
 
 
 def report(cfg: StudyConfig) -> common.Report:
-    """Test accuracy / loss per epoch, original vs fine-tuned pruned, and the size table."""
+    """Test accuracy / loss per epoch, original vs fine-tuned pruned; test accuracy against the
+    parameters removed, round by round; the size table."""
     train_runs, prune_runs, ft_runs = (reporting.stage_runs(cfg, s) for s in ("train", "prune", "finetune"))
     if not train_runs and not ft_runs:
         raise reporting.no_runs(cfg, "train or finetune runs")
@@ -218,17 +225,94 @@ def report(cfg: StudyConfig) -> common.Report:
     trained_epochs = int(curves["train"].step.max()) if len(curves["train"]) else cfg.train.epochs
     shown = {"train": curves["train"], "finetune": curves["finetune"].assign(step=curves["finetune"].step + trained_epochs)}
     figures = {}
-    for metric, label in (("test_accuracy", "test accuracy"), ("test_loss", "test loss")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for metric, label, worst in (("test_accuracy", "test accuracy", min), ("test_loss", "test loss", max)):
+        fig, ax = plt.subplots(figsize=(7.2, 4.8))
         for stage, name in (("train", "original"), ("finetune", "pruned + fine-tuned")):
             table = reporting.band(shown[stage], metric)
             if len(table):
                 reporting.plot_band(ax, table, f"{name}, {int(table['count'].max())} trials")
         if len(curves["finetune"]):
             ax.axvline(trained_epochs, color="grey", linewidth=0.8, linestyle=":")
+            _mark_pruned(ax, curves["finetune"], metric, trained_epochs, worst)
+        # Below the axes: inside, the legend sat on the drop right after pruning, the point
+        # this figure is about (the curves fill the axes from corner to corner).
         figures[f"{metric}.png"] = reporting.finish(
-            fig, ax, f"epoch (pruned after epoch {trained_epochs}, then fine-tuned)", label, f"{cfg.study}: {label}")
+            fig, ax, f"epoch (pruned after epoch {trained_epochs}, then fine-tuned)", label, f"{cfg.study}: {label}",
+            legend=reporting.LEGEND_BELOW)
+    if prune_runs:
+        figures["accuracy_vs_params_removed.png"] = accuracy_figure(
+            cfg, reporting.histories(prune_runs, ROUND_METRICS), curves["finetune"])
     return figures, size_table(curves)
+
+
+def _mark_pruned(ax, finetune: pd.DataFrame, metric: str, epoch: int, worst) -> None:
+    """The pruned networks before fine-tuning (each finetune run's step 0, drawn at `epoch`):
+    their mean as a marker of its own in the legend, and the worst trial (`worst`: min for
+    accuracy, max for loss) written beside its end of the bar, so the drop pruning causes is
+    read off the figure itself."""
+    before = finetune[(finetune.metric == metric) & (finetune.step == 0)].value
+    if before.empty:
+        return
+    # An errorbar without bars, not a plain marker: the legend lists it after the curves.
+    ax.errorbar([epoch], [before.mean()], fmt="D", markersize=7, color="tab:red", zorder=3,
+                label=f"{PRUNED_BEFORE_FINETUNING}: mean {before.mean():.4f}")
+    # Beside the worst end of the drop, on the side with more room (the original curve's,
+    # once training had more than an epoch): there the text covers neither curve.
+    low, high = ax.dataLim.x0, ax.dataLim.x1
+    left = high > low and (epoch - low) / (high - low) > 0.35
+    ax.annotate(f"{PRUNED_BEFORE_FINETUNING},\nworst of {len(before)} trials: {worst(before):.4f}", (epoch, worst(before)),
+                xytext=(-14 if left else 14, 0), textcoords="offset points", ha="right" if left else "left",
+                va="center", fontsize=8, color="tab:red", arrowprops={"arrowstyle": "->", "color": "tab:red"})
+
+
+def _last_per_trial(df: pd.DataFrame, metric: str) -> pd.Series:
+    """Per trial, the value at the highest step."""
+    sub = df[df.metric == metric]
+    return sub.sort_values("step").groupby("trial")["value"].last()
+
+
+def removal_curve(rounds: pd.DataFrame, metric: str, params_before: float) -> pd.DataFrame:
+    """`metric`'s band (mean, min, max over trials) per round, with `step` the percent of the
+    parameters removed: 1 - the mean parameters of the same trials / `params_before`, as the
+    size tables compute their params_fraction (mean over trials / mean over trials), so the
+    last round's point sits where the table puts the pruned networks."""
+    sub = rounds[rounds.metric.isin([metric, "params"])]
+    both = sub.pivot_table(index=["trial", "step"], columns="metric", values="value").reset_index()
+    if metric not in both or "params" not in both:
+        return pd.DataFrame(columns=["step", "mean", "min", "max", "count"])
+    both = both.dropna(subset=[metric, "params"])
+    per_round = both.groupby("step")
+    table = per_round[metric].agg(["mean", "min", "max", "count"]).reset_index()
+    table["step"] = 100 * (1 - per_round["params"].mean().to_numpy() / params_before)
+    return table
+
+
+def accuracy_figure(cfg: StudyConfig, rounds: pd.DataFrame, final: pd.DataFrame, note: str = "") -> plt.Figure:
+    """Test accuracy against the share of parameters removed (Molchanov et al. 2017's figures):
+    right after each round's removal and, where rounds retrain, after retraining, mean and
+    min-max over trials; the fine-tuned networks as a star at their own size. `rounds`: the
+    prune runs' `ROUND_METRICS` histories; `final`: the finetune runs' `test_accuracy` and
+    `params`; `note`: a line under the title."""
+    before = rounds[(rounds.metric == "params")]
+    params_before = before[before.step == before.step.min()].value.mean()
+    # A trial that reached the target a round sooner stays at its final network in the later
+    # rounds: every point averages every trial, and the last is the pruned networks the table
+    # reports (a point of the trials that went one round further alone lay beyond the table).
+    held = reporting.held_to_the_end(rounds, ["params", "test_accuracy"])
+    fig, ax = plt.subplots(figsize=(8.6, 4.4))
+    for source, metric, label in ((held, "test_accuracy", "right after removal"),
+                                  (rounds, "retrained_test_accuracy", "after retraining")):
+        table = removal_curve(source, metric, params_before)
+        if len(table):
+            reporting.plot_band(ax, table, f"{label}, {int(table['count'].max())} trials")
+    accs, params = _last_per_trial(final, "test_accuracy"), _last_per_trial(final, "params")
+    if len(accs) and len(params):
+        ax.errorbar([100 * (1 - params.mean() / params_before)], [accs.mean()],
+                    yerr=[[accs.mean() - accs.min()], [accs.max() - accs.mean()]], fmt="*", markersize=12, capsize=4,
+                    color="black", label=f"after the final fine-tuning, {len(accs)} trials")
+    title = f"{cfg.study}: accuracy while pruning" + (f"\n{note}" if note else "")
+    return reporting.finish(fig, ax, "parameters removed (% of the whole model)", "test accuracy", title, 8,
+                            legend=reporting.LEGEND_BELOW)
 
 
 def size_table(curves: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -13,7 +13,9 @@ validation loss), `fraction_remaining` and per-layer counts. `main` chains
 train, then each round's prune (reading the previous round) and its re-init
 control (reading that round). The report draws the paper's figures 3-4: test
 accuracy and loss against iteration per Pm (mean of the trials, min/max bars),
-and the early-stop iteration and accuracy against Pm for tickets and re-init.
+each ticket's re-init control dashed in its colour, from the first iteration and
+zoomed past the first 10 %; and the early-stop iteration and accuracy against Pm
+for tickets and re-init.
 
 The last round's ticket (trained, pruned weights zero) is also logged as a model
 for users at step = `lottery.iterations` (pixels in, pt2 and ONNX): it is what a
@@ -308,17 +310,54 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, pm_ticks: list[float]
     return reporting.finish(fig, ax, xlabel, ylabel, title, 8)
 
 
-def _zoom_past_start(ax, tables, iterations: int) -> None:
-    """Fit the y axis to the curves after the first 10 % of training, as the paper's figures
-    do: the untrained network's first points would otherwise squash the differences between Pm
-    levels into a sliver (the early points are drawn, only clipped)."""
-    later = [t[t.step >= 0.1 * iterations] for t in tables]
+ZOOM_PAST = 0.1  # the zoomed panel leaves out the first 10 % of training
+
+
+def _zoom_past_start(ax, tables, iterations: int, last: float) -> None:
+    """Show only the curves after the first 10 % of training, as the paper's figures do: the
+    untrained network's first points would otherwise squash the differences between Pm
+    levels into a sliver (the panel beside this one draws them, from the first iteration)."""
+    later = [t[t.step >= ZOOM_PAST * iterations] for t in tables]
     later = [t for t in later if len(t)]
     if not later:
         return
     low, high = min(float(t["min"].min()) for t in later), max(float(t["max"].max()) for t in later)
     pad = 0.1 * (high - low) or 0.01
     ax.set_ylim(low - pad, high + pad)
+    ax.set_xlim(min(float(t.step.min()) for t in later), last)
+
+
+def _iteration_figure(cfg: StudyConfig, metric: str, label: str, pms: dict[int, float],
+                      tickets: dict[int, pd.DataFrame], controls: dict[int, pd.DataFrame]) -> plt.Figure:
+    """`metric` against iteration per Pm level (`pms`: round -> Pm percent; `tickets` and
+    `controls`: round -> the rounds' `histories`): the ticket solid, the same level's random
+    re-initialisation dashed in the ticket's colour (the paper's figures 3-4), mean and
+    min-max over trials. Two panels: every iteration from the first logged one, and the
+    curves past the first 10 % with the y axis fitted to them."""
+    fig, (whole, zoom) = plt.subplots(1, 2, figsize=(12, 4.4))
+    tables = []
+    for k, pm in pms.items():
+        ticket = reporting.band(tickets[k], metric)
+        control = reporting.band(controls[k], metric) if k in controls else ticket.iloc[:0]
+        for ax in (whole, zoom):
+            reporting.plot_band(ax, ticket, f"Pm={pm:.1f}%, {int(ticket['count'].max())} trials", say_band=False,
+                                markersize=3)
+            if len(control):
+                reporting.plot_band(ax, control, f"Pm={pm:.1f}% re-init, {int(control['count'].max())} trials",
+                                    say_band=False, markersize=3, linestyle="--",
+                                    color=ax.containers[-1].lines[0].get_color())
+        tables += [ticket, control]
+    tables = [t for t in tables if len(t)]
+    # From the first logged iteration (0, or the rewind iteration of late rewinding) to the last,
+    # with no margin: the curves start at the left edge, as the paper's do.
+    first, last = min(float(t.step.min()) for t in tables), max(float(t.step.max()) for t in tables)
+    whole.set_xlim(first, last)
+    _zoom_past_start(zoom, tables, cfg.lottery.iterations, last)
+    reporting.finish(fig, whole, "training iteration", label, "every iteration", legend=None)
+    variants = "winning tickets (solid) and random re-init (dashed)" if controls else "winning tickets"
+    fig.suptitle(f"{cfg.study}: {label}, {variants}: mean, min-max over trials")
+    return reporting.finish(fig, zoom, "training iteration", label, f"past the first {ZOOM_PAST:.0%} of training", 8,
+                            legend=reporting.LEGEND_BELOW)
 
 
 def report(cfg: StudyConfig) -> common.Report:
@@ -328,14 +367,12 @@ def report(cfg: StudyConfig) -> common.Report:
         raise reporting.no_runs(cfg, "lottery rounds")
     figures = {}
     shown = _shown_rounds(list(tickets))
-    curves = {k: reporting.histories(tickets[k], ["test_accuracy", "test_loss"]) for k in shown}
+    series = ["test_accuracy", "test_loss"]
+    ticket_curves = {k: reporting.histories(tickets[k], series) for k in shown}
+    control_curves = {k: reporting.histories(controls[k], series) for k in shown if k in controls}
+    pms = {k: pm_percent(tickets[k]) for k in shown}
     for metric, label in (("test_accuracy", "test accuracy"), ("test_loss", "test loss")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        tables = {k: reporting.band(curves[k], metric) for k in shown}
-        for k, table in tables.items():
-            reporting.plot_band(ax, table, f"Pm={pm_percent(tickets[k]):.1f}%, {int(table['count'].max())} trials", markersize=3)
-        _zoom_past_start(ax, tables.values(), cfg.lottery.iterations)
-        figures[f"{metric}.png"] = _finish(fig, ax, f"{cfg.study}: {label} (winning tickets)", "training iteration", label)
+        figures[f"{metric}.png"] = _iteration_figure(cfg, metric, label, pms, ticket_curves, control_curves)
 
     keys = ["early_stop_iteration", "early_stop_test_accuracy"]
     frames = {"winning ticket": summary_frame(tickets, keys), "random reinit": summary_frame(controls, keys)}

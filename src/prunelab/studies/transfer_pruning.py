@@ -15,7 +15,8 @@ registers each trial's `finetune` model, the fully retrained pruned network
 (`StudyKind.deliverable`), as a version of the registered model named after the study.
 
 The report draws accuracy against the share of parameters removed (right
-after each removal and after retraining), the filters left per conv, and a
+after each removal and after retraining; filter pruning's figure, saying so
+when the features were random), the filters left per conv, and a
 before/after table of parameters, MACs, CPU latency and accuracy.
 """
 
@@ -107,7 +108,7 @@ finetune = filter_pruning.finetune
 
 # --------------------------------------------------------------------------- report
 
-STEP_METRICS = ["params", "macs", "latency_ms", "fraction_remaining", "filters", "test_accuracy", "test_loss",
+STEP_METRICS = ["params", "macs", "latency_ms", "filters", "test_accuracy", "test_loss",
                 "retrained_test_accuracy", "retrained_test_loss"]
 
 
@@ -145,27 +146,19 @@ def report(cfg: StudyConfig) -> common.Report:
     layers = _layer_keys(prune_runs)
     steps = reporting.histories(prune_runs, STEP_METRICS + layers)
     final = reporting.histories(ft_runs, ["test_accuracy", "params"])
-    figures = {"accuracy_vs_params_removed.png": _accuracy_figure(cfg, steps, final, len(prune_runs)),
+    figures = {"accuracy_vs_params_removed.png": filter_pruning.accuracy_figure(cfg, steps, final, features_note(prune_runs)),
                "filters_left.png": _filters_figure(cfg, steps, layers, len(prune_runs))}
     return figures, before_after_table(steps, final, layers)
 
 
-def _accuracy_figure(cfg: StudyConfig, steps: pd.DataFrame, final: pd.DataFrame, trials: int) -> plt.Figure:
-    removed = reporting.band(steps, "fraction_remaining")
-    x_of_step = dict(zip(removed["step"], 100 * (1 - removed["mean"])))  # mean over trials at each step
-    fig, ax = plt.subplots(figsize=(7, 4.4))
-    for metric, label in (("test_accuracy", "right after removal"), ("retrained_test_accuracy", "after retraining")):
-        table = reporting.band(steps, metric)
-        if len(table):
-            table = table.assign(step=table["step"].map(x_of_step))
-            reporting.plot_band(ax, table, f"{label}, {trials} trials")
-    accs = _last(final, "test_accuracy")
-    if len(accs):
-        # Trials may stop at different steps: place the final models at their own mean size.
-        x = 100 * (1 - _last(steps, "fraction_remaining").mean())
-        ax.errorbar([x], [accs.mean()], yerr=[[accs.mean() - accs.min()], [accs.max() - accs.mean()]], fmt="*",
-                    markersize=12, capsize=4, color="black", label=f"after the final fine-tuning, {len(accs)} trials")
-    return reporting.finish(fig, ax, "parameters removed (% of the whole model)", "test accuracy", f"{cfg.study}: accuracy while pruning", 8)
+def features_note(runs: dict) -> str:
+    """What the figure must say when the runs' features were not pretrained: their accuracy is
+    then a head's on random features, near chance, and would otherwise read as a failure of pruning."""
+    random = sum(r.data.params.get("transfer.pretrained") == str(False) for r in runs.values())
+    if not random:
+        return ""
+    which = "" if random == len(runs) else f" in {random} of {len(runs)} trials"
+    return f"random features{which}: not pretrained (transfer.pretrained=false)"
 
 
 def _filters_figure(cfg: StudyConfig, steps: pd.DataFrame, layers: list[str], trials: int) -> plt.Figure:
