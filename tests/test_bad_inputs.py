@@ -409,7 +409,7 @@ CASES = [
     Case("factory-malformed", settings("model=my nets:build"), "is not a factory: write torchvision:NAME or"),
     Case("factory-on-lottery", settings("model=torchvision:resnet18", study="lth-conv2-cifar10-quick"),
          "cannot be used in a lottery_ticket study: networks from a factory are pruned by filter_pruning studies"),
-    Case("ignored-layers-number", settings("prune.ignored_layers=3"), "prune.ignored_layers must be a list of layer names"),
+    Case("ignored-layers-number", settings("prune.ignored_layers=3"), "prune.ignored_layers must be a list (e.g. prune.ignored_layers=[a, b]), got 3"),
     Case("dataset-unknown", settings("data.dataset=mnist3d"), "unknown dataset 'mnist3d'"),
     Case("dataset-empty", settings("data.dataset="), "unknown dataset ''"),
     Case("method-unknown", settings("prune.method=magic"), "unknown pruning method 'magic'"),
@@ -776,7 +776,7 @@ CASES = [
     Case("kmeans-weights-absent", staged("prune", "--set", "study=test-bad-kmeans", "--set", "kmeans.weights=/nonexistent/r.th",
                                          study=KMEANS, data_dir=lambda c: str(c.cifar)), "no weights file at /nonexistent/r.th"),
     Case("kmeans-weights-junk", staged("prune", "--set", "study=test-bad-kmeans", "--set", "kmeans.weights={junk}",
-                                       study=KMEANS, data_dir=lambda c: str(c.cifar)), "mask.pt is not a weights file (nothing of it was unpickled)"),
+                                       study=KMEANS, data_dir=lambda c: str(c.cifar)), "is not a PyTorch checkpoint"),
     # --------------------------------------------------------------- pruning that cannot work, refused before pre-training
     Case("filters-per-step-too-many", staged("prune", "--set", "study=test-bad-prune", "--set", "prune.filters_per_step=100"),
          "a step of 100 filters would remove every filter of a layer"),

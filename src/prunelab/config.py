@@ -399,8 +399,8 @@ def from_dict(raw: dict, cls: type, prefix: str = "", kind: str = "") -> Any:
 def _typed(value: Any, default: Any, key: str) -> Any:
     """`value` as the type of the setting's default, or a one-line error. A bool is never
     a number (YAML reads yes/no/on/off as booleans), a number written without a dot
-    (1e-3, which YAML 1.1 reads as text) is a float, and a list is checked element
-    by element against the default's elements."""
+    (1e-3, which YAML 1.1 reads as text) is a float, and a list (also written a,b) is
+    checked element by element against the default's elements."""
     kind = type(default)
     if kind is bool:
         if isinstance(value, bool):
@@ -425,6 +425,8 @@ def _typed(value: Any, default: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be text, got {value!r}: YAML reads yes/no/on/off/true/false as "
                               f"booleans, so put the word in quotes ({key}='...')")
     elif kind is tuple:
+        if isinstance(value, str) and value.strip():  # the comma form a shell types: a,b (or one name)
+            value = [parse_settings(v.strip(), key, MAX_VALUE_BYTES) for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)):
             element = default[0] if default else ""
             return type(value)(_typed(v, element, f"{key}[{i}]") for i, v in enumerate(value))

@@ -63,12 +63,9 @@ class PruneConfig:
                                     "a block's name covers every layer in it), e.g. [layer4, features.0]", ())
 
     def __post_init__(self):
-        # `--set prune.ignored_layers=fc,layer4` arrives as one string: a comma-separated list.
-        names = self.ignored_layers
-        if isinstance(names, str):
-            names = [n.strip() for n in names.split(",") if n.strip()]
-        if isinstance(names, list):
-            object.__setattr__(self, "ignored_layers", tuple(names))
+        # Settings read a list as a list (`--set prune.ignored_layers=fc,layer4` too): kept as a tuple.
+        if isinstance(self.ignored_layers, list):
+            object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
 
     def validate(self, where: str = "prune") -> None:
         if not 0.0 < self.target < 1.0:
