@@ -47,7 +47,9 @@ TARGET_KINDS = ("params", "filters")
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = setting("filter importance criterion: taylor, l1 or random", "taylor")
+    method: str = setting("filter importance criterion: taylor (Molchanov et al. 2017, on the ranking images), l1 or "
+                          "l2 (Li et al. 2017), fpgm (He et al. 2019), bn_scale (Liu et al. 2017: |gamma| of the "
+                          "BatchNorm after each conv) or random (the control)", "taylor")
     filters_per_step: int = setting("filters removed per pruning step", 1)
     target: float = setting("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
     target_kind: str = setting("what the target counts: params or filters", "params")
@@ -105,6 +107,8 @@ def prunable(model: nn.Module, example: torch.Tensor, pc: PruneConfig) -> struct
     """The layers this study may thin, checked before any run: a step it can take, a target it
     can reach, and a network that still runs with every layer at its fewest filters."""
     layers = structure.find(model, example, pc.ignored_layers)
+    # A criterion that needs what the network lacks (bn_scale: a BatchNorm after each conv) says so now.
+    criteria.get(pc.method).check(model, layers.convs, layers.feature_maps, layers.filters)
     widths = layers.widths()
     least = {n: min(w, pc.round_to) for n, w in widths.items()}
     slim = copy.deepcopy(model)
@@ -180,8 +184,10 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         while remaining() > pc.target:
             k += 1
             rb = pc.rank_batch_size
-            scores = criterion(model, layers.convs, batches(rank_x, rank_y, rb, data.normalise),
-                               total=(len(rank_y) + rb - 1) // rb, outputs=layers.feature_maps, coupled=layers.filters)
+            # A data-free criterion (l1, l2, fpgm, bn_scale, random) is handed no ranking batches: no pass runs.
+            ranked = batches(rank_x, rank_y, rb, data.normalise) if criterion.needs_data else None
+            scores = criterion(model, layers.convs, ranked, total=(len(rank_y) + rb - 1) // rb,
+                               outputs=layers.feature_maps, coupled=layers.filters)
             remover.remove(schedule.plan_step(scores, pc.filters_per_step, pc.round_to))
             log_round(k)
             done = remaining() <= pc.target
