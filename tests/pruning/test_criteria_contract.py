@@ -102,3 +102,16 @@ def test_random_depends_on_the_seed():
     layers = structure.find(model, torch.zeros(1, 1, 28, 28))
     a, b = (run(criteria.get("random", seed), model, layers, None) for seed in (0, 1))
     assert not torch.equal(a["features.0"], b["features.0"])
+
+
+def test_the_study_refuses_a_criterion_the_network_cannot_feed_before_any_run():
+    """filter_pruning.prunable, which runs before `main` starts a run and before `prune` opens
+    one, asks the criterion: bn_scale on the BatchNorm-free default CNN is one line."""
+    from prunelab.studies.filter_pruning import PruneConfig, prunable
+
+    torch.manual_seed(0)
+    model = models.build("simple_cnn", (1, 28, 28), 10)
+    with pytest.raises(ModelError, match="bn_scale") as refused:
+        prunable(model, torch.zeros(2, 1, 28, 28), PruneConfig(method="bn_scale"))
+    assert "\n" not in str(refused.value)
+    assert prunable(model, torch.zeros(2, 1, 28, 28), PruneConfig(method="fpgm")).convs
