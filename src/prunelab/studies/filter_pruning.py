@@ -53,10 +53,11 @@ class PruneConfig:
     filters_per_step: int = setting("filters removed per pruning step", 1)
     target: float = setting("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
     target_kind: str = setting("what the target counts: params or filters", "params")
-    rank_images: int = setting("training images seen by each ranking pass (0: all)", 10000)
+    rank_images: int = setting("training images seen by each ranking pass of a criterion that ranks on images "
+                                 "(taylor; 0: all)", 10000)
     finetune_epochs_between: int = setting("fine-tuning epochs after each pruning step but the last", 0)
     log_models_every: int = setting("log the pruned model every N steps (the last step is always logged)", 1)
-    rank_batch_size: int = setting("images per forward/backward pass of a ranking pass", 256)
+    rank_batch_size: int = setting("images per forward/backward pass of a ranking pass (taylor)", 256)
     latency_repeats: int = setting("timed forward passes behind each step's latency_ms (median, batch 1, one CPU "
                                    "thread; 0: not measured)", 30)
     round_to: int = setting("keep every pruned layer's width a multiple of this (1: any width); widths that fill "
