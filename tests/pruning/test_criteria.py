@@ -171,17 +171,27 @@ def test_coupled_l1_and_l2_count_every_filter_one_index_removes():
 
 
 def test_fpgm_sums_the_distances_to_the_other_filters():
-    """As Torch-Pruning defines it: Euclidean distances between the filters' |w|^p. With p = 2
-    the filters become [1, 4], [9, 16], [0, 0]: d01 = sqrt(64 + 144), d02 = sqrt(1 + 16),
-    d12 = sqrt(81 + 256); with p = 1, [1, 2], [3, 4], [0, 0]: sqrt(8), sqrt(5), 5."""
+    """As He et al. define it: distances between the filters themselves, signs and all.
+    Filters [1, -2], [3, 4], [0, 0]: Euclidean d01 = sqrt(4 + 36), d02 = sqrt(1 + 4), d12 = 5;
+    with p = 1, d01 = 2 + 6, d02 = 1 + 2, d12 = 3 + 4."""
     conv = three_filters()
-    d01, d02, d12 = math.sqrt(208), math.sqrt(17), math.sqrt(337)
+    d01, d02, d12 = math.sqrt(40), math.sqrt(5), 5.0
     got = criteria.get("fpgm")(conv, {"c": conv})["c"]
     assert torch.allclose(got, unit(d01 + d02, d01 + d12, d02 + d12))
-    d01, d02, d12 = math.sqrt(8), math.sqrt(5), 5.0
+    d01, d02, d12 = 8.0, 3.0, 7.0
     got = criteria.get("fpgm", p=1)(conv, {"c": conv})["c"]
     assert torch.allclose(got, unit(d01 + d02, d01 + d12, d02 + d12))
-    assert got.argmin().item() == 0  # the filter nearest the others' median goes first
+    assert got.argmin().item() == 2  # the filter nearest the others' median goes first
+
+
+def test_fpgm_tells_filters_of_opposite_sign_apart():
+    """[1, 2] and [-1, -2] are as far apart as two filters can be here; |w|^p would call them equal."""
+    conv = nn.Conv2d(1, 3, (1, 2), bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 2.0], [-1.0, -2.0], [1.0, 2.0]]).view(3, 1, 1, 2))
+    got = criteria.get("fpgm")(conv, {"c": conv})["c"]
+    far = 2 * math.sqrt(5)
+    assert torch.allclose(got, unit(far, 2 * far, far))
 
 
 def test_bn_scale_is_the_batchnorms_absolute_gamma():

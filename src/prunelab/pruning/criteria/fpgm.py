@@ -2,15 +2,18 @@
 Convolutional Neural Networks Acceleration" (CVPR 2019).
 
 The filters nearest the layer's geometric median are the most replaceable: each filter's score
-is the sum of its Euclidean distances to the layer's other filters (the paper's approximation of
-the distance to the median), as Torch-Pruning's `FPGMImportance` computes it: between the
-filters' |w|^p (p = 2 by default), summed over the convs one filter index removes."""
+is the sum of its distances to the layer's other filters (the paper's approximation of the
+distance to the median, its eq. 6), summed over the convs one filter index removes.
+
+Written by hand, not with Torch-Pruning's `FPGMImportance`: that one measures the distances
+between the filters' |w|^p, which drops the weights' signs (two filters of opposite sign come
+out identical); the paper measures them between the filters themselves."""
 
 from __future__ import annotations
 
-import torch_pruning as tp
+import torch
 
-from prunelab.pruning.criteria.base import Criterion, filters, tp_group
+from prunelab.pruning.criteria.base import Criterion, filters
 
 
 class FPGMCriterion(Criterion):
@@ -18,8 +21,16 @@ class FPGMCriterion(Criterion):
 
     name = "fpgm"
     paper = "He et al. 2019, Filter Pruning via Geometric Median for Deep Convolutional Neural Networks Acceleration"
-    settings = {"p": (2, "the power of |w| the distances are taken between (Torch-Pruning's FPGMImportance)")}
+    settings = {"p": (2, "the norm of the distance between two filters (2: Euclidean, as in the paper)")}
 
+    @torch.no_grad()
     def score(self, model, layers, outputs, coupled):
-        importance = tp.importance.FPGMImportance(p=self.p, group_reduction="sum", normalizer=None)
-        return {name: importance(tp_group(convs)).cpu() for name, convs in filters(layers, coupled).items()}
+        out = {}
+        for name, convs in filters(layers, coupled).items():
+            total = None
+            for conv in convs:
+                w = conv.weight.detach().flatten(1).double()  # float64: sums of many distances
+                distances = torch.cdist(w.unsqueeze(0), w.unsqueeze(0), p=float(self.p)).squeeze(0).sum(1)
+                total = distances if total is None else total + distances
+            out[name] = total.float().cpu()
+        return out
