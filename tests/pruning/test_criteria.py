@@ -1,13 +1,15 @@
-"""The Taylor criterion against a hand-computed case and an independent computation."""
+"""Each criterion against a case computed by hand; Taylor also against an independent computation."""
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from prunelab import models
 from prunelab.data.base import batches
 from prunelab.models.simple_cnn import SimpleCNN
+from prunelab.pruning import criteria
 from prunelab.pruning.criteria import L1Criterion, TaylorCriterion
 
 
@@ -132,3 +134,87 @@ def test_a_resnet_block_is_scored_after_its_batchnorm_and_relu():
         assert torch.allclose(got[name], raw / raw.norm(), atol=1e-5), name
     conv_scores = TaylorCriterion()(model, layers, [(x, y)])
     assert any(not torch.allclose(got[n], conv_scores[n], atol=1e-3) for n in layers)
+
+
+# --------------------------------------------------------------------------- data-free criteria by hand
+
+def three_filters() -> nn.Conv2d:
+    """Filters [1, -2], [3, 4] and [0, 0] (one input channel, a 1x2 kernel)."""
+    conv = nn.Conv2d(1, 3, (1, 2), bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, -2.0], [3.0, 4.0], [0.0, 0.0]]).view(3, 1, 1, 2))
+    return conv
+
+
+def unit(*values) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float32)
+    return t / t.norm()
+
+
+def test_l1_and_l2_are_the_filter_norms():
+    """|1| + |-2| = 3, |3| + |4| = 7, 0; sqrt(1 + 4), sqrt(9 + 16) = 5, 0."""
+    conv = three_filters()
+    l1 = criteria.get("l1")(conv, {"c": conv})["c"]
+    l2 = criteria.get("l2")(conv, {"c": conv})["c"]
+    assert torch.allclose(l1, unit(3, 7, 0)) and torch.allclose(l2, unit(math.sqrt(5), 5, 0))
+
+
+def test_coupled_l1_and_l2_count_every_filter_one_index_removes():
+    """A second conv with filters [1, 1], [0, 0], [2, 0] loses filter k with the first:
+    l1 = (3 + 2, 7 + 0, 0 + 2), l2 = sqrt(5 + 2, 25 + 0, 0 + 4)."""
+    a, b = three_filters(), three_filters()
+    with torch.no_grad():
+        b.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 0.0]]).view(3, 1, 1, 2))
+    coupled = {"a": (a, b)}
+    assert torch.allclose(criteria.get("l1")(a, {"a": a}, coupled=coupled)["a"], unit(5, 7, 2))
+    assert torch.allclose(criteria.get("l2")(a, {"a": a}, coupled=coupled)["a"], unit(math.sqrt(7), 5, 2))
+
+
+def test_fpgm_sums_the_distances_to_the_other_filters():
+    """As He et al. define it: distances between the filters themselves, signs and all.
+    Filters [1, -2], [3, 4], [0, 0]: Euclidean d01 = sqrt(4 + 36), d02 = sqrt(1 + 4), d12 = 5;
+    with p = 1, d01 = 2 + 6, d02 = 1 + 2, d12 = 3 + 4."""
+    conv = three_filters()
+    d01, d02, d12 = math.sqrt(40), math.sqrt(5), 5.0
+    got = criteria.get("fpgm")(conv, {"c": conv})["c"]
+    assert torch.allclose(got, unit(d01 + d02, d01 + d12, d02 + d12))
+    d01, d02, d12 = 8.0, 3.0, 7.0
+    got = criteria.get("fpgm", p=1)(conv, {"c": conv})["c"]
+    assert torch.allclose(got, unit(d01 + d02, d01 + d12, d02 + d12))
+    assert got.argmin().item() == 2  # the filter nearest the others' median goes first
+
+
+def test_fpgm_tells_filters_of_opposite_sign_apart():
+    """[1, 2] and [-1, -2] are as far apart as two filters can be here; |w|^p would call them equal."""
+    conv = nn.Conv2d(1, 3, (1, 2), bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 2.0], [-1.0, -2.0], [1.0, 2.0]]).view(3, 1, 1, 2))
+    got = criteria.get("fpgm")(conv, {"c": conv})["c"]
+    far = 2 * math.sqrt(5)
+    assert torch.allclose(got, unit(far, 2 * far, far))
+
+
+def test_bn_scale_is_the_batchnorms_absolute_gamma():
+    """gamma (0.5, -2, 1) -> |gamma| (0.5, 2, 1); a coupled layer adds its BatchNorms' (plus (1, 1, 3))."""
+    conv, bn, other = three_filters(), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
+        other.weight.copy_(torch.tensor([1.0, 1.0, 3.0]))
+    bn_scale = criteria.get("bn_scale")
+    assert torch.allclose(bn_scale(conv, {"c": conv}, outputs={"c": (bn,)})["c"], unit(0.5, 2, 1))
+    assert torch.allclose(bn_scale(conv, {"c": conv}, outputs={"c": (bn, other)})["c"], unit(1.5, 3, 4))
+
+
+def test_bn_scale_refuses_a_network_without_batchnorm_in_one_line():
+    from prunelab.errors import ModelError
+
+    model = SimpleCNN()
+    with pytest.raises(ModelError, match=r"bn_scale .* layer features\.0 has no BatchNorm") as refused:
+        criteria.get("bn_scale")(model, model.prunable_convs(), outputs=model.feature_maps())
+    assert "\n" not in str(refused.value)
+
+
+def test_random_is_unnormalised_and_seeded():
+    conv = three_filters()
+    a, b = (criteria.get("random", 7)(conv, {"c": conv})["c"] for _ in range(2))
+    assert torch.equal(a, b) and torch.equal(a, torch.rand(3, generator=torch.Generator().manual_seed(7)))

@@ -47,14 +47,17 @@ TARGET_KINDS = ("params", "filters")
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = setting("filter importance criterion: taylor, l1 or random", "taylor")
+    method: str = setting("filter importance criterion: taylor (Molchanov et al. 2017, on the ranking images), l1 or "
+                          "l2 (Li et al. 2017), fpgm (He et al. 2019), bn_scale (Liu et al. 2017: |gamma| of the "
+                          "BatchNorm after each conv) or random (the control)", "taylor")
     filters_per_step: int = setting("filters removed per pruning step", 1)
     target: float = setting("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
     target_kind: str = setting("what the target counts: params or filters", "params")
-    rank_images: int = setting("training images seen by each ranking pass (0: all)", 10000)
+    rank_images: int = setting("training images seen by each ranking pass of a criterion that ranks on images "
+                                 "(taylor; 0: all)", 10000)
     finetune_epochs_between: int = setting("fine-tuning epochs after each pruning step but the last", 0)
     log_models_every: int = setting("log the pruned model every N steps (the last step is always logged)", 1)
-    rank_batch_size: int = setting("images per forward/backward pass of a ranking pass", 256)
+    rank_batch_size: int = setting("images per forward/backward pass of a ranking pass (taylor)", 256)
     latency_repeats: int = setting("timed forward passes behind each step's latency_ms (median, batch 1, one CPU "
                                    "thread; 0: not measured)", 30)
     round_to: int = setting("keep every pruned layer's width a multiple of this (1: any width); widths that fill "
@@ -102,6 +105,8 @@ def prunable(model: nn.Module, example: torch.Tensor, pc: PruneConfig) -> struct
     """The layers this study may thin, checked before any run: a step it can take, a target it
     can reach, and a network that still runs with every layer at its fewest filters."""
     layers = structure.find(model, example, pc.ignored_layers)
+    # A criterion that needs what the network lacks (bn_scale: a BatchNorm after each conv) says so now.
+    criteria.get(pc.method).check(model, layers.convs, layers.feature_maps, layers.filters)
     widths = layers.widths()
     least = {n: min(w, pc.round_to) for n, w in widths.items()}
     slim = copy.deepcopy(model)
@@ -177,8 +182,10 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         while remaining() > pc.target:
             k += 1
             rb = pc.rank_batch_size
-            scores = criterion(model, layers.convs, batches(rank_x, rank_y, rb, data.normalise),
-                               total=(len(rank_y) + rb - 1) // rb, outputs=layers.feature_maps, coupled=layers.filters)
+            # A data-free criterion (l1, l2, fpgm, bn_scale, random) is handed no ranking batches: no pass runs.
+            ranked = batches(rank_x, rank_y, rb, data.normalise) if criterion.needs_data else None
+            scores = criterion(model, layers.convs, ranked, total=(len(rank_y) + rb - 1) // rb,
+                               outputs=layers.feature_maps, coupled=layers.filters)
             remover.remove(schedule.plan_step(scores, pc.filters_per_step, pc.round_to))
             log_round(k)
             done = remaining() <= pc.target
