@@ -70,7 +70,7 @@ def test_round_models_are_weights_only_and_reload(tiny_study, client, tmp_path):
     from mlflow.artifacts import list_artifacts
 
     from prunelab import models
-    from prunelab.tracking import models as logged_models
+    from prunelab.tracking import loading, models as logged_models
 
     prune = tiny_study["by_stage"][("prune", 0)]
     rounds = client.search_logged_models([tiny_study["experiment_id"]],
@@ -78,7 +78,7 @@ def test_round_models_are_weights_only_and_reload(tiny_study, client, tmp_path):
     for lm in rounds:
         assert lm.tags.get(logged_models.TAG_WEIGHTS_ONLY) == "true"
         assert [f.path.rsplit("/", 1)[-1] for f in list_artifacts(artifact_uri=lm.artifact_location)] == [paths.CHECKPOINT]
-        network = logged_models.load_model(f"models:/{lm.model_id}")
+        network = loading.load_model(f"models:/{lm.model_id}")
         assert models.is_registered(network)
         assert sum(p.numel() for p in network.parameters()) == model_metrics(lm)["params"]
     final = model_of(client, prune)

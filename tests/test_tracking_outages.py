@@ -15,7 +15,7 @@ from prunelab import cli, paths
 from prunelab.errors import TrackingError
 from prunelab.models.simple_cnn import SimpleCNN
 from prunelab.server import probe
-from prunelab.tracking import connection, models as logged_models, run as tracking_run, sync as tracking_sync
+from prunelab.tracking import connection, loading, run as tracking_run, sync as tracking_sync
 from prunelab.tracking.spool_writer import SpoolWriter
 
 
@@ -101,10 +101,10 @@ def test_a_model_uri_never_unpickles(tracking_uri, client):
         final_uri = run.log_model(model, paths.MODEL, example, step=1, final=True, checkpoint=model)
     assert client.get_run(run.run_id).data.tags[paths.TAG_MODEL_URI] == final_uri
     for ref in (run.run_id, f"runs:/{run.run_id}/model", final_uri):
-        loaded = logged_models.load_model(ref)
+        loaded = loading.load_model(ref)
         assert type(loaded) is SimpleCNN and loaded.spec()["channels"] == [3, 5]
         assert torch.equal(loaded(example), model.eval()(example))
-    traced = logged_models.load_model(round_uri)
+    traced = loading.load_model(round_uri)
     assert type(traced) is not SimpleCNN
     assert torch.allclose(traced(example), model(example), atol=1e-6)
 
@@ -137,7 +137,7 @@ def test_sync_uploads_a_spooled_run_the_server_never_saw(tracking_uri, client, t
     assert [(m.step, round(m.value, 6)) for m in sorted(client.get_metric_history(run_id, "test_accuracy"), key=lambda m: m.step)] \
         == [(1, 0.6), (2, 0.7), (3, 0.8)]
     assert {a.path for a in client.list_artifacts(run_id)} >= {paths.CHECKPOINT, paths.SUMMARY_BEFORE}
-    reloaded = logged_models.load_model(run_id)
+    reloaded = loading.load_model(run_id)
     assert torch.equal(reloaded.state_dict()["features.0.weight"], model.state_dict()["features.0.weight"])
     (child,) = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert child.info.status == "FINISHED" and child.data.metrics["test_accuracy"] == 0.25

@@ -27,7 +27,7 @@ from prunelab.models import is_rebuildable
 from prunelab.pipeline.kubernetes import kubernetes_backend
 from prunelab.pipeline.study import STEP_RUNNERS, StudyArgs, run_study
 from prunelab.studies.common import Flag, check_fits, for_users, read_data
-from prunelab.tracking import connection, models as logged_models, query, serving, sync
+from prunelab.tracking import connection, loading, query, serving, sync
 from prunelab.tracking.run import check_handed_run
 from prunelab.tracking.spool import Spool
 from prunelab.train import evaluate
@@ -282,7 +282,7 @@ SCORED_ON = ("dataset", "data_dir", "n_test", "image_size")
 def _evaluate(args) -> int:
     if args.n_test is not None:
         check_range("--n-test", args.n_test, 0, hint="the number of test images to score, 0 for all")
-    weights = logged_models.weights_file(args.model)
+    weights = loading.weights_file(args.model)
     if weights is None:  # a run id or model URI: the server holds it
         connection.connect(args.tracking_uri)
     made_with = _made_with(args.model) if weights is None else {}
@@ -293,7 +293,7 @@ def _evaluate(args) -> int:
         raise ConfigError(f"{args.model} names no run that says what data it was made on: pass --dataset "
                           "(and --data-dir, --set data.image_size=N as the model needs)")
     cfg = config.data_settings(raw)
-    model = logged_models.load_model(args.model, args.model_name)
+    model = loading.load_model(args.model, args.model_name)
     dataset = read_data(cfg)
     if is_rebuildable(model):  # a bare network (weights file, a run's checkpoint): its data set's normalisation first
         model = for_users(model, dataset)
@@ -306,7 +306,7 @@ def _evaluate(args) -> int:
 
 def _made_with(ref: str) -> dict:
     """The data settings the run that made `ref` logged (`SCORED_ON`), as settings."""
-    run_id = logged_models.source_run(ref)
+    run_id = loading.source_run(ref)
     if run_id is None:
         return {}
     params = query.get_run(run_id).data.params

@@ -20,7 +20,7 @@ from conftest import REPO, clean_env
 
 from prunelab import cli, config, data, export, models, paths
 from prunelab.models.factory import FactoryNetwork
-from prunelab.tracking import models as logged_models
+from prunelab.tracking import loading
 from prunelab.train import evaluate
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def check_logged_model(client, run, d, tmp_path) -> None:
 def check_checkpoint(client, run, d, name: str) -> FactoryNetwork:
     """The run's weights-only checkpoint rebuilds the pruned network of `name` at the widths the
     prune run logged, and scores what the run logged."""
-    network = logged_models.load_model(run.info.run_id, name)
+    network = loading.load_model(run.info.run_id, name)
     assert isinstance(network, FactoryNetwork) and network.factory == name
     assert models.count_params(network) == last(client, run, "params")
     result = evaluate(network, d.test_x, d.test_y, d.normalise)

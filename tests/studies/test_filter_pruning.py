@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prunelab import data, models, paths, studies
-from prunelab.tracking import models as logged_models
+from prunelab.tracking import loading
 from prunelab.studies import filter_pruning
 from prunelab.train import evaluate
 
@@ -89,7 +89,7 @@ def test_finetune_run_starts_from_the_pruned_model(study, client):
     assert [s for s, _ in acc] == [0, 1, 2]
     assert acc[0][1] == pytest.approx(prune_run.data.metrics["test_accuracy"], abs=1e-6)
     assert history(client, ids["finetune"], "params")[0][1] == prune_run.data.metrics["params"]
-    model = logged_models.load_model(ids["finetune"])  # the weights-only checkpoint of the run
+    model = loading.load_model(ids["finetune"])  # the weights-only checkpoint of the run
     d = data.get(cfg.data)
     assert evaluate(model, d.test_x, d.test_y, d.normalise)["accuracy"] == pytest.approx(acc[-1][1], abs=1e-6)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prunelab import data, paths, studies
-from prunelab.tracking import models as logged_models, query
+from prunelab.tracking import loading, query
 from prunelab.studies import transfer_pruning as transfer_stages
 from prunelab.errors import ConfigError
 
@@ -75,7 +75,7 @@ def test_pruned_model_reloads_from_mlflow_by_uri_and_classifies(study, client, d
     cfg, _, prune_id, _ = study
     uri = client.get_run(prune_id).data.tags[paths.TAG_MODEL_URI]
     assert uri.startswith(("runs:/", "models:/"))
-    model = logged_models.load_model(uri)
+    model = loading.load_model(uri)
     images = data.get(cfg.data)
     out = model(images.pixels(images.test_x[:4]))
     assert out.shape == (4, 2)
@@ -83,7 +83,7 @@ def test_pruned_model_reloads_from_mlflow_by_uri_and_classifies(study, client, d
         predicted = torch.cat([model(images.pixels(images.test_x[i : i + 16])) for i in range(0, len(images.test_y), 16)])
     accuracy = (predicted.argmax(1) == images.test_y).float().mean().item()
     assert accuracy == pytest.approx(history(prune_id, "test_accuracy")[-1][1], abs=1e-6)
-    checkpoint_model = logged_models.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
+    checkpoint_model = loading.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
     widths = checkpoint_model.spec()["widths"]
     assert sum(widths) == 4024
     assert checkpoint_model.classifier[1].in_features == widths[-1] * 49

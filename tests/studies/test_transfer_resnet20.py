@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from prunelab import data, models, paths, studies
-from prunelab.tracking import models as logged_models, query
+from prunelab.tracking import loading, query
 from prunelab.models.resnet_cifar import STAGE_WIDTHS
 from prunelab.studies import transfer_pruning as transfer_stages
 from prunelab.train import evaluate
@@ -58,7 +58,7 @@ def test_pruning_removes_block_internal_channels_only(study, client):
     assert filters[0] == 3 * sum(STAGE_WIDTHS) and len(filters) >= 2
     assert all(a - b == STEP for a, b in zip(filters, filters[1:]))
 
-    pruned = logged_models.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
+    pruned = loading.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
     assert sum(pruned.spec()["mid_widths"]) == filters[-1] < filters[0]
     assert pruned.conv1.out_channels == 16 and pruned.linear.in_features == 64
     for (name, block), width in zip(pruned.blocks(), [w for w in STAGE_WIDTHS for _ in range(3)]):

@@ -26,7 +26,7 @@ from prunelab.data.base import ImageData, random_crop_flip
 from prunelab.errors import ConfigError, ModelError, NothingToDraw, PrunelabError, first_line
 from prunelab.models import base, factory
 from prunelab.models.pixels import PixelInput
-from prunelab.tracking import models as logged_models, query, run as runs
+from prunelab.tracking import loading, query, run as runs
 from prunelab.train import OPTIMIZERS, PRECISION_SETTINGS, check_precision, eval_mode, evaluate, fit, resolve_precision
 
 Stage = Callable[..., str]
@@ -322,7 +322,7 @@ def new_model(cfg: StudyConfig, data: ImageData, seed: int) -> nn.Module:
 def load_model(ref: str, cfg: StudyConfig, data: ImageData) -> nn.Module:
     """The network an earlier step made (run id or weights file), on the data's device,
     checked against the data."""
-    model = logged_models.load_model(ref, cfg.model)
+    model = loading.load_model(ref, cfg.model)
     if not models.is_rebuildable(model):
         raise ModelError(f"{ref} is a logged model (a traced graph taking pixels), which a stage cannot prune or "
                          "train: pass the run id of the step that logged it, whose weights-only checkpoint is read")

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from prunelab.errors import ModelError, PrunelabError
-from prunelab.tracking import connection, models, pixel_classifier
+from prunelab.tracking import connection, loading, models, pixel_classifier
 from prunelab.tracking.query import is_run_id
 
 DEFAULT_PORT = 5001  # `make server`'s tracking server has 5000, MLflow's default for both
@@ -54,7 +54,7 @@ def model_to_serve(ref: str) -> str:
         if model_id is None:
             raise ModelError(f"run {ref} logged no final model to serve")
         ref = f"models:/{model_id}"
-    meta = models.check_pt2(ref)
+    meta = loading.check_pt2(ref)
     pyfunc = meta.flavors.get("python_function")
     if not isinstance(pyfunc, dict):
         raise ModelError(f"{ref} has no python_function flavour: MLflow cannot serve it")
@@ -75,7 +75,7 @@ def _check_code(ref: str, code: str, loader: str) -> None:
         raise ModelError(f"{ref} carries code ({code}/, loader {loader}) that is not prunelab's: {trust}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{models.artifact_base(ref)}/{code}", dst_path=tmp))
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{loading.artifact_base(ref)}/{code}", dst_path=tmp))
         except Exception as exc:
             if connection.is_mlflow_error(exc) or isinstance(exc, OSError):
                 raise connection.outage(exc) or ModelError(f"cannot read {ref}'s {code}/: {str(exc).splitlines()[0][:160]}") from None
