@@ -1,4 +1,6 @@
 """Study configuration: frozen dataclasses whose fields carry their own help.
+(Over 400 lines: the settings and the one parse that checks every value, since a
+value's type is read off its setting, are one job.)
 
 A study preset (YAML shipped in the package, prunelab/presets) is the single source of defaults;
 command-line overrides are `section.field=value` strings. The settings every

@@ -1,5 +1,7 @@
 """Lottery tickets (kind `lottery_ticket`, Frankle & Carbin 2019): iterative magnitude
 pruning with masks and rewinding. Every pruning round of every trial is one run.
+(Over 400 lines: a kind is one module by design, its settings, stages and report
+together, and this kind has three stages and the paper's four figures.)
 
 | entry point | does | reads | logs |
 |---|---|---|---|
