@@ -54,11 +54,14 @@ SERVE_PORT ?= 5001
 serve: install ## serve MODEL (default: the study's champion) over HTTP on 127.0.0.1:$(SERVE_PORT) with MLflow's scoring server
 	$(BIN)/prunelab serve '$(MODEL)' --port $(SERVE_PORT)
 
-test: install postgresql ## the test suite (starts its own server on a free port)
-	$(BIN)/python -m pytest
+# Test files shared out over TEST_WORKERS processes (pytest-xdist), each with its own MLflow
+# server; a file stays in one process, so its module fixtures are made once.
+TEST_WORKERS ?= 2
+test: install postgresql ## the test suite (starts its own server on a free port; TEST_WORKERS=2 processes)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install postgresql ## the tests not marked slow
-	$(BIN)/python -m pytest -m 'not slow'
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m 'not slow'
 
 UI_CHECK_DIR ?= reports/ui-check
 ui-check: install browser ## a tiny study on a fresh server, then the MLflow UI in headless Chromium; screenshots in $(UI_CHECK_DIR)

@@ -15,6 +15,8 @@ from prunelab.errors import DataError
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
+    # What an earlier test of this process read is held in memory: these tests read the folder.
+    data._read.cache_clear()
 
 
 def folder_cfg(path, size=32) -> config.DataConfig:
