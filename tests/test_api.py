@@ -118,3 +118,26 @@ def test_a_users_factory_through_train_prune_finetune_register(tracking_uri, cli
     assert champion.network.factory == "tests.models.tiny_factory:build"
     assert scores(champion, QUICK["data.n_test"]) == pytest.approx(result.metrics["test_accuracy"], abs=1e-6)
     assert scores(result.model, QUICK["data.n_test"]) == pytest.approx(result.metrics["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_inside_an_active_run_from_a_trained_model(tracking_uri, client, fashion_dir, monkeypatch):
+    """Inside the user's active run the runs are its children, in its experiment, which names the
+    study; `start_from` prunes a trained model without a train run. A study named otherwise there
+    is refused in one line."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # what set_experiment exports goes with the test
+    mlflow.set_experiment("test-api-active-run")
+    with mlflow.start_run(run_name="my-sweep") as parent:
+        with pytest.raises(ConfigError, match="leave study out"):
+            prunelab.prune(study="elsewhere")
+        trained = prunelab.prune(method="random", target=0.9, finetune=False, settings=QUICK)
+        again = prunelab.prune(method="l2", target=0.8, start_from=trained.runs["prune"], finetune=False,
+                               settings=QUICK)
+    for result in (trained, again):
+        check_runs(client, result, ("train", "prune") if result is trained else ("prune",))
+        assert result.study == "test-api-active-run"
+        assert all(client.get_run(r).data.tags["mlflow.parentRunId"] == parent.info.run_id for r in result.runs.values())
+    prune_run = client.get_run(again.runs["prune"])
+    assert prune_run.data.params["input_model"] == trained.runs["prune"]
+    assert [m.model_id for m in prune_run.inputs.model_inputs] == [trained.model_uri.removeprefix("models:/")]
+    assert again.metrics["params"] < trained.metrics["params"]

@@ -113,6 +113,10 @@ def prune(model: str | Callable[..., nn.Module] | None = None, data: str | None 
 def _named(cfg: StudyConfig, study: str | None, preset: str, overrides: dict) -> StudyConfig:
     """`cfg` with its study's name: the one given, else the active experiment's, else one made of
     the method, the model and the data set (checked as any study name is)."""
+    inside = query.active_run_experiment()
+    if study is not None and inside is not None and study != inside:
+        raise ConfigError(f"study={study!r}, but the active MLflow run is in experiment {inside!r}: the runs become "
+                          "its children, in its experiment, so leave study out (or end that run first)")
     if study is None:
         active = query.chosen_experiment()
         model = cfg.model.replace(factory.SEPARATOR, "-")
