@@ -71,6 +71,13 @@ def test_only_tracking_imports_mlflow():
     assert users and all(m.startswith("prunelab.tracking.") for m in users), users
 
 
+def test_the_package_re_exports_only_the_api():
+    """`prunelab/__init__.py` imports nothing but the API (`api.py`, on first use of its names), which
+    sits in the top layer: `import prunelab` stays cheap, and nothing below reaches the API through it."""
+    assert imports_of("prunelab", ROOT / "__init__.py", modules()) == {"prunelab.api"}
+    assert layer_of("prunelab.api", layers()) == 0
+
+
 ARCHITECTURE = ROOT.parents[1] / "docs" / "architecture.md"
 
 

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
@@ -222,14 +222,21 @@ def available_studies() -> list[str]:
     return sorted(p.name[:-len(".yaml")] for p in presets_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def raw_settings(study: str, overrides: list[str] | str | None) -> dict:
+def raw_settings(study: str, overrides: list[str] | str | Mapping[str, Any] | None) -> dict:
     """Preset `study` (a preset's name or a YAML path) with the overrides applied, not yet
     checked: the study kind it names says which sections it may have (`build`)."""
     return apply_overrides(read_preset(study), overrides)
 
 
-def apply_overrides(raw: dict, overrides: list[str] | str | None) -> dict:
-    """`raw` with each KEY=VALUE of `overrides` set, its value parsed as a setting (not yet checked)."""
+def apply_overrides(raw: dict, overrides: list[str] | str | Mapping[str, Any] | None) -> dict:
+    """`raw` with each KEY=VALUE of `overrides` set, its value parsed as a setting (not yet checked).
+    A mapping ({"train.epochs": 1}, the Python API's settings) holds values already, set as they are."""
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            if not isinstance(key, str) or not key.strip():
+                raise ConfigError(f"setting {shown(key)} is not a name like train.epochs (`prunelab settings` lists them)")
+            _set_dotted(raw, key.strip(), value)
+        return raw
     if isinstance(overrides, str):
         overrides = overrides.split()
     for item in overrides or []:

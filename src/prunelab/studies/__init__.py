@@ -7,6 +7,8 @@ names it with `kind:`.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from prunelab import config
 from prunelab.config import StudyConfig
 from prunelab.errors import ConfigError
@@ -28,9 +30,10 @@ def get(name: str) -> StudyKind:
     return kind
 
 
-def load_config(study: str = config.DEFAULT_STUDY, overrides: list[str] | str | None = None) -> StudyConfig:
-    """Preset plus overrides, with the sections of the study's kind, validated and
-    checked against the registries (names, and what the model offers)."""
+def load_config(study: str = config.DEFAULT_STUDY, overrides: list[str] | str | Mapping[str, Any] | None = None
+                ) -> StudyConfig:
+    """Preset plus overrides (KEY=VALUE texts, or a mapping of keys to values), with the sections
+    of the study's kind, validated and checked against the registries (names, and what the model offers)."""
     raw = config.raw_settings(study, overrides)
     kind = get(config.kind_of(raw))
     cfg = config.build(raw, kind.sections)

@@ -101,6 +101,30 @@ def source_run(ref: str) -> str | None:
         return None  # unknown: loading it says so in one line
 
 
+def normalisation(ref: str) -> tuple[list[float], list[float]] | None:
+    """The per-channel mean and std the network behind `ref` takes its images standardised with:
+    its data set's, as the final model of the run that made it records them (the metadata of
+    its MLmodel, read as plain YAML); None when no run made it."""
+    from mlflow.models import Model
+
+    run_id = source_run(ref)
+    uri = get_run(run_id).data.tags.get(paths.TAG_MODEL_URI) if run_id else None
+    if not uri:
+        return None
+    try:
+        metadata = Model.load(uri).metadata or {}
+    except Exception as exc:
+        if is_mlflow_error(exc) or isinstance(exc, OSError):
+            raise _model_error(uri, exc) from None
+        raise
+    mean, std = metadata.get("mean"), metadata.get("std")
+    numbers = all(isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) for v in (mean, std))
+    if not numbers or len(mean) != len(std) or min(std) <= 0:
+        raise ModelError(f"{uri} records no usable normalisation (mean {shown(mean)}, std {shown(std)}): it was not "
+                         "logged by a prunelab stage; load it with mlflow.pytorch.load_model")
+    return [float(x) for x in mean], [float(x) for x in std]
+
+
 def _final_model_run(ref: str) -> str | None:
     """The run whose final model `ref` is, when it has a weights-only checkpoint of it."""
     if ref.startswith("runs:/"):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
-from prunelab.errors import ModelError
+from prunelab.errors import ConfigError, ModelError
 from prunelab.tracking.connection import client, is_mlflow_error, outage, tracking_uri
 
 
@@ -36,6 +37,41 @@ def experiment_of(run_id: str) -> str:
 def experiment_id(name: str) -> str | None:
     exp = client().get_experiment_by_name(name)
     return exp.experiment_id if exp else None
+
+
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's Default experiment: where runs land when nobody chose one
+
+
+def active_run_experiment() -> str | None:
+    """The name of the experiment of the run active in this process (`with mlflow.start_run()`), or None."""
+    import mlflow
+
+    active = mlflow.active_run()
+    return _experiment_name(active.info.experiment_id) if active else None
+
+
+def chosen_experiment() -> str | None:
+    """The name of the experiment the user made active in this process: the active run's, else
+    the one `mlflow.set_experiment` chose (MLflow keeps its id in MLFLOW_EXPERIMENT_ID) or the
+    environment names (MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME); None when there is none,
+    or it is MLflow's Default experiment (nobody chose that one)."""
+    chosen = active_run_experiment()
+    if chosen is not None:
+        return chosen
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip()
+    if not experiment:
+        return os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or None
+    return _experiment_name(experiment) if experiment != DEFAULT_EXPERIMENT_ID else None
+
+
+def _experiment_name(experiment: str) -> str:
+    try:
+        return client().get_experiment(experiment).name
+    except Exception as exc:
+        if is_mlflow_error(exc):
+            raise outage(exc) or ConfigError(f"MLFLOW_EXPERIMENT_ID={experiment} names no experiment on {tracking_uri()}: "
+                                             "unset it, or choose one with mlflow.set_experiment(NAME)") from None
+        raise
 
 
 def find_runs(experiment: str, filter_string: str = "", finished_only: bool = True) -> list:
