@@ -407,8 +407,9 @@ CASES = [
     Case("factory-no-function", settings("model=tests.models.tiny_factory:nothing"), "has no 'nothing'"),
     Case("factory-not-callable", settings("model=tests.models.tiny_factory:NOT_CALLABLE"), "is a int, not a function"),
     Case("factory-malformed", settings("model=my nets:build"), "is not a factory: write torchvision:NAME or"),
-    Case("factory-on-lottery", settings("model=torchvision:resnet18", study="lth-conv2-cifar10-quick"),
-         "cannot be used in a lottery_ticket study: networks from a factory are pruned by filter_pruning studies"),
+    Case("factory-on-kmeans", settings("model=torchvision:resnet18", study="kmeans-resnet20-cifar10"),
+         "cannot be used in a kmeans_clustering study: it needs spec_from_state_dict, conv_layers, stage_convs, "
+         "blocks, which a network from a factory does not offer"),
     Case("ignored-layers-number", settings("prune.ignored_layers=3"), "prune.ignored_layers must be a list (e.g. prune.ignored_layers=[a, b]), got 3"),
     Case("dataset-unknown", settings("data.dataset=mnist3d"), "unknown dataset 'mnist3d'"),
     Case("dataset-empty", settings("data.dataset="), "unknown dataset ''"),

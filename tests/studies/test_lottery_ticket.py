@@ -226,3 +226,33 @@ def test_evaluate_of_a_round_prints_what_it_logged(five_trials, client, capsys):
     assert cli.main(["evaluate", r1]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["accuracy"] == pytest.approx(logged, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_torchvision_network_gets_masks_over_every_conv_and_linear_weight(cifar_dir, tracking_uri, client):
+    """`model=torchvision:mobilenet_v2`: round 0, round 1 and its re-init control on the real CIFAR
+    subset. Round 1's mask covers every conv and linear weight of the network (none is
+    hand-listed), the rewound weights are round 0's initial ones under it, its trained weights keep
+    the pruned ones at zero, and the control starts from weights its factory initialised afresh."""
+    cfg = tiny_cfg(cifar_dir, "torchvision", ["model=torchvision:mobilenet_v2", "trials=1", "data.n_train=120"])
+    r0 = lottery.round_zero(cfg, 0)
+    r1 = lottery.next_round(cfg, 0, r0)
+    c1 = lottery.reinit_control(cfg, 0, r1)
+    assert client.get_run(r1).data.params["model"] == "torchvision:mobilenet_v2"
+    with tempfile.TemporaryDirectory() as tmp:
+        initial = checkpoints.load(_download(r0, paths.REWIND_WEIGHTS, tmp + "/a"), cfg.model).state_dict()
+        mask = masks.Mask(torch.load(_download(r1, paths.MASK, tmp + "/b"), weights_only=True))
+        rewound = checkpoints.load(_download(r1, paths.REWIND_WEIGHTS, tmp + "/c"), cfg.model).state_dict()
+        trained = checkpoints.load(_download(r1, paths.CHECKPOINT, tmp + "/d"), cfg.model)
+        control = checkpoints.load(_download(c1, paths.REWIND_WEIGHTS, tmp + "/e"), cfg.model).state_dict()
+    layers = {f"{n}.weight" for n, m in trained.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert set(mask) == layers and len(layers) == 53  # MobileNetV2: 52 convs and the classifier
+    assert 0.85 < mask.fraction_remaining() < 0.95  # convs at 10 % a round, the output layer at 10 %
+    for name, value in initial.items():
+        assert torch.equal(rewound[name], value * mask[name] if name in mask else value), name
+    for name, p in trained.named_parameters():
+        if name in mask:
+            assert torch.count_nonzero(p[~mask[name]]) == 0, name
+    first_conv = "network.features.0.0.weight"
+    assert torch.count_nonzero(control[first_conv][~mask[first_conv]]) == 0
+    assert not torch.equal(control[first_conv], rewound[first_conv])  # fresh weights, not the rewound ones

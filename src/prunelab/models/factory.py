@@ -155,6 +155,11 @@ class FactoryNetwork(nn.Module):
             x = x.expand(-1, self.channels, -1, -1)
         return self.network(x)
 
+    def initialised_again(self) -> "FactoryNetwork":
+        """A new network from the same factory call, initialised afresh by the factory's own
+        initialiser (seeded by the caller), at the widths the factory builds."""
+        return _make(self.factory, resolve(self.factory), self.arguments, self.input_shape)
+
     def spec(self) -> dict:
         """How to rebuild it at its current widths: the factory's arguments, the input shape,
         and every conv's output channels (plain ints, so a checkpoint unpickles nothing)."""

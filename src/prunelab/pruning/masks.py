@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError, ModelError
+from prunelab.models.factory import FactoryNetwork
 
 
 class Rates(Protocol):
@@ -182,5 +183,7 @@ def reinitialise(model: nn.Module, mask: Mask, seed: int) -> None:
     fresh_rng = torch.random.fork_rng()
     with fresh_rng:
         torch.manual_seed(seed)
-        fresh = type(model)(**model.spec())
+        # A network from a factory is made again by its factory (torchvision's initialisers
+        # live in its constructors); a registered one by its class at its spec.
+        fresh = model.initialised_again() if isinstance(model, FactoryNetwork) else type(model)(**model.spec())
     rewind(model, fresh.state_dict(), mask)

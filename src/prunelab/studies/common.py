@@ -112,8 +112,9 @@ class StudyKind:
         code runs here: the user named it) and holds a callable."""
         if factory.is_factory(cfg.model):
             if not self.any_network:
-                raise ConfigError(f"model {cfg.model!r} cannot be used in a {self.name} study: networks from a factory "
-                                  f"are pruned by filter_pruning studies; choose one of {', '.join(self._fitting_models())}")
+                needs = ", ".join(base.missing(factory.FactoryNetwork, self.model_protocol))
+                raise ConfigError(f"model {cfg.model!r} cannot be used in a {self.name} study: it needs {needs}, which a "
+                                  f"network from a factory does not offer; choose one of {', '.join(self._fitting_models())}")
             factory.resolve(cfg.model)
         elif cfg.model not in models.MODELS:
             more = ", torchvision:NAME or PACKAGE.MODULE:FUNCTION" if self.any_network else ""

@@ -28,6 +28,7 @@ rounds keep only their files: a model per round would cost an export each.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from torch import nn
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from prunelab import checkpoints, models, paths, reporting
+from prunelab import checkpoints, paths, reporting
 from prunelab.tracking import query
 from prunelab.tracking.run import Run
 from prunelab.config import StudyConfig, check_range, setting
@@ -179,7 +180,7 @@ def round_zero(cfg: StudyConfig, trial: int = 0) -> str:
     with _round_run(cfg, trial, STAGE_TICKET_ROUND_0, f"lottery-t{trial}-r0", 0, "none", mask,
                     "initialised in this run", data) as run, tempfile.TemporaryDirectory() as tmp:
         rewind_to = _train_round(run, cfg, data, model, mask, seed, 0, snapshot_at=lc.rewind_iteration)
-        start_model = models.get(cfg.model, **model.spec())
+        start_model = copy.deepcopy(model)  # the same network, registered or from a factory
         start_model.load_state_dict(rewind_to)
         _log_ticket(run, mask, start_model, Path(tmp))
         _log_trained(run, cfg, data, model, 0, Path(tmp))
@@ -425,5 +426,6 @@ KIND = common.StudyKind(
     sections={"lottery": LotteryConfig},
     deliverable="prune",
     model_protocol=base.Model,  # masks cover the conv and linear weights of any model
+    any_network=True,
     names=(("pruning strategy", "lottery.strategy", method, masks.STRATEGIES),),
 )
