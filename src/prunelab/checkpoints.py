@@ -14,6 +14,8 @@ unpickles code.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from prunelab import models
-from prunelab.errors import ModelError
+from prunelab.errors import ModelError, first_line
 from prunelab.files import atomic_path, checked_path
 from prunelab.models import factory
 from prunelab.pruning import surgery
@@ -129,3 +131,59 @@ def _load_state(model: nn.Module, state: dict, path: str | Path, name: str) -> n
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise ModelError(f"{path} does not fit {name}: {first}") from None
     return model.eval()
+
+
+# --------------------------------------------------------------------------- pretrained weights
+
+DEFAULT_WEIGHTS = "DEFAULT"
+
+
+def pretrained_state(source: str, model_name: str) -> dict[str, torch.Tensor]:
+    """The state dict `model_weights` names: a weights file (read weights-only), or `DEFAULT`,
+    torchvision's own weights for a `torchvision:NAME` network, downloaded as torchvision
+    downloads them (into its cache). Offline, `DEFAULT` is one line naming the file to fetch
+    and pass instead."""
+    if source != DEFAULT_WEIGHTS:
+        return state_dict_of(read(source, "pass the network's own weights file (a state dict)"), source)
+    if not model_name.startswith("torchvision:"):
+        raise ModelError(f"model_weights=DEFAULT names torchvision's weights, which {model_name!r} has none of: "
+                         "pass a weights file (model_weights=PATH)")
+    import torchvision
+
+    name = model_name.partition(":")[2]
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        raise ModelError(f"torchvision publishes no weights for {name!r}: pass a weights file (model_weights=PATH)") from None
+    try:
+        # torch.hub announces the download on stderr; a failed one would be a second line there.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # offline, refused, or a damaged download
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise ModelError(f"could not download torchvision's {name} weights ({first_line(exc)[:80]}): fetch {weights.url} "
+                         f"where you are online, then pass model_weights=PATH (or put it at {cached})") from None
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> int:
+    """Load a pretrained state dict into `model` (into the factory's own network for one from a
+    factory, whose keys a torchvision weights file has). Every tensor must be there with its
+    shape, except the output layer's where the data has another number of classes than the
+    weights were trained for (that layer keeps its fresh weights: a new head, as in transfer
+    learning). Anything else is a file of another network: one line. Returns the tensors loaded."""
+    target = model.network if isinstance(model, factory.FactoryNetwork) else model
+    own = target.state_dict()
+    linears = [n for n, m in target.named_modules() if isinstance(m, nn.Linear)]
+    head = {f"{linears[-1]}.{p}" for p in ("weight", "bias")} if linears else set()
+    # BatchNorm fills in a counter older files lack (torchvision's ResNet weights have none).
+    missing = [k for k in own if k not in state and k not in head and not k.endswith("num_batches_tracked")]
+    misfits = [k for k in own if k in state and state[k].shape != own[k].shape and k not in head]
+    foreign = [k for k in state if k not in own]
+    if missing or misfits or foreign:
+        what = (f"lacks {missing[0]!r}" if missing else f"has {misfits[0]!r} of shape {list(state[misfits[0]].shape)}, "
+                f"the network {list(own[misfits[0]].shape)}" if misfits else f"has {foreign[0]!r}, which the network lacks")
+        raise ModelError(f"{source} holds the weights of another network ({what}; {len(missing) + len(misfits)} of "
+                         f"{len(own)} tensors do not fit {models.name_of(model)}): pass that network's own weights")
+    fitting = {k: v for k, v in state.items() if v.shape == own[k].shape}
+    target.load_state_dict(fitting, strict=False)
+    return len(fitting)

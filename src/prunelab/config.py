@@ -130,6 +130,9 @@ class StudyConfig:
     study: str = setting("study name; also the MLflow experiment", DEFAULT_STUDY)
     kind: str = setting("study kind (prunelab.studies): which stages `main` chains and which report it draws", DEFAULT_KIND)
     model: str = setting("model registry name", "simple_cnn")
+    model_weights: str = setting("start from these weights: a weights file (a state dict, read weights-only) or "
+                                 "DEFAULT (torchvision's own, for torchvision:NAME; downloaded); the output layer "
+                                 "keeps fresh weights where the data has other classes", "")
     trials: int = setting("independent trials (seeds seed .. seed+trials-1)", 5)
     seed: int = setting("seed of trial 0", 0)
     device: str = setting("where models and data live: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "auto")

@@ -84,3 +84,57 @@ def test_an_unknown_torchvision_name_lists_close_ones():
         factory.resolve("torchvision:resnet19")
     with pytest.raises(ConfigError, match="no classification model 'fasterrcnn_resnet50_fpn'"):
         factory.resolve("torchvision:fasterrcnn_resnet50_fpn")  # a detector, not a classifier
+
+
+def _grey_fashion(cfg_settings):
+    from prunelab import studies
+    from prunelab.studies import common
+
+    cfg = studies.load_config("taylor-cnn-fashionmnist", ["data.n_train=64", "data.n_test=16", "data.val_size=0",
+                                                          *cfg_settings])
+    return cfg, common.load_data(cfg)
+
+
+def test_model_weights_start_a_torchvision_network_from_a_weights_file(fashion_dir, tmp_path):
+    """`model_weights=PATH`: a torchvision resnet18 weights file (a state dict as torchvision ships
+    one, 1,000 classes) loads into the network for FashionMNIST's 10 classes: every tensor but the
+    output layer's, which keeps its fresh weights (a new head). Read weights-only."""
+    import torchvision
+    from prunelab.studies import common
+
+    torch.manual_seed(7)
+    source = torchvision.models.resnet18()
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    cfg, data = _grey_fashion(["model=torchvision:resnet18", f"model_weights={tmp_path / 'resnet18.pth'}"])
+    model = common.new_model(cfg, data, seed=0)
+    loaded = model.network.state_dict()
+    for name, value in source.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(loaded[name], value), name
+    assert loaded["fc.weight"].shape == (10, 512)
+    fresh = common.new_model(_grey_fashion(["model=torchvision:resnet18"])[0], data, seed=0).network.state_dict()
+    assert torch.equal(loaded["fc.weight"], fresh["fc.weight"])  # the head as the seed initialises it
+    assert not torch.equal(loaded["conv1.weight"], fresh["conv1.weight"])
+
+
+def test_model_weights_of_another_network_or_offline_default_are_one_line(fashion_dir, tmp_path, capsys, client,
+                                                                         monkeypatch):
+    """A MobileNetV2 file for a ResNet-18 and torchvision's DEFAULT weights with no network: each
+    one line naming what to pass, exit 2, before any run (`prunelab run` checks before `main`).
+    Offline for certain: the download goes through a proxy nobody answers on, into an empty cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    import torchvision
+    from prunelab import cli
+
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "mobilenet_v2.pth")
+    for weights, expected in ((tmp_path / "mobilenet_v2.pth", "holds the weights of another network (lacks 'conv1.weight'"),
+                              ("DEFAULT", "then pass model_weights=PATH")):
+        code = cli.main(["run", "--study", "taylor-cnn-fashionmnist", "--set", "model=torchvision:resnet18",
+                         "--set", f"model_weights={weights}", "--set", "data.n_train=64", "--set", "data.val_size=0",
+                         "--set", "study=test-weights-refused", "--out", str(tmp_path / "out")])
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and expected in line and "Traceback" not in line, line
+    experiment = client.get_experiment_by_name("test-weights-refused")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from prunelab import data as datasets, hardware, measure, models, paths, progress, reporting
+from prunelab import checkpoints, data as datasets, hardware, measure, models, paths, progress, reporting
 from prunelab.data import remote
 from prunelab.config import DataConfig, StudyConfig, TrainConfig
 from prunelab.data.base import ImageData, random_crop_flip
@@ -129,7 +129,7 @@ class StudyKind:
         the kind's own checks of the model pass (`model_checks`)."""
         data = read_data(cfg.data)
         check_image_size(cfg.model, data)
-        if self.model_checks or factory.is_factory(cfg.model):
+        if self.model_checks or factory.is_factory(cfg.model) or cfg.model_weights:
             with torch.random.fork_rng(devices=[]):  # a check leaves the random state as it found it
                 model = new_model(cfg, data, seed_of(cfg, 0))
                 for check_model in self.model_checks:
@@ -312,11 +312,14 @@ def read_data(cfg: DataConfig) -> ImageData:
 
 
 def new_model(cfg: StudyConfig, data: ImageData, seed: int) -> nn.Module:
-    """A freshly initialised `cfg.model` for the data, on the data's device. Initialised on
-    the CPU, so a seed gives the same weights on every device. A network from a factory is
-    checked against the data (its output may not be one score per class)."""
+    """A freshly initialised `cfg.model` for the data (from `cfg.model_weights` where set), on the
+    data's device. Initialised on the CPU, so a seed gives the same weights on every device. A
+    network from a factory is checked against the data (its output may not be one score per class)."""
     torch.manual_seed(seed)
-    model = models.build(cfg.model, data.input_shape, data.num_classes).to(data.device)
+    model = models.build(cfg.model, data.input_shape, data.num_classes)
+    if cfg.model_weights:
+        checkpoints.load_pretrained(model, checkpoints.pretrained_state(cfg.model_weights, cfg.model), cfg.model_weights)
+    model.to(data.device)
     if factory.is_factory(cfg.model):
         check_fits(model, data)
     return model
