@@ -148,3 +148,33 @@ def test_fine_tuned_vgg_works_without_prunelab(study, client, tracking_uri, tmp_
     assert result["torch_accuracy"] == pytest.approx(history(finetune_id, "test_accuracy")[-1][1], abs=0.002)
     assert [m.model_id for m in run.inputs.model_inputs] == [
         client.get_run(study[2]).data.tags[paths.TAG_MODEL_URI].removeprefix("models:/")]
+
+
+def test_a_torchvision_network_transfers_from_its_weights_file(dogs_cats_dir, tracking_uri, client, tmp_path):
+    """`model=torchvision:mobilenet_v2` with a weights file of it (1,000 classes, as torchvision ships
+    one): the train run's features are the file's exactly (frozen, computed once), its classifier is
+    new (2 classes) and trained; then pruning and fine-tuning run on the same network. No hand-written
+    head: the last Linear is found from the network."""
+    import torchvision
+
+    from prunelab import models
+
+    torch.manual_seed(3)
+    source = torchvision.models.mobilenet_v2()
+    torch.save(source.state_dict(), tmp_path / "mobilenet_v2.pth")
+    cfg = studies.load_config("taylor-resnet20-dogscats", [
+        "model=torchvision:mobilenet_v2", f"transfer.weights={tmp_path / 'mobilenet_v2.pth'}", "study=test-transfer-tv",
+        f"data.data_dir={dogs_cats_dir}", "data.image_size=32", "data.n_train=64", "data.n_test=32", "trials=1",
+        "train.epochs=1", "finetune.epochs=1", "prune.filters_per_step=200", "prune.target=0.9", "prune.rank_images=32",
+        "prune.finetune_epochs_between=0", "prune.latency_repeats=0"])
+    train_id = transfer_stages.train(cfg, 0)
+    assert client.get_run(train_id).data.params["weights_source"] == str(tmp_path / "mobilenet_v2.pth")
+    trained = loading.load_model(train_id, cfg.model).network.state_dict()
+    for name, value in source.state_dict().items():
+        if not name.startswith("classifier.1."):
+            assert torch.equal(trained[name], value), name
+    assert trained["classifier.1.weight"].shape == (2, 1280)
+    prune_id = transfer_stages.prune(cfg, 0, train_id)
+    final = loading.load_model(transfer_stages.finetune(cfg, 0, prune_id), cfg.model)
+    params = client.get_run(prune_id).data.metrics["params"]
+    assert params <= 0.9 * history(prune_id, "params")[0][1] and models.count_params(final) == params

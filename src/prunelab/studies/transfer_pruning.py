@@ -34,7 +34,7 @@ import torch
 from prunelab import measure, models, paths, reporting, transfer
 from prunelab.config import StudyConfig, TrainConfig, check_range, setting
 from prunelab.errors import ConfigError
-from prunelab.models import base
+from prunelab.models import base, factory
 from prunelab.pruning import criteria
 from prunelab.studies import common, filter_pruning
 from prunelab.studies.filter_pruning import PruneConfig
@@ -57,6 +57,11 @@ class TransferConfig:
 def check_head(cfg: StudyConfig) -> None:
     """transfer.head_width fits the model's head: hidden layers need a width, a single Linear has none."""
     width = cfg.transfer.head_width
+    if factory.is_factory(cfg.model):
+        if width:
+            raise ConfigError(f"transfer.head_width must be 0 for {cfg.model}: a network from a factory keeps its own "
+                              f"classifier's shape, with a new last Linear for the data's classes; got {width}")
+        return
     if models.takes(cfg.model, "hidden"):
         if width < 1:
             raise ConfigError(f"transfer.head_width must be >= 1 for {cfg.model}, whose head has hidden layers that wide; "
@@ -94,7 +99,7 @@ def train(cfg: StudyConfig, trial: int = 0) -> str:
         start = time.perf_counter()
         transfer.train_head(model, data, cfg.train, seed, tc.feature_batch_size, on_epoch=on_epoch)
         run.log_metrics({"transfer_seconds": time.perf_counter() - start}, step=cfg.train.epochs)
-        model.set_features_trainable(True)  # the next stages prune and retrain the features
+        transfer.backbone(model).set_features_trainable(True)  # the next stages prune and retrain the features
         common.log_model(run, model, data, paths.MODEL, step=cfg.train.epochs, final=True,
                          carry=common.UNCHANGED_BY_TRAINING)
         return run.run_id
@@ -222,6 +227,7 @@ KIND = common.StudyKind(
     sections={"prune": PruneConfig, "finetune": TrainConfig, "transfer": TransferConfig},
     deliverable="finetune",
     model_protocol=base.TransferBackbone,
+    any_network=True,  # a factory's network through transfer.ClassifierHead: its last Linear is the head
     names=(("pruning method", "prune.method", filter_pruning.method, criteria.CRITERIA), common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
     checks=(check_head,),
     flags=(
