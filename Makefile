@@ -12,7 +12,7 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server postgresql run serve test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans vgg-quick transfer-resnet20
+.PHONY: help install server stop-server postgresql run serve test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans resnet18-cifar10 vgg-quick transfer-resnet20
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -99,10 +99,15 @@ kmeans: server ## k-means filter clustering of the pretrained ResNet20 (CIFAR_DI
 	  -P overrides="kmeans.weights=$(abspath $(RESNET20))" -P out_dir=resources/figures/kmeans-resnet20-cifar10 \
 	  --env-manager local --experiment-name kmeans-resnet20-cifar10
 
+resnet18-cifar10: server ## Taylor pruning of torchvision's ResNet-18 (from scratch) on the CIFAR-10 subset, round_to 8 (2 trials; about 20 min on 2 cores; CIFAR_DIR=...)
+	$(BIN)/mlflow run . -e main -P study=taylor-resnet18-cifar10 -P data_dir=$(abspath $(CIFAR_DIR)) \
+	  -P out_dir=resources/figures/taylor-resnet18-cifar10 --env-manager local --experiment-name taylor-resnet18-cifar10
+
 # The studies whose figures the README and docs/ show (resources/figures/<study>), each drawn from its
 # runs on the server. Those the server has no runs of are named, each with the command that makes
 # them; make fails only when it has none of them (or when STUDY=... names one it has not).
-FIGURE_STUDIES ?= taylor-cnn-fashionmnist lth-lenet300-fashionmnist lth-conv2-cifar10-cpu kmeans-resnet20-cifar10 taylor-resnet20-dogscats
+FIGURE_STUDIES ?= taylor-cnn-fashionmnist lth-lenet300-fashionmnist lth-conv2-cifar10-cpu kmeans-resnet20-cifar10 taylor-resnet20-dogscats \
+  taylor-resnet18-cifar10
 report: server ## redraw the figures of the README and docs/ into resources/figures (STUDY=... for one study) from the runs on the server
 	$(BIN)/prunelab report $(foreach study,$(if $(filter command line,$(origin STUDY)),$(STUDY),$(FIGURE_STUDIES)),--study $(study)) \
 	  --out 'resources/figures/{study}'

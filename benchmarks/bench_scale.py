@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench import Row
+from bench import MMAP_THRESHOLD, TRIM_THRESHOLD, Row, fix_mmap_threshold
 from prunelab import config, data, hardware, layout, measure, models
 from prunelab.tracking import connection, query
 from prunelab.models.simple_cnn import SimpleCNN
@@ -158,25 +157,9 @@ def main_rows() -> list[Row]:
     ]
 
 
-# glibc's thresholds for mapping a block of its own and for giving freed memory back to the
-# system, fixed high: a batch-256 pass then reuses its heap (see allocator_rows).
-MMAP_THRESHOLD, TRIM_THRESHOLD = 128 << 20, 256 << 20
-
-
-def _fixed_mmap_threshold() -> bool:
-    """glibc only: those thresholds from now on, in this process, so a batch-256 reading times
-    the network, not the page faults of memory mapped anew."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers in malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
-
-
 def latency_rows() -> list[Row]:
     shape = (1, 28, 28)
-    fixed = _fixed_mmap_threshold()
+    fixed = fix_mmap_threshold()
     original = SimpleCNN()
     rows = []
     for widths, label in ((WIDTHS_FREE, "no rounding"), (WIDTHS_ROUNDED, f"round_to={ROUND_TO}")):

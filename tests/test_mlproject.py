@@ -79,6 +79,25 @@ def test_main_chains_the_stages_and_reuses_finished_steps(tracking_uri, client, 
     assert [r.data.tags.get("stage") for r in runs_of(client, study)] == stages + ["main", "report"]
 
 
+def test_main_prunes_a_torchvision_network(tracking_uri, client, fashion_dir, tmp_path):
+    """`mlflow run . -e main -P overrides="model=torchvision:resnet18 ..."`: a torchvision network
+    through the whole chain, its fine-tuned pruned network registered."""
+    study = "test-ep-torchvision"
+    overrides = (f"model=torchvision:resnet18 study={study} data.image_size=32 data.n_train=256 data.n_test=100 "
+                 "train.epochs=1 finetune.epochs=1 prune.rank_images=64 prune.filters_per_step=400 prune.target=0.85 "
+                 "prune.latency_repeats=0 trials=1")
+    proc = mlflow_run(tracking_uri, "main", study, study="taylor-cnn-fashionmnist", overrides=overrides,
+                      out_dir=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = runs_of(client, study)
+    assert [r.data.tags.get("stage") for r in runs] == ["main", "train", "prune", "finetune", "report"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    train, prune, finetune = runs[1:4]
+    assert {r.data.params["model"] for r in (train, prune, finetune)} == {"torchvision:resnet18"}
+    assert prune.data.metrics["fraction_remaining"] <= 0.85 and prune.data.metrics["rounds"] >= 1
+    assert [v.run_id for v in client.search_model_versions(f"name = '{study}'")] == [finetune.info.run_id]
+
+
 def test_readme_mlflow_run_works_without_activating_the_venv(tracking_uri, client, fashion_dir):
     """`.venv/bin/mlflow run . -e train` from a shell whose PATH has no Python with
     prunelab: the entry point finds the repository's .venv by itself."""

@@ -138,3 +138,14 @@ def test_model_weights_of_another_network_or_offline_default_are_one_line(fashio
         assert code == 2 and expected in line and "Traceback" not in line, line
     experiment = client.get_experiment_by_name("test-weights-refused")
     assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+def test_a_factory_the_meta_device_cannot_build_is_not_refused_for_it():
+    """RegNet computes its widths with tensors, which hold no data on the meta device where the
+    image-size check builds networks: that check cannot tell, so it does not refuse, and a
+    network it can build there is still refused when too small for the images."""
+    from prunelab.studies import common
+
+    assert common.smallest_side("torchvision:regnet_x_400mf", (1, 28, 28), 10) == 28
+    assert common.smallest_side("torchvision:vgg11_bn", (1, 28, 28), 10) == 32
+    assert models.build("torchvision:regnet_x_400mf", (1, 28, 28), 10)(torch.rand(2, 1, 28, 28)).shape == (2, 10)

@@ -132,6 +132,20 @@ def test_torchvision_mobilenet_v2(tracking_uri, client, fashion_dir, tmp_path):
     print(summary)
 
 
+def test_torchvision_regnet(tracking_uri, client, fashion_dir, tmp_path):
+    """RegNetX-400MF at 28 x 28 px: its grouped convs keep their channels (only whole conv groups
+    could go), so the stem and the residual streams are pruned, at multiples of prune.round_to."""
+    runs = run_study(tracking_uri, client, tmp_path, "test-any-regnet", "model=torchvision:regnet_x_400mf",
+                     "prune.filters_per_step=64", "prune.target=0.85", "prune.round_to=8")
+    summary = check_pruned_and_delivered(client, runs, 0.85)
+    widths = {k: v for k, v in runs["prune"].data.metrics.items() if k.startswith("filters_left.")}
+    assert widths and all(v % 8 == 0 for v in widths.values()), widths
+    d = scored_images()
+    check_logged_model(client, runs["finetune"], d, tmp_path)
+    check_checkpoint(client, runs["finetune"], d, "torchvision:regnet_x_400mf")
+    print(summary)
+
+
 def test_a_factory_of_the_users_own(tracking_uri, client, fashion_dir, tmp_path, capsys):
     """`model=tests.models.tiny_factory:build` through train -> prune -> finetune -> register; its
     checkpoint loads only when the user names the factory again."""

@@ -194,6 +194,10 @@ def _make(name: str, factory: Factory, arguments: dict, input_shape: tuple[int, 
             shape_only = factory.call(**arguments)
     except (Exception, SystemExit):
         shape_only = None  # a factory meta tensors cannot build: it is sized as built, below
+    if shape_only is None and torch.get_default_device().type == "meta":
+        # Asked for a shape-only network (studies.common sizes images on the meta device) by a
+        # factory that cannot build there (RegNet computes its widths with tensors): not a refusal.
+        raise NotImplementedError(f"model {name!r} cannot be built on the meta device")
     if isinstance(shape_only, nn.Module):
         n = sum(p.numel() for p in shape_only.parameters())
         check_memory(n * TRAINING_BYTES_PER_PARAM, f"model {name!r} with {n:,} parameters", "choose a smaller network")
