@@ -97,6 +97,10 @@ def load(path: str | Path, model_name: str | None = None, trusted: str | None = 
     if not model_name:
         raise ModelError(f"{path} does not say which architecture it holds: pass --model NAME ({', '.join(sorted(models.MODELS))})")
     state = state_dict_of(payload, path)
+    if factory.is_factory(model_name):
+        raise ModelError(f"{path} is a bare state dict, which does not say the input shape or widths of the "
+                         f"{model_name} network it holds: pass it as model_weights={path} (a fresh network starts "
+                         "from it), or a prunelab checkpoint or run of that network")
     cls = models.model_class(model_name)
     try:
         spec = cls.spec_from_state_dict(state)

@@ -2,7 +2,9 @@
 
 `build` makes a small residual CNN with a BatchNorm after every conv, a
 depthwise conv and a Linear classifier: the couplings the dependency graph must
-find, at a size a test trains in seconds. The other factories go wrong, one way
+find, at a size a test trains in seconds. `chain` is a plain chain of convs
+(VGG's shape, the last without BatchNorm) read by a Linear layer through a
+flatten: what k-means merging may merge in every other conv. The other factories go wrong, one way
 each, for tests/test_bad_inputs.py.
 """
 
@@ -31,6 +33,13 @@ class TinyResidual(nn.Module):
 
 def build(num_classes: int, in_channels: int = 1) -> nn.Module:
     return TinyResidual(in_channels, num_classes)
+
+
+def chain(num_classes: int, in_channels: int = 1) -> nn.Module:
+    """28 x 28 images: conv-BN-ReLU (stride 2), conv-BN-ReLU, max-pool, conv with bias, flatten, Linear."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 7 * 7, num_classes))
 
 
 def not_a_module(num_classes: int):

@@ -1,7 +1,9 @@
 """k-means filter clustering: group a conv's filters, replace each by its cluster's centroid.
 
 A conv with C filters clustered into K < C groups computes only K distinct
-feature maps; "clusters pruned away" is C - K. Replacing filters in place
+feature maps; "clusters pruned away" is C - K. A registered model names its
+convs and stages (`models.base.Clusterable`); a network from a factory offers
+every conv it has, and any of its modules that holds convs is a stage. Replacing filters in place
 (`replace_by_centroids`) measures how much accuracy that costs without changing
 the network's shape; `merging.py` then removes the duplicates for real.
 """
@@ -68,20 +70,65 @@ def kmeans(rows: torch.Tensor, k: int, seed: int, distance: str = "euclidean", i
     return Clusters(labels.to(rows.device), (centroids / total[:, None]).to(rows.device, rows.dtype))
 
 
+def network_of(model: nn.Module) -> nn.Module:
+    """The network whose layer names a user writes: a factory's own network inside the
+    grey-channel wrapper (`models.factory.FactoryNetwork`), else the model itself."""
+    inner = getattr(model, "network", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(model, "factory") else model
+
+
+def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """Every conv in network order: the model's own list (`Clusterable.conv_layers`), or, for a
+    network from a factory, every Conv2d it holds, named as its `named_modules()` names them."""
+    own = getattr(model, "conv_layers", None)
+    if callable(own):
+        return own()
+    return {name: m for name, m in network_of(model).named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def stage_convs(model: nn.Module, stage: str) -> list[str] | None:
+    """The convs of `stage`: a stage the model names (`Clusterable.stage_convs`), or, for a
+    network from a factory, any module of it (`layer1`, `features.3`) that holds convs."""
+    own = getattr(model, "stage_convs", None)
+    if callable(own):
+        return own().get(stage)
+    module = dict(network_of(model).named_modules()).get(stage) if stage else None
+    if module is None:
+        return None
+    inside = {m for m in module.modules() if isinstance(m, nn.Conv2d)}
+    return [name for name, conv in conv_layers(model).items() if conv in inside] or None
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    """The stages an error lists: the model's own, or a factory network's top-level modules that hold convs."""
+    own = getattr(model, "stage_convs", None)
+    if callable(own):
+        return list(own())
+    return [name for name, child in network_of(model).named_children()
+            if any(isinstance(m, nn.Conv2d) for m in child.modules())]
+
+
 def resolve_layers(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict[str, nn.Conv2d]:
     """The named convs of `model`; an unknown name fails listing the valid ones."""
-    convs = model.conv_layers()
+    convs = conv_layers(model)
     for name in names:
         if name not in convs:
-            raise ConfigError(f"no conv layer {name!r} in this model: valid ones are {', '.join(convs)}")
+            raise ConfigError(f"no conv layer {name!r} in this model: valid ones are {_listed(list(convs))}")
     return {name: convs[name] for name in names}
 
 
 def resolve_stage(model: nn.Module, stage: str) -> list[str]:
-    stages = model.stage_convs()
-    if stage not in stages:
-        raise ConfigError(f"no stage {stage!r} in this model: valid ones are {', '.join(stages)}")
-    return stages[stage]
+    names = stage_convs(model, stage)
+    if not names:
+        raise ConfigError(f"no stage {stage!r} in this model: valid ones are {_listed(stage_names(model))}"
+                          + ("" if callable(getattr(model, "stage_convs", None)) else
+                             " (or any module holding convs, as named_modules() names it)"))
+    return names
+
+
+def _listed(names: list[str], most: int = 24) -> str:
+    """Names for a one-line error: all of a registered model's, the first `most` of a large network's."""
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 @torch.no_grad()

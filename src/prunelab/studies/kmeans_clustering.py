@@ -1,9 +1,9 @@
-"""k-means filter clustering (kind `kmeans_clustering`) of a pretrained CIFAR ResNet.
+"""k-means filter clustering (kind `kmeans_clustering`) of a pretrained CIFAR ResNet, or any network.
 
 | entry point | does | reads | logs |
 |---|---|---|---|
 | `train` | trains the ResNet from scratch (the reference recipe; the sweeps do not need it) | the data | as filter pruning's `train` |
-| `prune` | one process per trial (= k-means seed) from pretrained weights: both sensitivity sweeps, then the merges, each point a finished child run | `kmeans.weights` or a run / model / weights file | parent: `test_accuracy.<sweep>.<target>` (step = clusters pruned); children: `test_accuracy`, `accuracy_drop`; merges: params, MACs, CPU latency before/after, the merged `checkpoint.pt` |
+| `prune` | one process per trial (= k-means seed) from pretrained weights: both sensitivity sweeps, then the merges, each point a finished child run | `kmeans.weights`, a run / model / weights file, or `model_weights` | parent: `test_accuracy.<sweep>.<target>` (step = clusters pruned); children: `test_accuracy`, `accuracy_drop`; merges: params, MACs, CPU latency before/after, the merged `checkpoint.pt` |
 | `finetune` | trains a (merged) model further | a run or weights file | as filter pruning's `finetune` |
 
 The sweeps replace every filter of a conv by its k-means centroid (K of C;
@@ -15,6 +15,13 @@ calls, so a sweep of a hundred points costs seconds of tracking, not a
 process start per point. `main` runs `prune` once per trial; the report draws
 accuracy against clusters pruned per stage and per layer, and a merge table.
 
+A network from a factory (`torchvision:NAME`, `PACKAGE.MODULE:FUNCTION`)
+takes part too: its convs are every Conv2d it has, a stage is any of its
+modules that holds convs (`kmeans.stages=[layer1]` for torchvision's ResNets,
+`[features.3]` for a MobileNet), and the merges take the convs its graph lets
+merge exactly (`pruning.merging.mergeable`); stage or layer names it lacks, or
+merges asked of a network with nothing to merge, are one line before any run.
+
 Nothing is registered (`StudyKind.deliverable` is None): a trial yields a family
 of merged networks, one per `kmeans.merge_keep`, not one pruned model; each is
 the `checkpoint.pt` of its merge run. `train` and `finetune` log their models
@@ -24,6 +31,7 @@ for users as filter pruning's do.
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +104,7 @@ def sweep_points(model: nn.Module, cfg: StudyConfig) -> list[tuple[str, str, int
     """(sweep, target, clusters pruned, convs) of every point; names are checked
     here, before any run starts, and counts that would leave K < 1 are skipped."""
     km = cfg.kmeans
-    widths = {name: conv.out_channels for name, conv in model.conv_layers().items()}
+    widths = {name: conv.out_channels for name, conv in clustering.conv_layers(model).items()}
     points = []
     for stage in km.stages:
         names = clustering.resolve_stage(model, stage)
@@ -107,22 +115,47 @@ def sweep_points(model: nn.Module, cfg: StudyConfig) -> list[tuple[str, str, int
     return points
 
 
-def _weights_ref(cfg: StudyConfig, model_ref: str | None) -> str:
+def check_network(cfg: StudyConfig, model: nn.Module, data: ImageData) -> None:
+    """Before any run: the sweeps' stage and layer names are the network's, and a network
+    asked for merges has convs to merge (one line each)."""
+    sweep_points(model, cfg)
+    if cfg.kmeans.merge_keep and not merging.can_merge(model, _example(model, data)):
+        raise ConfigError(f"model {cfg.model!r} has no conv whose channels k-means can merge exactly (each is summed "
+                          "into a residual, read by a depthwise conv or a second normalisation, or is the output): "
+                          "set kmeans.merge_keep=[] to run the sweeps alone")
+
+
+def _example(model: nn.Module, data: ImageData) -> torch.Tensor:
+    """Two test images, as the network reads them: what its graph is traced on."""
+    return data.normalise(data.test_x[:2]).to(next(model.parameters()).device)
+
+
+def _start(cfg: StudyConfig, data: ImageData, seed: int, model_ref: str | None) -> tuple[nn.Module, str]:
+    """The pretrained network the sweeps start from, and where it came from: a run, model or
+    weights file (`kmeans.weights`), else a fresh network from `model_weights`."""
     ref = model_ref or cfg.kmeans.weights
-    if not ref:
+    if ref:
+        return common.load_model(ref, cfg, data), ref
+    return common.new_model(cfg, data, seed), cfg.model_weights
+
+
+def _check_weights_named(cfg: StudyConfig, model_ref: str | None) -> None:
+    if not (model_ref or cfg.kmeans.weights or cfg.model_weights):
         raise ConfigError("the k-means study starts from pretrained weights: set kmeans.weights=PATH "
-                          "(e.g. --set kmeans.weights=resnet20-12fca82f.th) or pass --model-uri")
-    return ref
+                          "(e.g. --set kmeans.weights=resnet20-12fca82f.th), model_weights=PATH (a network's own "
+                          "weights file, e.g. torchvision's) or pass --model-uri")
 
 
 def sweep(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str:
     """Both sensitivity sweeps and the merges for one k-means seed; returns the parent run id."""
     km = cfg.kmeans
     seed = common.seed_of(cfg, trial)
-    ref = _weights_ref(cfg, model_ref)
+    _check_weights_named(cfg, model_ref)  # before the data is read
     data = common.load_data(cfg)
-    model = common.load_model(ref, cfg, data).eval()
+    model, ref = _start(cfg, data, seed, model_ref)
+    model.eval()
     points = sweep_points(model, cfg)  # bad names fail here, before any run exists
+    check_network(cfg, model, data)
     options = dict(distance=km.distance, importance=km.importance, n_init=km.n_init)
     tags = {**common.common_tags(cfg, trial), **common.device_tags(cfg)}
     params = {**common.common_params(cfg, trial, METHOD), "input_model": ref}
@@ -163,14 +196,16 @@ def merge(run: Run, model: nn.Module, data: ImageData, cfg: StudyConfig, seed: i
     km = cfg.kmeans
     shape = data.input_shape
     probe = data.normalise(data.test_x[:256])
+    example = _example(model, data)
+    target = "blocks" if callable(getattr(model, "blocks", None)) else "convs"  # what merges: a ResNet's blocks, or convs
     before = measure.size(model, shape)
     with torch.no_grad():
         original_out = model(probe)
     for keep in progress.steps(km.merge_keep, "merge"):
-        plan = merging.plan_merge(model, float(keep), seed, km.distance, km.importance, km.n_init)
+        plan = merging.plan_merge(model, float(keep), seed, km.distance, km.importance, km.n_init, example)
         centroid_net, merged = copy.deepcopy(model), copy.deepcopy(model)
-        merging.apply_merge(centroid_net, plan, centroids_only=True)
-        widths = merging.apply_merge(merged, plan)
+        merging.apply_merge(centroid_net, plan, centroids_only=True, example=example)
+        widths = merging.apply_merge(merged, plan, example=example)
         with torch.no_grad():
             merged_out, centroid_out = merged(probe), centroid_net(probe)
         after = measure.size(merged, shape)
@@ -191,11 +226,11 @@ def merge(run: Run, model: nn.Module, data: ImageData, cfg: StudyConfig, seed: i
             summary.write_text(after.summary)
             run.log_child(
                 f"merge-keep{keep}-t{params['trial']}",
-                tags={**tags, paths.TAG_STAGE: "prune", TAG_SWEEP: "merge", TAG_TARGET: "blocks"},
-                params={**params, "sweep": "merge", "target": "blocks", "keep": keep,
+                tags={**tags, paths.TAG_STAGE: "prune", TAG_SWEEP: "merge", TAG_TARGET: target},
+                params={**params, "sweep": "merge", "target": target, "keep": keep,
                         "mid_widths": ",".join(str(w) for w in widths.values())},
                 metrics=metrics, files=[weights, summary], splits=data.splits(),
-                description=f"merge keeping {keep} of each block-internal conv's channels, trial {params['trial']}")
+                description=f"merge keeping {keep} of each mergeable conv's channels, trial {params['trial']}")
 
 
 # --------------------------------------------------------------------------- report
@@ -256,7 +291,8 @@ def figure_stages(cfg: StudyConfig, table: pd.DataFrame) -> plt.Figure:
 
 
 def _stage_of(layer: str) -> str:
-    return layer.split(".")[0] if layer.startswith("layer") else "stem"
+    """A layer's panel: its top-level module (`layer1`, `features`); a conv at the top is the stem."""
+    return layer.split(".")[0] if "." in layer else "stem"
 
 
 def figure_layers(cfg: StudyConfig, table: pd.DataFrame) -> plt.Figure:
@@ -286,11 +322,10 @@ def figure_layers(cfg: StudyConfig, table: pd.DataFrame) -> plt.Figure:
 
 
 def _network_order(name: str) -> tuple:
-    """conv1 < layer1.0.conv1 < layer1.0.conv2 < ... < layer3.2.conv2."""
-    if not name.startswith("layer"):
-        return (0, 0, name)
-    stage, block, conv = name.split(".", 2)
-    return (int(stage.removeprefix("layer")), int(block), conv)
+    """conv1 < layer1.0.conv1 < layer1.0.conv2 < ... < layer3.2.conv2 (numbers as numbers:
+    features.2 < features.10); top-level convs (the stem) first."""
+    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+    return ("." in name, parts)
 
 
 def merge_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -325,7 +360,7 @@ def report(cfg: StudyConfig) -> common.Report:
 KIND = common.StudyKind(
     name="kmeans_clustering",
     entry_points={
-        "train": common.EntryPoint(train, "train the ResNet from scratch (the sweeps start from pretrained weights)"),
+        "train": common.EntryPoint(train, "train the network from scratch (the sweeps start from pretrained weights)"),
         "prune": common.EntryPoint(sweep, "k-means sweeps per stage and per layer, then real merges, as child runs",
                                    reads_model=True),
         "finetune": common.EntryPoint(finetune, "train a (merged) model further", reads_model=True),
@@ -335,6 +370,8 @@ KIND = common.StudyKind(
     sections={"kmeans": KMeansConfig, "finetune": TrainConfig},
     deliverable=None,  # a family of merges, not one model: see the module's docstring
     model_protocol=base.Clusterable,
+    any_network=True,  # a factory's network: every conv clusters, its graph says which merge (pruning.merging)
+    model_checks=(check_network,),
     names=(("k-means distance", "kmeans.distance", lambda c: c.kmeans.distance, clustering.DISTANCES),
            ("k-means importance", "kmeans.importance", lambda c: c.kmeans.importance, clustering.IMPORTANCES),
            common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
