@@ -82,6 +82,12 @@ class Inputs:
             return self.path(name)
         return str(self.once(name, make))
 
+    def torchvision_weights(self, name: str) -> str:
+        """A torchvision weights file in form: the state dict of a fresh `name` for 10 classes."""
+        import torchvision
+
+        return self.weights(f"{name}.pth", torchvision.models.get_model(name, num_classes=10).state_dict())
+
     def checkpoint(self, name: str, **changes) -> str:
         """A prunelab checkpoint of a SimpleCNN, with some keys replaced (None: removed)."""
         payload = {"format": FORMAT, "model": "simple_cnn", "spec": SimpleCNN().spec(),
@@ -407,9 +413,6 @@ CASES = [
     Case("factory-no-function", settings("model=tests.models.tiny_factory:nothing"), "has no 'nothing'"),
     Case("factory-not-callable", settings("model=tests.models.tiny_factory:NOT_CALLABLE"), "is a int, not a function"),
     Case("factory-malformed", settings("model=my nets:build"), "is not a factory: write torchvision:NAME or"),
-    Case("factory-on-kmeans", settings("model=torchvision:resnet18", study="kmeans-resnet20-cifar10"),
-         "cannot be used in a kmeans_clustering study: it needs spec_from_state_dict, conv_layers, stage_convs, "
-         "blocks, which a network from a factory does not offer"),
     Case("ignored-layers-number", settings("prune.ignored_layers=3"), "prune.ignored_layers must be a list (e.g. prune.ignored_layers=[a, b]), got 3"),
     Case("dataset-unknown", settings("data.dataset=mnist3d"), "unknown dataset 'mnist3d'"),
     Case("dataset-empty", settings("data.dataset="), "unknown dataset ''"),
@@ -802,6 +805,31 @@ CASES = [
     Case("factory-nothing-prunable-run", lambda c: ["run", "--overrides", TINY + " study=test-bad-factory-run "
                                                     "model=tests.models.tiny_factory:no_convs"],
          "the model has no conv whose filters can be removed"),
+    # --------------------------------------------------------------- pretrained weights (model_weights)
+    Case("model-weights-other-network", staged("train", "--set", "study=test-bad-weights", "--set", "model=torchvision:mobilenet_v2",
+                                               "--set", "model_weights={resnet18-weights}"),
+         "holds the weights of another network (lacks 'features.0.0.weight'"),
+    Case("model-weights-absent", staged("train", "--set", "study=test-bad-weights", "--set", "model_weights=/nonexistent/w.pth"),
+         "no weights file at /nonexistent/w.pth"),
+    Case("model-weights-pickled-module", staged("train", "--set", "study=test-bad-weights", "--set", "model_weights={pickled}"),
+         "not a plain weights file"),
+    Case("model-weights-default-registered", staged("train", "--set", "study=test-bad-weights", "--set", "model_weights=DEFAULT"),
+         "model_weights=DEFAULT names torchvision's weights, which 'simple_cnn' has none of: pass a weights file"),
+    Case("model-weights-default-offline", staged("train", "--set", "study=test-bad-weights", "--set", "model=torchvision:resnet18",
+                                                 "--set", "model_weights=DEFAULT"),
+         "then pass model_weights=PATH (or put it at "),
+    # --------------------------------------------------------------- k-means with a network from a factory
+    Case("kmeans-factory-stage-unknown", lambda c: ["run", "--study", KMEANS, "--data-dir", str(c.cifar), "--overrides",
+                                                    TINY + " study=test-bad-kmeans-any model=torchvision:mobilenet_v2"],
+         "no stage 'layer1' in this model: valid ones are features (or any module holding convs"),
+    Case("kmeans-factory-nothing-to-merge", lambda c: ["run", "--study", KMEANS, "--data-dir", str(c.cifar), "--overrides",
+                                                       TINY + " study=test-bad-kmeans-any kmeans.stages=[block] "
+                                                       "model=tests.models.tiny_factory:build"],
+         "has no conv whose channels k-means can merge exactly"),
+    Case("kmeans-factory-bare-weights", staged("prune", "--set", "study=test-bad-kmeans-any", "--set", "model=torchvision:resnet18",
+                                               "--set", "kmeans.weights={resnet18-weights}", study=KMEANS,
+                                               data_dir=lambda c: str(c.cifar)),
+         "is a bare state dict, which does not say the input shape or widths"),
     Case("torchvision-aux-outputs", staged("train", "--set", "study=test-bad-factory", "--set", "model=torchvision:googlenet"),
          "model 'torchvision:googlenet' returns a GoogLeNetOutputs while training, not a tensor of class scores"),
     Case("torchvision-images-too-small", staged("train", "--set", "study=test-bad-factory", "--set", "model=torchvision:vgg11"),
@@ -884,6 +912,7 @@ def argv_of(case: Case, inputs: Inputs) -> list[str]:
     argv = case.argv(inputs)
     subs = {"{evil}": lambda: f"runs:/{inputs.evil_model()[0]}/evil", "{evil-run}": lambda: inputs.evil_model()[0],
             "{junk}": lambda: inputs.text("junk.pt", "this is no checkpoint"),
+            "{resnet18-weights}": lambda: inputs.torchvision_weights("resnet18"), "{pickled}": inputs.pickled_module,
             "{round-abc}": lambda: inputs.round_run("abc"),
             "{mask-list}": lambda: inputs.mask_round("list"), "{mask-junk}": lambda: inputs.mask_round("junk"),
             "{mask-ints}": lambda: inputs.mask_round("ints"), "{round-1.5}": lambda: inputs.round_run("1.5")}

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 
 from prunelab import checkpoints, studies
 from prunelab.tracking import query
@@ -84,6 +86,39 @@ def test_bad_names_fail_before_any_run(tracking_uri, client, cifar_dir, resnet20
     with pytest.raises(ConfigError, match="kmeans.weights"):
         kmeans_clustering.sweep(cfg)
     assert query.find_runs(study, finished_only=False) == []
+
+
+@pytest.mark.slow
+def test_any_network_sweeps_and_merges_from_its_weights_file(tracking_uri, client, cifar_dir, tmp_path):
+    """torchvision's MobileNetV2 from a weights file of its own (`model_weights`, a state dict as
+    torchvision ships one): sweeps over a stage and a conv named as the network names them, and
+    merges of the convs its graph lets merge, exact and smaller; the merged checkpoint reloads."""
+    torch.manual_seed(0)
+    weights = tmp_path / "mobilenet_v2.pth"
+    torch.save(torchvision.models.mobilenet_v2(num_classes=10).state_dict(), weights)
+    cfg = studies.load_config("kmeans-resnet20-cifar10", [
+        "study=test-kmeans-any-network", "model=torchvision:mobilenet_v2", f"model_weights={weights}",
+        f"data.data_dir={cifar_dir}", "data.n_test=100", "kmeans.stages=[features.1]", "kmeans.stage_pruned=[0,8]",
+        "kmeans.layers=[features.1.conv.1]", "kmeans.layer_pruned=[8]", "kmeans.merge_keep=[0.5]",
+        "kmeans.latency_repeats=3", "kmeans.latency_batch=4", "kmeans.n_init=1"])
+    studies.get(cfg.kind).check_inputs(cfg)  # what `main` checks before any run
+    parent_id = kmeans_clustering.sweep(cfg, trial=0)
+    parent = client.get_run(parent_id)
+    assert parent.data.params["input_model"] == str(weights) and parent.data.params["model"] == "torchvision:mobilenet_v2"
+    children = {(r.data.params["sweep"], r.data.params["target"], r.data.params.get("clusters_pruned", r.data.params.get("keep"))): r
+                for r in query.find_runs(cfg.study, f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+    assert sorted(children) == [("layer", "features.1.conv.1", "8"), ("merge", "convs", "0.5"),
+                                ("stage", "features.1", "0"), ("stage", "features.1", "8")]
+    assert children["stage", "features.1", "0"].data.metrics["test_accuracy"] == parent.data.metrics["test_accuracy"]
+    merge = children["merge", "convs", "0.5"]
+    m = merge.data.metrics
+    assert merge.data.params["mid_widths"] == "8,160"  # features.1.conv.1 (16) and features.17.conv.2 (320), halved
+    assert (m["params_before"], m["params"]) == (2_236_682, 1_876_922) and m["macs"] < m["macs_before"]  # docs/models.md
+    assert m["max_abs_diff_centroid"] < 1e-4
+    local = client.download_artifacts(merge.info.run_id, "checkpoint.pt", str(tmp_path))
+    reloaded = checkpoints.load(local, "torchvision:mobilenet_v2")
+    assert reloaded.network.features[17].conv[2].out_channels == 160
+    assert sum(p.numel() for p in reloaded.parameters()) == m["params"]
 
 
 @pytest.mark.slow
