@@ -218,10 +218,20 @@ def _unit(graph: tp.DependencyGraph, conv: nn.Conv2d) -> Mergeable | None:
             bn = module
         elif (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)) \
                 and not graph.is_out_channel_pruning_fn(item.dep.handler):
+            if not _reads_every_channel_alike(item, conv.out_channels):
+                return None  # a slice of the channels: a merged channel could be read where its keeper is not
             readers.append(module)
         elif isinstance(module, nn.Parameter) or (isinstance(module, nn.Module) and any(True for _ in module.parameters())):
             return None  # another producer, a depthwise conv, a second norm, ...: channels would differ
     return Mergeable(conv, bn, tuple(dict.fromkeys(readers))) if readers else None
+
+
+def _reads_every_channel_alike(item, channels: int) -> bool:
+    """Whether a reader takes every channel, each as many inputs (one, or a flatten's block)."""
+    counts: dict[int, int] = {}
+    for root in item.root_idxs:
+        counts[root] = counts.get(root, 0) + 1
+    return set(counts) == set(range(channels)) and len(set(counts.values())) == 1
 
 
 @torch.no_grad()
@@ -265,9 +275,10 @@ def _sum_readers(graph: tp.DependencyGraph, unit: Mergeable, labels: list[int], 
     done = set()
     for item in group.items:
         reader = item.dep.target.module
-        if reader not in unit.readers or reader in done or graph.is_out_channel_pruning_fn(item.dep.handler):
+        key = (reader, tuple(item.idxs))  # a reader reading the channels twice (twice concatenated) sums both
+        if reader not in unit.readers or key in done or graph.is_out_channel_pruning_fn(item.dep.handler):
             continue
-        done.add(reader)
+        done.add(key)
         inputs: dict[int, list[int]] = {}
         for idx, root in zip(item.idxs, item.root_idxs):
             inputs.setdefault(root, []).append(idx)
