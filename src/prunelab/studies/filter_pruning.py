@@ -49,12 +49,13 @@ TARGET_KINDS = ("params", "filters")
 class PruneConfig:
     method: str = setting("filter importance criterion: taylor (Molchanov et al. 2017, on the ranking images), l1 or "
                           "l2 (Li et al. 2017), fpgm (He et al. 2019), bn_scale (Liu et al. 2017: |gamma| of the "
-                          "BatchNorm after each conv) or random (the control)", "taylor")
+                          "BatchNorm after each conv), hessian (LeCun et al. 1990, Optimal Brain Damage: w^2 times the "
+                          "per-image Fisher, on the ranking images) or random (the control)", "taylor")
     filters_per_step: int = setting("filters removed per pruning step", 1)
     target: float = setting("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
     target_kind: str = setting("what the target counts: params or filters", "params")
     rank_images: int = setting("training images seen by each ranking pass of a criterion that ranks on images "
-                                 "(taylor; 0: all)", 10000)
+                                 "(taylor, hessian; 0: all)", 10000)
     finetune_epochs_between: int = setting("fine-tuning epochs after each pruning step but the last", 0)
     log_models_every: int = setting("log the pruned model every N steps (the last step is always logged)", 1)
     rank_batch_size: int = setting("images per forward/backward pass of a ranking pass (taylor)", 256)
