@@ -114,6 +114,11 @@ class TrainConfig:
     precision: str = setting("arithmetic of forward and backward passes: auto (bf16 where the hardware has it natively, "
                              "else fp32; logged as the one chosen), fp32, bf16 (autocast) or fp16 (autocast with "
                              "gradient scaling, GPUs only); evaluation is always fp32", "auto")
+    distill_temperature: float = setting("fine-tuning only: learn from the unpruned network's logits softened at this "
+                                         "temperature as well as from the labels (Hinton et al. 2015, knowledge "
+                                         "distillation); 0: off", 0.0)
+    distill_weight: float = setting("share alpha of distillation in the loss: alpha T^2 KL(teacher || student) + "
+                                    "(1 - alpha) cross-entropy; 0: the labels alone", 0.5)
 
     def validate(self, where: str = "train") -> None:
         check_range(f"{where}.epochs", self.epochs, 1, hint="pass a positive number of epochs")
@@ -121,6 +126,11 @@ class TrainConfig:
         check_range(f"{where}.lr", self.lr, 0, low_open=True)
         check_range(f"{where}.momentum", self.momentum, 0, 1, high_open=True, hint="SGD momentum is a fraction")
         check_range(f"{where}.weight_decay", self.weight_decay, 0)
+        check_range(f"{where}.distill_temperature", self.distill_temperature, 0, hint="0 turns distillation off")
+        check_range(f"{where}.distill_weight", self.distill_weight, 0, 1, hint="it is a share of the loss")
+        if where == "train" and self.distill_temperature:
+            raise ConfigError("train.distill_temperature: training from scratch has no unpruned network to learn from; "
+                              "set finetune.distill_temperature instead")
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,37 @@ class Precision:
             self.scaler.update()
 
 
+class Distillation:
+    """Knowledge distillation (Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural
+    Network"): the student also matches the teacher's logits softened at temperature T. Loss =
+    alpha T^2 KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) cross-entropy; T^2 keeps the soft
+    term's gradients on the scale of the hard one's as T changes (the paper's section 2)."""
+
+    def __init__(self, teacher: nn.Module, temperature: float, weight: float):
+        self.teacher, self.temperature, self.weight = teacher.eval(), temperature, weight
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, teacher: nn.Module | None) -> "Distillation | None":
+        """The distillation `cfg` asks for, or None (off, or no share of the loss: the labels alone,
+        exactly as without a teacher)."""
+        if not (cfg.distill_temperature and cfg.distill_weight):
+            return None
+        if teacher is None:
+            raise ConfigError("distillation is on (distill_temperature > 0) but this training has no unpruned network "
+                              "to learn from: set distill_temperature=0")
+        return cls(teacher, cfg.distill_temperature, cfg.distill_weight)
+
+    def loss(self, out: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = nn.functional.log_softmax(self.teacher(xb).float() / self.temperature, dim=1)
+        student = nn.functional.log_softmax(out.float() / self.temperature, dim=1)
+        kl = nn.functional.kl_div(student, soft, reduction="batchmean", log_target=True)
+        return (self.weight * self.temperature**2 * kl
+                + (1 - self.weight) * nn.functional.cross_entropy(out, yb))
+
+
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -134,7 +165,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalise, batc
 
 def train_epoch(model, data: ImageData, cfg: TrainConfig, optimizer, generator, desc: str = "train",
                 after_step: Callable[[], None] | None = None, augment=None,
-                precision: Precision | None = None) -> tuple[float, float]:
+                precision: Precision | None = None, distill: Distillation | None = None) -> tuple[float, float]:
     """One pass over the training data; returns (mean loss, accuracy)."""
     model.train()
     precision = precision or Precision(cfg.precision, device_of(model))
@@ -144,7 +175,7 @@ def train_epoch(model, data: ImageData, cfg: TrainConfig, optimizer, generator, 
     it = batches(data.train_x, data.train_y, cfg.batch_size, data.normalise, shuffle=True,
                  generator=generator, augment=augment)
     for xb, yb in progress.bar(it, desc, total=steps):
-        loss, hits = train_step(model, optimizer, xb, yb, after_step, precision)
+        loss, hits = train_step(model, optimizer, xb, yb, after_step, precision, distill)
         # Accumulate on tensors: .item() every step would force a sync per batch.
         loss_sum += loss * len(yb)
         correct += hits
@@ -153,13 +184,13 @@ def train_epoch(model, data: ImageData, cfg: TrainConfig, optimizer, generator, 
 
 
 def train_step(model, optimizer, xb, yb, after_step: Callable[[], None] | None = None,
-               precision: Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on a batch; returns (mean loss, correct count) as tensors."""
+               precision: Precision | None = None, distill: Distillation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch (with `distill`, its loss); returns (mean loss, correct count) as tensors."""
     optimizer.zero_grad(set_to_none=True)
     precision = precision or Precision("fp32", xb.device)
     with precision.autocast():
         out = model(xb)
-        loss = nn.functional.cross_entropy(out, yb)
+        loss = nn.functional.cross_entropy(out, yb) if distill is None else distill.loss(out, xb, yb)
     precision.step(loss, optimizer)
     if after_step is not None:
         after_step()
@@ -169,9 +200,11 @@ def train_step(model, optimizer, xb, yb, after_step: Callable[[], None] | None =
 
 def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
         on_epoch: Callable[[EpochResult], None] | None = None, desc: str = "train",
-        after_step: Callable[[], None] | None = None, augment=None) -> list[EpochResult]:
+        after_step: Callable[[], None] | None = None, augment=None, teacher: nn.Module | None = None) -> list[EpochResult]:
     """Train for `cfg.epochs` epochs, evaluating on the validation split (when the data
-    holds one) and the test set after each."""
+    holds one) and the test set after each; `teacher` (the unpruned network) is distilled
+    from where `cfg.distill_temperature` asks for it."""
+    distill = Distillation.of(cfg, teacher)
     generator = torch.Generator().manual_seed(seed)
     history = []
     began = time.monotonic()
@@ -181,7 +214,7 @@ def fit(model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
             train_loss, train_acc = train_epoch(model, data, cfg, optimizer, generator, f"{desc} {epoch}/{cfg.epochs}",
-                                                after_step, augment, precision)
+                                                after_step, augment, precision, distill)
             test = evaluate(model, data.test_x, data.test_y, data.normalise)
             val = evaluate(model, data.val_x, data.val_y, data.normalise) if data.val_x is not None else {}
             result = EpochResult(epoch, train_loss, train_acc, test["loss"], test["accuracy"], time.perf_counter() - start,

@@ -218,3 +218,45 @@ def test_random_is_unnormalised_and_seeded():
     conv = three_filters()
     a, b = (criteria.get("random", 7)(conv, {"c": conv})["c"] for _ in range(2))
     assert torch.equal(a, b) and torch.equal(a, torch.rand(3, generator=torch.Generator().manual_seed(7)))
+
+
+def test_hessian_hand_computed_case():
+    """OneConv, x = 1: logits (a1 + a2, 0) = (3, 0) and dL/dw_k = dL/da_k = -(1 - s) for label 0,
+    s for label 1 (s = sigmoid(3)). Two images, one of each label: Fisher F = ((1 - s)^2 + s^2) / 2
+    for both weights, saliencies w^2 F / 2 = (1, 4) F / 2, normalised to (1, 4) / sqrt(17). The mean
+    gradient squared, ((s - (1 - s)) / 2)^2, would scale the same way: the raw scores tell them apart."""
+    model = OneConv()
+    x, y = torch.ones(2, 1, 1, 1), torch.tensor([0, 1])
+    s = torch.sigmoid(torch.tensor(3.0, dtype=torch.float64)).item()
+    fisher = ((1 - s) ** 2 + s**2) / 2
+    criterion = criteria.get("hessian")
+    scores = criterion(model, {"conv": model.conv}, [(x, y)])["conv"]
+    assert torch.allclose(scores, torch.tensor([1 / math.sqrt(17), 4 / math.sqrt(17)]), atol=1e-6)
+    raw = criteria.get("hessian")
+    raw.normalise = False
+    unnormalised = raw(model, {"conv": model.conv}, [(x[:1], y[:1]), (x[1:], y[1:])])["conv"]
+    assert torch.allclose(unnormalised, torch.tensor([1.0, 4.0]) * fisher / 2, atol=1e-6)
+    assert model.conv.weight.grad is None, "the Fisher handed to Torch-Pruning is taken back"
+
+
+def test_hessian_matches_per_image_gradients_computed_directly():
+    """Per-image backward passes in batches of 32, 32 and 6 equal sum_i w^2 * mean_n (dL_n/dw)^2 / 2
+    computed image by image with torch.autograd.grad."""
+    torch.manual_seed(0)
+    model = SimpleCNN().eval()
+    x = torch.randint(0, 256, (70, 1, 28, 28), dtype=torch.uint8)
+    y = torch.randint(0, 10, (70,))
+    norm = lambda t: t.float() / 255  # noqa: E731
+    layers = model.prunable_convs()
+    criterion = criteria.get("hessian")
+    criterion.normalise = False
+    got = criterion(model, layers, batches(x, y, 32, norm))
+    convs = list(layers.values())
+    fisher = [torch.zeros_like(c.weight, dtype=torch.float64) for c in convs]
+    for n in range(70):
+        loss = nn.functional.cross_entropy(model(norm(x[n:n + 1])), y[n:n + 1])
+        for f, g in zip(fisher, torch.autograd.grad(loss, [c.weight for c in convs])):
+            f += g.double().square()
+    for (name, conv), f in zip(layers.items(), fisher):
+        want = (conv.weight.double().square() * f / 70).flatten(1).sum(1) / 2
+        assert torch.allclose(got[name].double(), want, rtol=1e-4, atol=1e-12), name

@@ -90,7 +90,7 @@ def test_the_registry_names_each_class_its_paper_and_its_settings():
         assert cls.name == name and issubclass(cls, criteria.Criterion)
         assert cls.paper and isinstance(cls.needs_data, bool)
         assert all(len(v) == 2 and isinstance(v[1], str) for v in cls.settings.values())
-    with pytest.raises(ConfigError, match=r"unknown pruning method 'nope': choose one of bn_scale, fpgm, l1, l2, random, taylor"):
+    with pytest.raises(ConfigError, match=r"unknown pruning method 'nope': choose one of bn_scale, fpgm, hessian, l1, l2, random, taylor"):
         criteria.get("nope")
     with pytest.raises(ConfigError, match=r"criterion fpgm has no setting 'q' \(its settings: p\)"):
         criteria.get("fpgm", q=1)

@@ -1,4 +1,5 @@
-"""How many filters go and when: pick the lowest-ranked filters across layers.
+"""How many filters go and when: pick the lowest-ranked filters across layers (scope
+`global`) or the same share of each layer (scope `uniform`).
 
 A plan is {layer name: sorted filter indices to remove}. Planning never
 empties a layer; a target that could only be met by emptying one is refused
@@ -14,7 +15,8 @@ from prunelab.errors import ConfigError
 Plan = dict[str, list[int]]
 
 
-def plan_step(scores: dict[str, torch.Tensor], n: int, round_to: int = 1) -> Plan:
+def plan_step(scores: dict[str, torch.Tensor], n: int, round_to: int = 1,
+              widths0: dict[str, int] | None = None) -> Plan:
     """The `n` lowest-scored filters across all layers, never emptying a layer.
 
     With `round_to` > 1 every layer the step touches is cut further, to the next
@@ -22,6 +24,7 @@ def plan_step(scores: dict[str, torch.Tensor], n: int, round_to: int = 1) -> Pla
     lowest-scored filters), so widths stay multiples of it: vector units and
     blocked memory layouts then run the pruned convs without idle lanes. A layer
     never goes below `round_to` filters (or below its width, if that is smaller).
+    `widths0` (the original widths) is read by `plan_uniform_step` only: one signature for both.
     """
     def kept(width: int, removed: int) -> int:
         return (width - removed) // round_to * round_to
@@ -39,6 +42,45 @@ def plan_step(scores: dict[str, torch.Tensor], n: int, round_to: int = 1) -> Pla
         cut = widths[name] - kept(widths[name], count)  # >= count: rounded down to a multiple
         plan[name] = sorted(int(i) for i in torch.argsort(scores[name])[:cut])
     return plan
+
+
+def plan_uniform_step(scores: dict[str, torch.Tensor], n: int, round_to: int = 1,
+                      widths0: dict[str, int] | None = None) -> Plan:
+    """`n` filters taken so that every layer keeps the same share of its original width
+    (`widths0`; default: its width now): each pick goes to the layer that keeps the largest
+    share, and takes that layer's lowest-scored filter. Layers rank only within themselves,
+    so scales that differ between layers do not matter. `round_to` as in `plan_step`.
+    """
+    widths = {name: len(s) for name, s in scores.items()}
+    widths0 = widths0 or widths
+    floor = {name: min(w, round_to) for name, w in widths.items()}
+    _check_step(n, sum(w - floor[name] for name, w in widths.items()), round_to)
+    left = dict(widths)
+    for _ in range(n):
+        # The layer keeping the largest share of its width (the first in network order on a tie).
+        name = max((name for name in left if left[name] > floor[name]), key=lambda m: left[m] / widths0[m])
+        left[name] -= 1
+    plan: Plan = {}
+    for name, kept in left.items():
+        kept = max(floor[name], kept // round_to * round_to)
+        if kept < widths[name]:
+            plan[name] = sorted(int(i) for i in torch.argsort(scores[name])[: widths[name] - kept])
+    return plan
+
+
+# How a step shares its filters among the layers (`prune.scope`).
+SCOPES = {"global": plan_step, "uniform": plan_uniform_step}
+
+
+def without(scores: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    """The scores of the filters a step kept, in their new order (a one-shot schedule plans
+    every step from its one ranking)."""
+    out = {}
+    for name, s in scores.items():
+        keep = torch.ones(len(s), dtype=torch.bool)
+        keep[plan.get(name, [])] = False
+        out[name] = s[keep]
+    return out
 
 
 def check_step(n: int, widths: dict[str, int], round_to: int = 1) -> None:

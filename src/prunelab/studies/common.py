@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import matplotlib.pyplot as plt
@@ -374,11 +375,26 @@ def augmentation(data: ImageData):
 
 
 def train_model(run: runs.Run, model: nn.Module, data: ImageData, cfg: TrainConfig, seed: int,
-                prefix: str = "") -> list:
+                prefix: str = "", teacher: nn.Module | None = None) -> list:
     """Fit and log per-epoch metrics (step = epoch), one batch of metrics per epoch."""
     def on_epoch(result):
         run.log_metrics({f"{prefix}{k}": v for k, v in result.metrics().items()}, step=result.epoch)
-    return fit(model, data, cfg, seed, on_epoch=on_epoch, desc=prefix.rstrip("_") or "train", augment=augmentation(data))
+    return fit(model, data, cfg, seed, on_epoch=on_epoch, desc=prefix.rstrip("_") or "train", augment=augmentation(data),
+               teacher=teacher)
+
+
+def distilling(cfg: TrainConfig) -> bool:
+    return bool(cfg.distill_temperature and cfg.distill_weight)
+
+
+def unpruned_ref(model_ref: str) -> str:
+    """The network a prune run started from (its `input_model`): the teacher of distillation."""
+    params = query.get_run(model_ref).data.params if query.is_run_id(model_ref) else {}
+    ref = params.get("input_model", "")
+    if not (query.is_run_id(ref) or Path(ref).is_file()):
+        raise ConfigError(f"finetune.distill_temperature needs the unpruned network, but {model_ref} names none it "
+                          "started from (prune from a train run), or set finetune.distill_temperature=0")
+    return ref
 
 
 def with_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
@@ -405,7 +421,11 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str, method: str) -> str:
     seed = seed_of(cfg, trial)
     data = load_data(cfg)
     model = load_model(model_ref, cfg, data)
-    with stage_run(cfg, trial, "finetune", f"finetune-t{trial}", method, params={"input_model": model_ref},
+    # Distillation's teacher, the network before pruning, found (or refused) before the run starts.
+    teacher_ref = unpruned_ref(model_ref) if distilling(cfg.finetune) else None
+    teacher = load_model(teacher_ref, cfg, data) if teacher_ref else None
+    with stage_run(cfg, trial, "finetune", f"finetune-t{trial}", method,
+                   params={"input_model": model_ref, "teacher_model": teacher_ref or "none"},
                    data=data, model_ref=model_ref) as run:
         before = evaluate(model, data.test_x, data.test_y, data.normalise)
         val = evaluate(model, data.val_x, data.val_y, data.normalise) if data.val_x is not None else {}
@@ -413,6 +433,6 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str, method: str) -> str:
                          **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val else {}),
                          **query.newest_metrics(model_ref, ("fraction_remaining", "latency_ms"))}, step=0)
         log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_AFTER)
-        train_model(run, model, data, cfg.finetune, seed + 10_000)
+        train_model(run, model, data, cfg.finetune, seed + 10_000, teacher=teacher)
         log_model(run, model, data, paths.MODEL, step=cfg.finetune.epochs, final=True, carry=UNCHANGED_BY_TRAINING)
         return run.run_id

@@ -3,7 +3,7 @@
 | entry point | does | reads | logs |
 |---|---|---|---|
 | `train` | trains the model from scratch | the data | per epoch (step = epoch) train/test loss and accuracy; `params`, `macs`; `summary_before.txt`; the model |
-| `prune` | ranks filters with `prune.method`, removes the lowest `prune.filters_per_step` across layers, repeats until `prune.target` remains (fine-tuning `prune.finetune_epochs_between` epochs between steps) | a train run (or trains one itself when none is given) | per round (step = round) `params`, `macs`, `fraction_remaining`, `filters`, `filters_left.<layer>`, test loss/accuracy, `latency_ms`; `model_round_<k>` (right after round k's removal) and the final model |
+| `prune` | ranks filters with `prune.method`, removes the lowest `prune.filters_per_step` across layers (`prune.scope=uniform`: the same share of each layer), repeats until `prune.target` remains (fine-tuning `prune.finetune_epochs_between` epochs between steps; `prune.schedule=one_shot`: ranks once, before the first step) | a train run (or trains one itself when none is given) | per round (step = round) `params`, `macs`, `fraction_remaining`, `filters`, `filters_left.<layer>`, test loss/accuracy, `latency_ms`; `model_round_<k>` (right after round k's removal) and the final model |
 | `finetune` | trains the pruned model `finetune.epochs` more | a prune run | step 0 = the pruned model, then per epoch as `train`; the final model |
 
 `main` chains train -> prune -> finetune per trial and registers each trial's
@@ -43,18 +43,21 @@ from prunelab.studies import common
 from prunelab.train import evaluate, fit
 
 TARGET_KINDS = ("params", "filters")
+# prune.schedule: whether the criterion ranks again before every step.
+SCHEDULES = {"iterative": True, "one_shot": False}
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     method: str = setting("filter importance criterion: taylor (Molchanov et al. 2017, on the ranking images), l1 or "
                           "l2 (Li et al. 2017), fpgm (He et al. 2019), bn_scale (Liu et al. 2017: |gamma| of the "
-                          "BatchNorm after each conv) or random (the control)", "taylor")
+                          "BatchNorm after each conv), hessian (LeCun et al. 1990, Optimal Brain Damage: w^2 times the "
+                          "per-image Fisher, on the ranking images) or random (the control)", "taylor")
     filters_per_step: int = setting("filters removed per pruning step", 1)
     target: float = setting("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
     target_kind: str = setting("what the target counts: params or filters", "params")
     rank_images: int = setting("training images seen by each ranking pass of a criterion that ranks on images "
-                                 "(taylor; 0: all)", 10000)
+                                 "(taylor, hessian; 0: all)", 10000)
     finetune_epochs_between: int = setting("fine-tuning epochs after each pruning step but the last", 0)
     log_models_every: int = setting("log the pruned model every N steps (the last step is always logged)", 1)
     rank_batch_size: int = setting("images per forward/backward pass of a ranking pass (taylor)", 256)
@@ -62,6 +65,10 @@ class PruneConfig:
                                    "thread; 0: not measured)", 30)
     round_to: int = setting("keep every pruned layer's width a multiple of this (1: any width); widths that fill "
                             "the hardware's vector lanes run faster", 1)
+    schedule: str = setting("iterative (rank again before every step) or one_shot (rank once, then take every step "
+                            "to the target from that one ranking)", "iterative")
+    scope: str = setting("global (the lowest-ranked filters across all layers) or uniform (the same share of every "
+                         "layer's filters)", "global")
     ignored_layers: tuple = setting("layers that keep all their filters (names as model.named_modules() gives them; "
                                     "a block's name covers every layer in it), e.g. [layer4, features.0]", ())
 
@@ -83,6 +90,13 @@ class PruneConfig:
         check_range(f"{where}.log_models_every", self.log_models_every, 1,
                     hint="the pruned model is logged every N steps; the last step's always is")
         check_range(f"{where}.round_to", self.round_to, 1)
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.scope not in schedule.SCOPES:
+            raise ConfigError(f"{where}.scope must be one of {', '.join(schedule.SCOPES)}, got {self.scope!r}")
+        if not SCHEDULES[self.schedule] and self.finetune_epochs_between:
+            raise ConfigError(f"{where}.schedule=one_shot ranks once, so fine-tuning between its steps changes nothing "
+                              f"it removes: set {where}.finetune_epochs_between=0 or {where}.schedule=iterative")
         if not isinstance(self.ignored_layers, tuple) or not all(isinstance(n, str) for n in self.ignored_layers):
             raise ConfigError(f"{where}.ignored_layers must be a list of layer names, got {self.ignored_layers!r}")
 
@@ -177,16 +191,22 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
 
         began = time.monotonic()
         log_round(0)
+        # Distillation's teacher between steps: the network before its first step.
+        teacher = copy.deepcopy(model) if pc.finetune_epochs_between and common.distilling(cfg.finetune) else None
         remover = surgery.FilterRemover(model, example)  # traces the network once for every step
+        plan_step, widths0, scores = schedule.SCOPES[pc.scope], layers.widths(), None
         k = 0
         while remaining() > pc.target:
             k += 1
             rb = pc.rank_batch_size
-            # A data-free criterion (l1, l2, fpgm, bn_scale, random) is handed no ranking batches: no pass runs.
-            ranked = batches(rank_x, rank_y, rb, data.normalise) if criterion.needs_data else None
-            scores = criterion(model, layers.convs, ranked, total=(len(rank_y) + rb - 1) // rb,
-                               outputs=layers.feature_maps, coupled=layers.filters)
-            remover.remove(schedule.plan_step(scores, pc.filters_per_step, pc.round_to))
+            if SCHEDULES[pc.schedule] or scores is None:
+                # A data-free criterion (l1, l2, fpgm, bn_scale, random) is handed no ranking batches: no pass runs.
+                ranked = batches(rank_x, rank_y, rb, data.normalise) if criterion.needs_data else None
+                scores = criterion(model, layers.convs, ranked, total=(len(rank_y) + rb - 1) // rb,
+                                   outputs=layers.feature_maps, coupled=layers.filters)
+            plan = plan_step(scores, pc.filters_per_step, pc.round_to, widths0=widths0)
+            remover.remove(plan)
+            scores = schedule.without(scores, plan)  # what a one-shot schedule's next step plans from
             log_round(k)
             done = remaining() <= pc.target
             if not done and k % pc.log_models_every == 0:
@@ -195,7 +215,7 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
             if not done and pc.finetune_epochs_between:
                 between = common.with_epochs(cfg.finetune, pc.finetune_epochs_between)
                 last = fit(model, data, between, seed + 1000 * k, desc=f"finetune round {k}",
-                           augment=common.augmentation(data))[-1]
+                           augment=common.augmentation(data), teacher=teacher)[-1]
                 # Step k's accuracy after retraining, beside its accuracy right after the removal;
                 # it describes the retrained network, not model_round_k.
                 run.log_metrics({"retrained_test_loss": last.test_loss, "retrained_test_accuracy": last.test_accuracy},

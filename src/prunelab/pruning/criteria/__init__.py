@@ -10,6 +10,7 @@ loop over the ranking images); `CRITERIA` registers it with one line:
 | `l1`, `l2` | `magnitude.py` | Li et al. 2017 | weights |
 | `fpgm` | `fpgm.py` | He et al. 2019 | weights |
 | `bn_scale` | `bn_scale.py` | Liu et al. 2017 | a BatchNorm after each pruned conv |
+| `hessian` | `hessian.py` | LeCun et al. 1990 (OBD) | ranking images, one backward pass per image |
 | `random` | `random_scores.py` | the control | a seed |
 """
 
@@ -19,6 +20,7 @@ from prunelab.errors import ConfigError
 from prunelab.pruning.criteria.base import Criterion, l2_normalise
 from prunelab.pruning.criteria.bn_scale import BNScaleCriterion
 from prunelab.pruning.criteria.fpgm import FPGMCriterion
+from prunelab.pruning.criteria.hessian import HessianCriterion
 from prunelab.pruning.criteria.magnitude import L1Criterion, L2Criterion
 from prunelab.pruning.criteria.random_scores import RandomCriterion
 from prunelab.pruning.criteria.taylor import TaylorCriterion
@@ -29,6 +31,7 @@ CRITERIA: dict[str, type[Criterion]] = {
     "l2": L2Criterion,
     "fpgm": FPGMCriterion,
     "bn_scale": BNScaleCriterion,
+    "hessian": HessianCriterion,
     "random": RandomCriterion,
 }
 
@@ -42,4 +45,4 @@ def get(name: str, seed: int = 0, **settings) -> Criterion:
 
 
 __all__ = ["CRITERIA", "Criterion", "get", "l2_normalise", "TaylorCriterion", "L1Criterion", "L2Criterion",
-           "FPGMCriterion", "BNScaleCriterion", "RandomCriterion"]
+           "FPGMCriterion", "BNScaleCriterion", "HessianCriterion", "RandomCriterion"]

@@ -58,6 +58,7 @@ class Criterion:
     paper: ClassVar[str]
     needs_data: ClassVar[bool] = False
     normalise: ClassVar[bool] = True  # L2-normalise each layer's scores
+    per_image: ClassVar[bool] = False  # second order: the ranking loop backpropagates each image alone
     settings: ClassVar[dict[str, tuple[object, str]]] = {}
 
     def __init__(self, seed: int = 0, **settings):
@@ -81,6 +82,10 @@ class Criterion:
     def accumulate(self, name: str, j: int, activation: torch.Tensor, grad: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def accumulate_image(self) -> None:
+        """A `per_image` criterion reads the weights' gradients of one image's loss here."""
+        raise NotImplementedError
+
     def result(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -92,8 +97,10 @@ class Criterion:
         if self.needs_data:
             if batches is None:
                 raise ConfigError(f"criterion {self.name} ranks filters on images: it needs ranking batches")
+            self.coupled_convs = filters(layers, coupled)  # every conv one filter index removes, per layer
             self.start(layers, feature_maps(layers, outputs))
-            ranking.run(model, feature_maps(layers, outputs), batches, total, self.accumulate)
+            ranking.run(model, feature_maps(layers, outputs), batches, total, self.accumulate,
+                        per_image=self.accumulate_image if self.per_image else None)
             raw = self.result()
         else:
             raw = self.score(model, layers, outputs, coupled)

@@ -18,10 +18,15 @@ Accumulate = Callable[[str, int, torch.Tensor, torch.Tensor], None]
 
 
 def run(model: nn.Module, maps: dict[str, tuple[nn.Module, ...]], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-        total: int | None, accumulate: Accumulate) -> None:
+        total: int | None, accumulate: Accumulate, per_image: Callable[[], None] | None = None) -> None:
     """One pass over `batches` (cross-entropy loss, the model in eval mode): for the j-th
     feature-map module of layer `name`, `accumulate(name, j, activation, grad)` with its output
-    and the loss's gradient there, once per batch."""
+    and the loss's gradient there, once per batch.
+
+    With `per_image` (a second-order criterion: the diagonal Fisher needs each image's own
+    gradient, which a batch's summed gradient cannot give) each image's loss is backpropagated
+    alone and `per_image()` called after each, the weights' `.grad` holding that image's
+    gradient; the feature-map hooks then fire once per image."""
     handles = []
 
     def hook(name, j):
@@ -47,9 +52,16 @@ def run(model: nn.Module, maps: dict[str, tuple[nn.Module, ...]], batches: Itera
     try:
         with layout.native(model):
             for xb, yb in progress.bar(batches, "rank", total=total):
-                model.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(xb), yb)
-                loss.backward()
+                if per_image is None:
+                    model.zero_grad(set_to_none=True)
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    continue
+                losses = nn.functional.cross_entropy(model(xb), yb, reduction="none")
+                for n, loss in enumerate(losses):
+                    model.zero_grad(set_to_none=True)
+                    loss.backward(retain_graph=n < len(losses) - 1)
+                    per_image()
     finally:
         for h in handles:
             h.remove()
