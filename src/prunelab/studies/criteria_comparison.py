@@ -12,9 +12,9 @@ compression ratio of `compare.ratios` a prune step and its finetune step, each
 with its own settings (`common.Step.overrides`): so each is its own run with its
 own step key and LoggedModel, reused on a second run of the study, and MLflow's
 chart view plots accuracy against `compare.ratio` by `prune.method`. The ratio
-counts what `prune.target_kind` counts (params or macs). `main` registers no
-model: a trial delivers one network per method and point, not one; the table
-names the best method at each point, whose finetune runs hold the models.
+counts what `prune.target_kind` counts (params or macs). No model is registered:
+a trial delivers one network per method and point, not one; the table names the
+best method at each point, whose finetune runs hold the models.
 
 The report draws, from the finetune runs, test accuracy (mean, min-max over
 trials) against the compression ratio by parameters and by MACs (log2 axes) and
