@@ -12,7 +12,7 @@ export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(PORT)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install server stop-server postgresql run serve test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans resnet18-cifar10 vgg-quick transfer-resnet20
+.PHONY: help install server stop-server postgresql run serve test test-fast ui-check browser bench report ui clean lth lth-lenet lth-cpu kmeans resnet18-cifar10 vgg-quick transfer-resnet20 compare compare-cnn compare-resnet20
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -103,11 +103,25 @@ resnet18-cifar10: server ## Taylor pruning of torchvision's ResNet-18 (from scra
 	$(BIN)/mlflow run . -e main -P study=taylor-resnet18-cifar10 -P data_dir=$(abspath $(CIFAR_DIR)) \
 	  -P out_dir=resources/figures/taylor-resnet18-cifar10 --env-manager local --experiment-name taylor-resnet18-cifar10
 
+# Criteria compared fairly: every criterion pruned to every compression ratio from the same
+# trained (or pretrained) network, fine-tuned with the same budget (docs/compare-*.md).
+compare: compare-cnn compare-resnet20 ## both criteria comparisons, one after the other
+
+compare-cnn: server ## criteria compared on the default CNN and FashionMNIST: 5 criteria x 4 ratios x 3 trials
+	$(BIN)/mlflow run . -e main -P study=compare-cnn-fashionmnist -P out_dir=resources/figures/compare-cnn-fashionmnist \
+	  --env-manager local --experiment-name compare-cnn-fashionmnist
+
+compare-resnet20: server ## criteria compared on the pretrained ResNet20 and the CIFAR-10 subset (CIFAR_DIR=..., RESNET20=...)
+	@test -f "$(RESNET20)" || { echo "no file RESNET20=$(RESNET20): pass RESNET20=<the CIFAR-10 resnet20 checkpoint, e.g. resnet20-12fca82f.th>"; exit 2; }
+	$(BIN)/mlflow run . -e main -P study=compare-resnet20-cifar10 -P data_dir=$(abspath $(CIFAR_DIR)) \
+	  -P overrides="compare.weights=$(abspath $(RESNET20))" -P out_dir=resources/figures/compare-resnet20-cifar10 \
+	  --env-manager local --experiment-name compare-resnet20-cifar10
+
 # The studies whose figures the README and docs/ show (resources/figures/<study>), each drawn from its
 # runs on the server. Those the server has no runs of are named, each with the command that makes
 # them; make fails only when it has none of them (or when STUDY=... names one it has not).
 FIGURE_STUDIES ?= taylor-cnn-fashionmnist lth-lenet300-fashionmnist lth-conv2-cifar10-cpu kmeans-resnet20-cifar10 taylor-resnet20-dogscats \
-  taylor-resnet18-cifar10
+  taylor-resnet18-cifar10 compare-cnn-fashionmnist compare-resnet20-cifar10
 report: server ## redraw the figures of the README and docs/ into resources/figures (STUDY=... for one study) from the runs on the server
 	$(BIN)/prunelab report $(foreach study,$(if $(filter command line,$(origin STUDY)),$(STUDY),$(FIGURE_STUDIES)),--study $(study)) \
 	  --out 'resources/figures/{study}'

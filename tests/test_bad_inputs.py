@@ -399,6 +399,7 @@ def imagefolder(how: str):
 LTH = "lth-conv2-cifar10-quick"
 KMEANS = "kmeans-resnet20-cifar10"
 VGG = "taylor-vgg16-dogscats"
+COMPARE = "compare-cnn-fashionmnist"
 ZERO_RUN = "0" * 32
 
 CASES = [
@@ -798,6 +799,19 @@ CASES = [
          "prune.ignored_layers names 'features.9', which is no layer of the model"),
     Case("ignored-every-layer", staged("prune", "--set", "study=test-bad-prune", "--set", "prune.ignored_layers=features"),
          "the model has no conv whose filters can be removed outside prune.ignored_layers"),
+    # --------------------------------------------------------------- a comparison that cannot be run, before anything trains
+    Case("compare-method-unknown", settings("compare.methods=[taylor,magic]", study=COMPARE),
+         "unknown criterion 'magic' in compare.methods: choose from bn_scale, fpgm, l1, l2, random, taylor"),
+    Case("compare-methods-empty", settings("compare.methods=[]", study=COMPARE), "compare.methods is empty"),
+    Case("compare-ratio-twice", settings("compare.ratios=[2,4,2]", study=COMPARE), "compare.ratios names 2 twice"),
+    Case("compare-ratio-not-above-1", settings("compare.ratios=[0.5,2]", study=COMPARE), "compare.ratios must each be > 1"),
+    Case("compare-bn-scale-without-bn", lambda c: ["run", "--study", COMPARE, "--overrides",
+                                                   f"{TINY} study=test-bad-compare compare.methods=[l1,bn_scale]"],
+         "compare.methods: prune.method bn_scale scores the BatchNorm after each pruned conv"),
+    Case("compare-ratio-unreachable", lambda c: ["run", "--study", COMPARE, "--overrides",
+                                                 f"{TINY} study=test-bad-compare compare.ratios=[2,32]"],
+         "compare.ratios: 32 cannot be reached by simple_cnn (one filter per layer leaves 1/16.10 of its params): "
+         "the largest ratio it can reach is 16.10"),
     # --------------------------------------------------------------- networks from factories that do not fit, before any run
     Case("factory-not-a-module", staged("train", "--set", "study=test-bad-factory",
                                         "--set", "model=tests.models.tiny_factory:not_a_module"),

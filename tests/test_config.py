@@ -29,7 +29,7 @@ def test_overrides_are_typed_and_flattened():
     ("train.epochs=two", "train.epochs must be an int"),
     ("train.epoch=2", "unknown setting train.epoch"),
     ("nonsense", "is not KEY=VALUE"),
-    ("prune.target_kind=flops", "prune.target_kind must be 'params' or 'filters'"),
+    ("prune.target_kind=flops", "prune.target_kind must be one of params, filters, macs"),
 ])
 def test_bad_settings_fail_with_one_line(override, message):
     with pytest.raises(ConfigError) as err:

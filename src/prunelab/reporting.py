@@ -29,10 +29,16 @@ from prunelab.errors import NothingToDraw  # noqa: E402
 
 def latest_per_trial(runs: list) -> dict[int, object]:
     """The newest finished run of each trial (runs come newest first)."""
-    out: dict[int, object] = {}
+    return {trial: r for (trial,), r in latest_per(runs).items()}
+
+
+def latest_per(runs: list, params: tuple[str, ...] = ()) -> dict[tuple, object]:
+    """The newest finished run (runs come newest first) of each (trial, *values of `params`): a
+    study whose steps carry their own settings (a method, a target) has a run per trial of each."""
+    out: dict[tuple, object] = {}
     for r in runs:
-        trial = int(r.data.tags.get(paths.TAG_TRIAL, -1))
-        out.setdefault(trial, r)
+        key = (int(r.data.tags.get(paths.TAG_TRIAL, -1)), *(r.data.params.get(p) for p in params))
+        out.setdefault(key, r)
     return out
 
 

@@ -54,9 +54,9 @@ def test_every_kind_names_its_entry_points(kind_and_cfg):
 
 def test_every_step_reads_only_an_earlier_step(kind_and_cfg):
     kind, cfg = kind_and_cfg
-    steps = kind.steps(cfg)
+    steps = kind.chain_of(cfg)
     assert steps, kind.name
-    for i, (entry, source) in enumerate(steps):
+    for i, (entry, source) in enumerate((step.entry, step.source) for step in steps):
         assert entry in kind.entry_points
         if source is None:
             continue
@@ -138,5 +138,5 @@ def test_an_unknown_kind_lists_the_kinds():
 def test_the_deliverable_is_a_step_of_the_chain(kind_and_cfg):
     """What `main` registers: the model of an entry point the chain runs (or nothing), said in the module's docstring."""
     kind, cfg = kind_and_cfg
-    assert kind.deliverable is None or kind.deliverable in {entry for entry, _ in kind.steps(cfg)}
+    assert kind.deliverable is None or kind.deliverable in {step.entry for step in kind.chain_of(cfg)}
     assert "registered" in inspect.getmodule(kind.report).__doc__

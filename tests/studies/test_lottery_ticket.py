@@ -143,7 +143,8 @@ def test_study_steps_chain_rounds_and_controls():
     assert studies.get("lottery_ticket").steps(cfg) == [("train", None), ("prune", 0), ("finetune", 1), ("prune", 1), ("finetune", 3)]
     no_control = studies.load_config("lth-conv2-cifar10-quick", ["lottery.rounds=2", "lottery.reinit_control=false"])
     assert studies.get("lottery_ticket").steps(no_control) == [("train", None), ("prune", 0), ("prune", 1)]
-    assert studies.get("filter_pruning").steps(studies.load_config()) == [("train", None), ("prune", 0), ("finetune", 1)]
+    chain = studies.get("filter_pruning").chain_of(studies.load_config())
+    assert [(step.entry, step.source, step.overrides) for step in chain] == [("train", None, ()), ("prune", 0, ()), ("finetune", 1, ())]
 
 
 def test_cli_refuses_bad_lottery_input_in_one_line(cifar_dir, tracking_uri, client, capsys):

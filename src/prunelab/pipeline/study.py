@@ -88,9 +88,11 @@ def _run_held(args: StudyArgs, cfg: StudyConfig, cluster: dict | None) -> str:
     """`run_study`'s work, while this process holds the study's lock."""
     workers = cfg.parallel_trials or default_parallel_trials(cfg.device)
     kind = studies.get(cfg.kind)
-    chain = kind.steps(cfg)
+    chain = kind.chain_of(cfg)
+    shown = [step.label for step in chain]
+    shown = shown if len(shown) <= 6 else [*shown[:3], f"… ({len(shown) - 4} steps) …", shown[-1]]
     description = (f"**main** of study `{cfg.study}` ({cfg.kind}): {cfg.trials} trials of "
-                   f"{' → '.join(entry for entry, _ in chain)}, then the report.")
+                   f"{' → '.join(shown)}, then the report.")
     with main_run(cfg.study, {paths.TAG_STUDY: cfg.study, paths.TAG_STAGE: "main"}, description) as main:
         trials = range(cfg.trials)
         if cluster is not None:
@@ -140,26 +142,36 @@ def run_trial(args: StudyArgs, cfg: StudyConfig, trial: int, parent_id: str, tra
         connection.connect(tracking_uri)
         torch.set_num_threads(threads or torch.get_num_threads())
     kind = studies.get(cfg.kind)
-    settings = {k: v for k, v in cfg.flat().items() if k not in EXECUTION_SETTINGS}
     run_ids: list[str] = []
-    for entry, source in kind.steps(cfg):
-        model_ref = run_ids[source] if source is not None else None
-        params, key = step_params(args, entry, trial, model_ref, settings)
+    for step in kind.chain_of(cfg):
+        model_ref = run_ids[step.source] if step.source is not None else None
+        step_cfg = studies.step_config(cfg, step.overrides)
+        params, key = step_params(args, step, trial, model_ref, step_settings(kind, step_cfg))
         call = None
         if args.steps == "in-process":
-            def call(entry=entry, model_ref=model_ref):
-                return kind.run(entry, cfg, trial, model_ref)
-        run_ids.append(run_step(cfg.study, entry, params, key=key, call=call, parent_id=parent_id))
+            def call(entry=step.entry, step_cfg=step_cfg, model_ref=model_ref):
+                return kind.run(entry, step_cfg, trial, model_ref)
+        run_ids.append(run_step(cfg.study, step.entry, params, key=key, call=call, parent_id=parent_id))
     return run_ids
 
 
-def step_params(args: StudyArgs, entry: str, trial: int, model_ref: str | None,
+def step_settings(kind: StudyKind, cfg: StudyConfig) -> dict:
+    """The settings that say what a step computes (`cfg`: with the step's own applied): not how
+    the study is executed, nor which steps its chain has."""
+    left_out = {*EXECUTION_SETTINGS, *kind.plan_settings}
+    return {k: v for k, v in cfg.flat().items() if k not in left_out}
+
+
+def step_params(args: StudyArgs, step: Step, trial: int, model_ref: str | None,
                 settings: dict) -> tuple[dict[str, str], str]:
-    """A step's MLproject parameters and its step key (what makes two runs of it the same)."""
-    params = {"study": args.study, "overrides": args.overrides, "data_dir": args.data_dir, "trial": str(trial)}
+    """A step's MLproject parameters and its step key (what makes two runs of it the same).
+    The step's own settings follow the study's in `overrides`, so a step run as a process of
+    its own resolves the settings an in-process one gets."""
+    overrides = " ".join([args.overrides.strip(), *step.overrides]).strip() if step.overrides else args.overrides
+    params = {"study": args.study, "overrides": overrides, "data_dir": args.data_dir, "trial": str(trial)}
     if model_ref is not None:
         params["model_uri"] = model_ref
-    return params, step_key(entry, settings, {"trial": trial, "model_uri": model_ref})
+    return params, step_key(step.entry, settings, {"trial": trial, "model_uri": model_ref})
 
 
 def run_trials_on_cluster(args: StudyArgs, cfg: StudyConfig, parent_id: str, config: dict) -> list[list[str]]:
@@ -167,11 +179,12 @@ def run_trials_on_cluster(args: StudyArgs, cfg: StudyConfig, parent_id: str, con
     once (MLflow, not waiting), then waited for, since a trial's next step reads the run
     its previous one made. Finished steps are reused as in `run_trial`."""
     kind = studies.get(cfg.kind)
-    settings = {k: v for k, v in cfg.flat().items() if k not in EXECUTION_SETTINGS}
     project = kubernetes.kubernetes_project(config)
     chains: list[list[str]] = [[] for _ in range(cfg.trials)]
-    for entry, source in kind.steps(cfg):
-        steps = [(entry, *step_params(args, entry, trial, run_ids[source] if source is not None else None, settings))
+    for step in kind.chain_of(cfg):
+        settings = step_settings(kind, studies.step_config(cfg, step.overrides))
+        steps = [(step.entry, *step_params(args, step, trial, run_ids[step.source] if step.source is not None else None,
+                                           settings))
                  for trial, run_ids in enumerate(chains)]
         for run_ids, run_id in zip(chains, kubernetes.run_on_cluster(cfg.study, steps, parent_id, project, config)):
             run_ids.append(run_id)
@@ -181,7 +194,7 @@ def run_trials_on_cluster(args: StudyArgs, cfg: StudyConfig, parent_id: str, con
 def deliverable_runs(kind: StudyKind, steps: list[Step], chains: list[list[str]]) -> dict[int, str]:
     """Trial -> the run holding the model that trial delivers: the last step of the
     kind's deliverable entry point in its chain (none for a kind without one)."""
-    picks = [i for i, (entry, _) in enumerate(steps) if entry == kind.deliverable]
+    picks = [i for i, step in enumerate(steps) if step.entry == kind.deliverable]
     return {trial: chain[picks[-1]] for trial, chain in enumerate(chains)} if picks else {}
 
 

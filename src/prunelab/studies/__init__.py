@@ -7,12 +7,13 @@ names it with `kind:`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from prunelab import config
 from prunelab.config import StudyConfig
 from prunelab.errors import ConfigError
-from prunelab.studies import filter_pruning, kmeans_clustering, lottery_ticket, transfer_pruning
+from prunelab.studies import criteria_comparison, filter_pruning, kmeans_clustering, lottery_ticket, transfer_pruning
 from prunelab.studies.common import StudyKind
 
 KINDS: dict[str, StudyKind] = {kind.name: kind for kind in (
@@ -20,6 +21,7 @@ KINDS: dict[str, StudyKind] = {kind.name: kind for kind in (
     transfer_pruning.KIND,
     lottery_ticket.KIND,
     kmeans_clustering.KIND,
+    criteria_comparison.KIND,
 )}
 
 
@@ -39,6 +41,16 @@ def load_config(study: str = config.DEFAULT_STUDY, overrides: list[str] | str | 
     cfg = config.build(raw, kind.sections)
     kind.check(cfg)
     return kind.resolved(cfg)
+
+
+def step_config(cfg: StudyConfig, overrides: tuple[str, ...] | list[str]) -> StudyConfig:
+    """`cfg` with one step's own settings (KEY=VALUE) applied: what `prunelab <entry point>`
+    builds when those settings follow the study's on its command line. No overrides: `cfg`."""
+    if not overrides:
+        return cfg
+    kind = get(cfg.kind)
+    raw = config.apply_overrides(dataclasses.asdict(cfg), list(overrides))
+    return kind.resolved(config.build(raw, kind.sections))
 
 
 def field_help() -> dict[str, str]:

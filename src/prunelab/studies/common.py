@@ -33,9 +33,30 @@ from prunelab.tracking import loading, query, run as runs
 from prunelab.train import OPTIMIZERS, PRECISION_SETTINGS, check_precision, eval_mode, evaluate, fit, resolve_precision
 
 Stage = Callable[..., str]
-Step = tuple[str, "int | None"]  # (entry point, index of the earlier step whose run it reads, or None)
 Report = tuple[dict[str, plt.Figure], pd.DataFrame]
 ENTRY_POINTS = ("train", "prune", "finetune")  # the per-trial entry points of MLproject (besides main, report)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a trial's chain: an entry point, the earlier step whose run it reads, and
+    the settings it changes for itself. As in OpenLTH's branches, a step's settings are its
+    signature: two prune steps of one trained network differ by their overrides, so each has
+    its own step key, its own run and its own params."""
+
+    entry: str
+    source: int | None = None            # index of the earlier step whose run it reads, or None
+    overrides: tuple[str, ...] = ()      # KEY=VALUE settings of this step only (e.g. prune.method=fpgm)
+    name: str = ""                       # what the chain calls it (its entry point when empty)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.entry
+
+
+def as_step(step: "Step | tuple[str, int | None]") -> Step:
+    """A kind may give its steps as (entry point, source) pairs: those change no setting."""
+    return step if isinstance(step, Step) else Step(*step)
 
 
 @dataclass(frozen=True)
@@ -67,7 +88,7 @@ class StudyKind:
 
     name: str
     entry_points: dict[str, EntryPoint]
-    steps: Callable[[StudyConfig], list[Step]]
+    steps: Callable[[StudyConfig], list]  # Steps, or (entry point, source) pairs; read through `chain_of`
     report: Callable[[StudyConfig], Report]
     sections: dict[str, type] = field(default_factory=dict)
     # The entry point whose run, the last of its kind in a trial's chain, holds the model a
@@ -85,6 +106,13 @@ class StudyKind:
     # The kind's checks of a fresh model on the study's data (cfg, model, data), run by
     # `check_inputs` before `main` starts any run (one line each)
     model_checks: tuple[Callable[[StudyConfig, nn.Module, ImageData], None], ...] = ()
+    # Settings that choose which steps the chain has, not what a step computes (a comparison's
+    # list of methods): left out of step keys, so adding a method reuses every other step.
+    plan_settings: tuple[str, ...] = ()
+
+    def chain_of(self, cfg: StudyConfig) -> list[Step]:
+        """The trial's steps, each a `Step`."""
+        return [as_step(step) for step in self.steps(cfg)]
 
     def check(self, cfg: StudyConfig) -> None:
         """Refuse, in one line, an unknown model, dataset or name setting, or a model this
@@ -176,7 +204,7 @@ FINETUNE_PRECISION = ("precision", "finetune.precision", lambda c: c.finetune.pr
 
 def chain(*entries: str) -> Callable[[StudyConfig], list[Step]]:
     """Steps of a linear chain: each step reads the previous step's run."""
-    steps = [(entry, i - 1 if i else None) for i, entry in enumerate(entries)]
+    steps = [Step(entry, i - 1 if i else None) for i, entry in enumerate(entries)]
     return lambda cfg: list(steps)
 
 

@@ -42,7 +42,7 @@ from prunelab.pruning import criteria, schedule, structure, surgery
 from prunelab.studies import common
 from prunelab.train import evaluate, fit
 
-TARGET_KINDS = ("params", "filters")
+TARGET_KINDS = ("params", "filters", "macs")
 # prune.schedule: whether the criterion ranks again before every step.
 SCHEDULES = {"iterative": True, "one_shot": False}
 
@@ -55,7 +55,8 @@ class PruneConfig:
                           "per-image Fisher, on the ranking images) or random (the control)", "taylor")
     filters_per_step: int = setting("filters removed per pruning step", 1)
     target: float = setting("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
-    target_kind: str = setting("what the target counts: params or filters", "params")
+    target_kind: str = setting("what the target counts: params, filters or macs (the multiply-accumulates of "
+                               "one image)", "params")
     rank_images: int = setting("training images seen by each ranking pass of a criterion that ranks on images "
                                  "(taylor, hessian; 0: all)", 10000)
     finetune_epochs_between: int = setting("fine-tuning epochs after each pruning step but the last", 0)
@@ -81,7 +82,7 @@ class PruneConfig:
         if not 0.0 < self.target < 1.0:
             raise ConfigError(f"{where}.target must be inside (0, 1), got {self.target}: it is the fraction that remains")
         if self.target_kind not in TARGET_KINDS:
-            raise ConfigError(f"{where}.target_kind must be 'params' or 'filters', got {self.target_kind!r}")
+            raise ConfigError(f"{where}.target_kind must be one of {', '.join(TARGET_KINDS)}, got {self.target_kind!r}")
         check_range(f"{where}.filters_per_step", self.filters_per_step, 1)
         check_range(f"{where}.finetune_epochs_between", self.finetune_epochs_between, 0)
         check_range(f"{where}.rank_images", self.rank_images, 0)
@@ -118,6 +119,16 @@ def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
 def prunable(model: nn.Module, example: torch.Tensor, pc: PruneConfig) -> structure.Prunable:
     """The layers this study may thin, checked before any run: a step it can take, a target it
     can reach, and a network that still runs with every layer at its fewest filters."""
+    layers, smallest = thinnest(model, example, pc)
+    schedule.check_reachable(pc.target, pc.target_kind, smallest, next(iter(layers.widths())))
+    schedule.check_step(pc.filters_per_step, layers.widths(), pc.round_to)
+    return layers
+
+
+def thinnest(model: nn.Module, example: torch.Tensor, pc: PruneConfig) -> tuple[structure.Prunable, float]:
+    """The layers this study may thin and the smallest fraction of `pc.target_kind` pruning can
+    leave (every layer at its fewest filters), checked: the criterion finds what it needs and
+    the network still runs that thin."""
     layers = structure.find(model, example, pc.ignored_layers)
     # A criterion that needs what the network lacks (bn_scale: a BatchNorm after each conv) says so now.
     criteria.get(pc.method).check(model, layers.convs, layers.feature_maps, layers.filters)
@@ -133,11 +144,12 @@ def prunable(model: nn.Module, example: torch.Tensor, pc: PruneConfig) -> struct
                          "layer that must keep its filters in prune.ignored_layers") from None
     if pc.target_kind == "filters":
         smallest = sum(least.values()) / sum(widths.values())
+    elif pc.target_kind == "macs":
+        shape = tuple(example.shape[1:])
+        smallest = measure.size(slim, shape).macs / measure.size(model, shape).macs
     else:
         smallest = models.count_params(slim) / models.count_params(model)
-    schedule.check_reachable(pc.target, pc.target_kind, smallest, next(iter(widths)))
-    schedule.check_step(pc.filters_per_step, widths, pc.round_to)
-    return layers
+    return layers, smallest
 
 
 def check_prunable(cfg: StudyConfig, model: nn.Module, data: ImageData) -> None:
@@ -166,6 +178,7 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
             common.train_model(run, model, data, cfg.train, seed, prefix="pretrain_")
         params0, filters0 = models.count_params(model), sum(layers.widths().values())
         size0 = measure.size(model, data.input_shape)
+        macs0 = size0.macs
         run.log_text(size0.summary, paths.SUMMARY_BEFORE)
         rank_x = data.train_x[: pc.rank_images or None]
         rank_y = data.train_y[: pc.rank_images or None]
@@ -173,6 +186,8 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         def remaining() -> float:
             if pc.target_kind == "filters":
                 return sum(layers.widths().values()) / filters0
+            if pc.target_kind == "macs":
+                return measure.size(model, data.input_shape).macs / macs0
             return models.count_params(model) / params0
 
         def log_round(k: int) -> None:
