@@ -801,7 +801,7 @@ CASES = [
          "the model has no conv whose filters can be removed outside prune.ignored_layers"),
     # --------------------------------------------------------------- a comparison that cannot be run, before anything trains
     Case("compare-method-unknown", settings("compare.methods=[taylor,magic]", study=COMPARE),
-         "unknown criterion 'magic' in compare.methods: choose from bn_scale, fpgm, l1, l2, random, taylor"),
+         "unknown criterion 'magic' in compare.methods: choose from bn_scale, fpgm, hessian, l1, l2, random, taylor"),
     Case("compare-methods-empty", settings("compare.methods=[]", study=COMPARE), "compare.methods is empty"),
     Case("compare-ratio-twice", settings("compare.ratios=[2,4,2]", study=COMPARE), "compare.ratios names 2 twice"),
     Case("compare-ratio-not-above-1", settings("compare.ratios=[0.5,2]", study=COMPARE), "compare.ratios must each be > 1"),
