@@ -26,6 +26,7 @@ from prunelab.errors import ConfigError, ModelError, shown
 from prunelab.models import factory
 from prunelab.models.pixels import PixelInput
 from prunelab.pipeline.study import register as register_models
+from prunelab.studies.common import Step
 from prunelab.tracking import connection, loading, query
 from prunelab.tracking import models as logged_models
 
@@ -86,7 +87,7 @@ def prune(model: str | Callable[..., nn.Module] | None = None, data: str | None 
     overrides = {**given, **settings, "trials": 1}
     cfg = studies.load_config(preset, {**overrides, "study": study or "unnamed"})  # checked before any connection
     kind = studies.get(cfg.kind)
-    if [entry for entry, _ in kind.steps(cfg)] != list(CHAIN) or "prune" not in kind.sections:
+    if [step.entry for step in kind.chain_of(cfg)] != list(CHAIN) or "prune" not in kind.sections:
         raise ConfigError(f"preset {preset!r} is a {cfg.kind} study, which prunelab.prune does not run (it chains "
                           f"{' -> '.join(CHAIN)} of a filter-pruning study): run it with `prunelab run --study {preset}`")
     connection.connect(tracking_uri)
@@ -102,7 +103,7 @@ def prune(model: str | Callable[..., nn.Module] | None = None, data: str | None 
         source = runs["finetune"] = kind.run("finetune", cfg, 0, source)
     version = None
     if register:
-        steps = [(entry, i - 1 if i else None) for i, entry in enumerate(runs)]
+        steps = [Step(entry, i - 1 if i else None) for i, entry in enumerate(runs)]
         version = register_models(cfg, kind, steps, [list(runs.values())])
     model_id = logged_models.logged_model_id(source)
     model_uri = f"models:/{model_id}"
