@@ -15,7 +15,7 @@ from prunelab.tracking import models
 
 PRESET = "compare-cnn-fashionmnist"
 TINY = ("data.n_train=256 data.n_test=200 train.epochs=1 finetune.epochs=1 prune.rank_images=128 "
-        "prune.latency_repeats=3 trials=1 compare.methods=[l1,random] compare.ratios=[2,4]")
+        "prune.latency_repeats=3 trials=1 compare.methods=[l1,random] compare.ratios=[2,4] compare.distill=[l1]")
 
 
 def test_each_method_and_point_is_a_step_with_its_own_settings():
@@ -39,6 +39,26 @@ def test_each_method_and_point_is_a_step_with_its_own_settings():
     more = studies.load_config(PRESET, ["compare.methods=[taylor,fpgm,l1]", "compare.ratios=[2,8,4]"])
     _, same = study.step_params(args, fpgm_8, 0, "run-a", study.step_settings(kind, studies.step_config(more, fpgm_8.overrides)))
     assert same == key
+
+
+def test_a_distilled_variant_is_a_second_finetune_step_of_the_same_prune_run():
+    cfg = studies.load_config(PRESET, ["compare.methods=[taylor,fpgm]", "compare.ratios=[2,8]", "compare.distill=[fpgm]"])
+    chain = studies.get(cfg.kind).chain_of(cfg)
+    assert [s.entry for s in chain] == ["train"] + ["prune", "finetune"] * 2 + ["prune", "finetune", "finetune"] * 2
+    plain, distilled = chain[6], chain[7]
+    assert plain.source == distilled.source == 5 and chain[5].overrides == plain.overrides
+    assert distilled.overrides == plain.overrides + ("finetune.distill_temperature=4.0", "finetune.distill_weight=0.5")
+    own = studies.step_config(cfg, distilled.overrides)
+    assert (own.finetune.distill_temperature, own.finetune.distill_weight) == (4.0, 0.5)
+    assert studies.step_config(cfg, plain.overrides).finetune.distill_temperature == 0
+    assert criteria_comparison.curves(cfg) == ["taylor", "fpgm", "fpgm + distillation"]
+    # Asking for the variant reuses the plain steps: the plan's settings are no step's signature.
+    args = study.StudyArgs(PRESET, "compare.methods=[taylor,fpgm] compare.ratios=[2,8]")
+    kind = studies.get(cfg.kind)
+    without = studies.load_config(PRESET, ["compare.methods=[taylor,fpgm]", "compare.ratios=[2,8]"])
+    keys = [study.step_params(args, plain, 0, "run-a", study.step_settings(kind, studies.step_config(c, plain.overrides)))[1]
+            for c in (cfg, without)]
+    assert keys[0] == keys[1]
 
 
 def test_a_kind_of_pairs_keeps_its_steps_and_keys():
@@ -69,12 +89,19 @@ def test_a_tiny_comparison_end_to_end_and_reused(tracking_uri, client, fashion_d
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id])
     by_stage = {s: [r for r in runs if r.data.tags.get(paths.TAG_STAGE) == s] for s in ("train", "prune", "finetune", "report")}
-    assert [len(by_stage[s]) for s in ("train", "prune", "finetune", "report")] == [1, 4, 4, 1]
+    # l1 is also fine-tuned with distillation: a third finetune run per l1 point.
+    assert [len(by_stage[s]) for s in ("train", "prune", "finetune", "report")] == [1, 4, 6, 1]
+    distilled = [r for r in by_stage["finetune"] if float(r.data.params["finetune.distill_temperature"])]
+    assert sorted(r.info.run_name for r in distilled) == ["finetune-l1-x2-kd-t0", "finetune-l1-x4-kd-t0"]
+    for r in distilled:  # the teacher is the unpruned network, the train run's model
+        assert r.data.params["teacher_model"] == by_stage["train"][0].info.run_id
     for stage in ("prune", "finetune"):
         points = {(r.data.params["prune.method"], r.data.params["prune.target"], r.data.params["compare.ratio"])
                   for r in by_stage[stage]}
         assert points == {(m, t, r) for m in ("l1", "random") for t, r in (("0.5", "2.0"), ("0.25", "4.0"))}
         for r in by_stage[stage]:
+            if r in distilled:
+                continue
             method, ratio = r.data.params["prune.method"], float(r.data.params["compare.ratio"])
             assert r.info.run_name == f"{stage}-{method}-x{ratio:g}-t0"
             assert models.logged_model_id(r.info.run_id) is not None  # its own LoggedModel
@@ -87,9 +114,10 @@ def test_a_tiny_comparison_end_to_end_and_reused(tracking_uri, client, fashion_d
     assert {f"{paths.REPORT_DIR}/{f}" for f in ("accuracy_vs_compression.png", "accuracy_vs_speedup.png",
                                                  "accuracy_vs_latency.png", paths.REPORT_TABLE)} <= figures
     metrics = report.data.metrics
-    tuned = {(r.data.params["prune.method"], r.data.params["compare.ratio"]): r.data.metrics["test_accuracy"]
+    tuned = {(r.data.params["prune.method"], r.data.params["compare.ratio"], r in distilled): r.data.metrics["test_accuracy"]
              for r in by_stage["finetune"]}
-    assert metrics["ratio_4.l1.test_accuracy_mean"] == pytest.approx(tuned[("l1", "4.0")])
+    assert metrics["ratio_4.l1.test_accuracy_mean"] == pytest.approx(tuned[("l1", "4.0", False)])
+    assert metrics["ratio_4.l1_distillation.test_accuracy_mean"] == pytest.approx(tuned[("l1", "4.0", True)])
     assert metrics["ratio_1.unpruned.test_accuracy_mean"] == pytest.approx(by_stage["train"][0].data.metrics["test_accuracy"])
     table = pd.read_csv(tmp_path / "report" / paths.REPORT_TABLE)
     best = table[table.best == "best"]

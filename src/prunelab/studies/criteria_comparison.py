@@ -5,7 +5,7 @@ point from the same trained network, fine-tuned with the same budget, one trade-
 |---|---|---|---|
 | `train` | trains the model from scratch, or evaluates the pretrained weights of `compare.weights` | the data (and the weights file) | as filter_pruning's `train` (pretrained: step 0 only); the model |
 | `prune` | filter_pruning's `prune` with the step's own `prune.method` and `prune.target` (= 1 / `compare.ratio`) | the trial's train run | as filter_pruning's `prune`; params `prune.method`, `prune.target`, `compare.ratio` |
-| `finetune` | trains the pruned model `finetune.epochs` more (the same budget for every criterion and point) | its prune run | as filter_pruning's `finetune`; the same three params |
+| `finetune` | trains the pruned model `finetune.epochs` more (the same budget for every criterion and point); for a method of `compare.distill`, a second finetune run distils from the unpruned network | its prune run | as filter_pruning's `finetune`; the same three params (the distilled one: `finetune.distill_temperature`, `teacher_model`) |
 
 A trial's chain is train, then for every method of `compare.methods` and every
 compression ratio of `compare.ratios` a prune step and its finetune step, each
@@ -21,6 +21,10 @@ trials) against the compression ratio by parameters and by MACs (log2 axes) and
 against the measured latency, one curve per method, the unpruned network as a
 reference line, `random` as the baseline and the Pareto front marked; the table
 has a row per point and method (mean, min, max, std, the best method marked).
+Recovery is compared too: a method named in `compare.distill` is also
+fine-tuned with distillation from the unpruned network (Hinton et al. 2015) at
+every ratio, from the same prune run and with the same budget, and drawn as its
+own curve, `<method> + distillation`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from prunelab.train import evaluate
 
 BASELINE = "random"  # the control every criterion should beat (ShrinkBench draws it in every figure)
 UNPRUNED = "unpruned"
+DISTILLED = "+ distillation"  # what a distilled variant's curve and rows add to its method's name
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,13 @@ class CompareConfig:
                             "prune.target_kind counts (params or macs), each > 1", (2.0, 4.0, 8.0, 16.0))
     ratio: float = setting("this run's operating point (set by main per step; 1: the unpruned network)", 1.0)
     weights: str = setting("a pretrained weights file every trial starts from instead of training ('': train)", "")
+    distill: tuple = setting("criteria also fine-tuned with distillation from the unpruned network (Hinton et al. "
+                             "2015) at every ratio, each drawn as its own curve '<method> + distillation' ([]: none)", ())
+    distill_temperature: float = setting("the distilled variant's finetune.distill_temperature", 4.0)
+    distill_weight: float = setting("the distilled variant's finetune.distill_weight (its share of the loss)", 0.5)
 
     def __post_init__(self):
-        for name in ("methods", "ratios"):  # a list from a preset or override, kept as a tuple
+        for name in ("methods", "ratios", "distill"):  # a list from a preset or override, kept as a tuple
             value = getattr(self, name)
             if isinstance(value, (list, str, int, float)):
                 object.__setattr__(self, name, tuple(value) if isinstance(value, list) else (value,))
@@ -79,6 +88,15 @@ class CompareConfig:
         if len({float(r) for r in self.ratios}) < len(self.ratios):
             raise ConfigError(f"{where}.ratios names {_first_twice([float(r) for r in self.ratios]):g} twice: "
                               "give each operating point once")
+        stray = [m for m in self.distill if m not in self.methods]
+        if stray:
+            raise ConfigError(f"{where}.distill names {stray[0]!r}, which {where}.methods does not compare: name "
+                              f"criteria of {where}.methods ({', '.join(self.methods)})")
+        if len(set(self.distill)) < len(self.distill):
+            raise ConfigError(f"{where}.distill names {_first_twice(self.distill)!r} twice: name each criterion once")
+        if self.distill and not (self.distill_temperature > 0 and 0 < self.distill_weight <= 1):
+            raise ConfigError(f"{where}.distill needs {where}.distill_temperature > 0 and {where}.distill_weight in "
+                              f"(0, 1], got {self.distill_temperature:g} and {self.distill_weight:g}")
         if self.ratio < 1:
             raise ConfigError(f"{where}.ratio must be >= 1 (1: the unpruned network), got {self.ratio}")
 
@@ -103,14 +121,25 @@ def point_settings(method: str, ratio: float) -> tuple[str, ...]:
     return (f"prune.method={method}", f"prune.target={target_of(ratio)!r}", f"compare.ratio={float(ratio)!r}")
 
 
+def distilled_settings(cfg: StudyConfig) -> tuple[str, ...]:
+    """What the distilled variant's finetune step changes besides its point's settings."""
+    return (f"finetune.distill_temperature={cfg.compare.distill_temperature!r}",
+            f"finetune.distill_weight={cfg.compare.distill_weight!r}")
+
+
 def steps(cfg: StudyConfig) -> list[common.Step]:
-    """train, then a prune and a finetune step per method and operating point, all reading that train run."""
+    """train, then a prune and a finetune step per method and operating point, all reading that
+    train run; a method of `compare.distill` has a second finetune step of the same prune run."""
     out = [common.Step("train")]
     for method in cfg.compare.methods:
         for ratio in cfg.compare.ratios:
             own = point_settings(method, ratio)
             out.append(common.Step("prune", 0, own, f"prune {method} x{ratio:g}"))
-            out.append(common.Step("finetune", len(out) - 1, own, f"finetune {method} x{ratio:g}"))
+            pruned = len(out) - 1
+            out.append(common.Step("finetune", pruned, own, f"finetune {method} x{ratio:g}"))
+            if method in cfg.compare.distill:
+                out.append(common.Step("finetune", pruned, own + distilled_settings(cfg),
+                                       f"finetune {method} x{ratio:g} {DISTILLED}"))
     return out
 
 
@@ -121,6 +150,9 @@ def check_methods(cfg: StudyConfig) -> None:
     if unknown:
         raise ConfigError(f"unknown criterion {unknown[0]!r} in compare.methods: choose from "
                           f"{', '.join(sorted(criteria.CRITERIA))}")
+    if cfg.compare.distill and common.distilling(cfg.finetune):
+        raise ConfigError("finetune.distill_temperature distils every fine-tuning already, so compare.distill has no "
+                          "plain variant to compare with: set finetune.distill_temperature=0 or compare.distill=[]")
 
 
 def check_points(cfg: StudyConfig, model: nn.Module, data: ImageData) -> None:
@@ -153,6 +185,11 @@ def _point(cfg: StudyConfig) -> str:
     return f"{cfg.prune.method}-x{cfg.compare.ratio:g}"
 
 
+def variant(method: str, distilled: bool) -> str:
+    """A curve's name: the method, and whether its fine-tuning distilled."""
+    return f"{method} {DISTILLED}" if distilled else method
+
+
 def train(cfg: StudyConfig, trial: int) -> str:
     """Train the network, or evaluate the pretrained one (`compare.weights`): the unpruned reference."""
     if not cfg.compare.weights:
@@ -173,14 +210,17 @@ def prune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
 
 
 def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
-    return _rename(common.finetune(cfg, trial, model_ref, cfg.prune.method), f"finetune-{_point(cfg)}-t{trial}")
+    kd = "-kd" if common.distilling(cfg.finetune) else ""
+    return _rename(common.finetune(cfg, trial, model_ref, cfg.prune.method), f"finetune-{_point(cfg)}{kd}-t{trial}")
 
 
 # --------------------------------------------------------------------------- report
 
 # Settings a point's runs change for themselves, and those choosing the points: a run is
 # drawn when the rest match.
-PER_POINT = frozenset({"prune.method", "prune.target", "compare.ratio", "compare.methods", "compare.ratios"})
+PER_POINT = frozenset({"prune.method", "prune.target", "compare.ratio", "compare.methods", "compare.ratios",
+                       "finetune.distill_temperature", "finetune.distill_weight", "compare.distill",
+                       "compare.distill_temperature", "compare.distill_weight"})
 # (column, axis label, figure file, what the title says the accuracy is drawn against)
 AXES = (("params_ratio", "compression ratio by parameters (original / pruned, log2 axis)", "accuracy_vs_compression.png",
          "compression"),
@@ -197,9 +237,12 @@ def points(cfg: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not trained:
         raise reporting.no_runs(cfg, "train runs")
     found = reporting.find_study_runs(cfg, f"tags.{paths.TAG_STAGE} = 'finetune'", PER_POINT)
-    wanted = {(m, float(r)) for m in cfg.compare.methods for r in cfg.compare.ratios}
-    tuned = {k: r for k, r in reporting.latest_per(found, ("prune.method", "compare.ratio")).items()
-             if (k[1], float(k[2])) in wanted}
+    wanted = {(variant(m, kd), float(r)) for m in cfg.compare.methods for r in cfg.compare.ratios
+              for kd in ((False, True) if m in cfg.compare.distill else (False,))}
+    latest = reporting.latest_per(found, ("prune.method", "compare.ratio", "finetune.distill_temperature",
+                                          "finetune.distill_weight"))
+    tuned = {(trial, variant(m, _distilled(t, w)), float(r)): run for (trial, m, r, t, w), run in latest.items()}
+    tuned = {k: run for k, run in tuned.items() if k[1:] in wanted}
     if not tuned:
         raise reporting.no_runs(cfg, "finetune runs")
     reporting.drew([r.info.run_id for r in (*trained.values(), *tuned.values())])
@@ -216,6 +259,15 @@ def points(cfg: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows["params_ratio"] = rows.trial.map(ref.params) / rows.params
     rows["macs_ratio"] = rows.trial.map(ref.macs) / rows.macs
     return rows, reference
+
+
+def _distilled(temperature: str | None, weight: str | None) -> bool:
+    return bool(float(temperature or 0) and float(weight or 0))
+
+
+def curves(cfg: StudyConfig) -> list[str]:
+    """The curves in the order drawn: each method, then its distilled variant where there is one."""
+    return [variant(m, kd) for m in cfg.compare.methods for kd in ((False, True) if m in cfg.compare.distill else (False,))]
 
 
 def _first_value(run, metric: str) -> float:
@@ -255,13 +307,14 @@ def trade_off_figure(cfg: StudyConfig, rows: pd.DataFrame, reference: pd.DataFra
                      against: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8.4, 5.0))
     means = []
-    for method in cfg.compare.methods:
+    for method in curves(cfg):
         sub = rows[rows.method == method]
         if sub.empty:
             continue
         band = sub.groupby("ratio").agg(step=(axis, "mean"), mean=("test_accuracy", "mean"), min=("test_accuracy", "min"),
                                         max=("test_accuracy", "max"), count=("test_accuracy", "count")).reset_index()
-        style = {"linestyle": "--", "color": "grey"} if method == BASELINE else {}
+        style = {"linestyle": "--", "color": "grey"} if method == BASELINE else \
+            {"linestyle": "-."} if method.endswith(DISTILLED) else {}
         name = f"{method} (baseline)" if method == BASELINE else method
         reporting.plot_band(ax, band.sort_values("step"), f"{name}, {int(band['count'].max())} trials", say_band=False, **style)
         means.append(band.assign(method=method))
@@ -320,5 +373,6 @@ KIND = common.StudyKind(
     names=(common.FINETUNE_OPTIMIZER, common.FINETUNE_PRECISION),
     checks=(check_methods,),
     model_checks=(check_points,),
-    plan_settings=("compare.methods", "compare.ratios"),
+    plan_settings=("compare.methods", "compare.ratios", "compare.distill", "compare.distill_temperature",
+                   "compare.distill_weight"),
 )
