@@ -249,14 +249,60 @@ def tiny_comparison(tracking_uri, client, fashion_dir):
     return {"experiment_id": exp.experiment_id, "finetuned": finetuned}
 
 
-@pytest.mark.skip(reason="unfinished: the axis lists of the chart dialog open only now and then under selenium; "
-                         "the steps up to them pass")
+def choose(driver, axis: int, value: str, timeout: float = 60) -> None:
+    """Choose `value` in the `axis`-th select of the open dialog, as a person does with the
+    keyboard: open the list with a real click on the select's box (its input lies under it),
+    type the name, then go down the filtered list until the highlighted option is exactly
+    `value` (the list draws only the options in view, and `test_accuracy` follows the
+    `ratio_<k>.<method>.test_accuracy_<stat>` of `main`), and take it with Enter. While the
+    dialog is still loading the run's metrics and params the option is not there yet: the
+    list is closed and opened again until it is, for at most `timeout` seconds (the select is
+    looked up afresh each time: the dialog redraws it once they have loaded)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    label_of = "const e = document.getElementById(arguments[0]); return e && e.getAttribute('aria-label')"
+
+    def select(d):
+        inputs = [i for i in d.find_elements(By.CSS_SELECTOR, "[role=dialog] input[role=combobox]") if i.is_displayed()]
+        return inputs[axis], inputs[axis].find_element(By.XPATH, "./ancestor::*[contains(@class, 'select-selector')][1]")
+
+    def chosen(d):
+        axis, box = select(d)
+        if axis.get_attribute("aria-expanded") != "true":
+            ActionChains(d).move_to_element(box).click().perform()
+            return False  # opening: looked at on the next try
+        axis.send_keys(Keys.CONTROL, "a")
+        axis.send_keys(value)
+        first = None
+        for _ in range(500):  # the list is circular: once round it is enough
+            active = axis.get_attribute("aria-activedescendant")
+            label = d.execute_script(label_of, active) if active else None
+            if label == value:
+                axis.send_keys(Keys.ENTER)
+                return True
+            if label is None or label == first:
+                break
+            first = first or label
+            axis.send_keys(Keys.ARROW_DOWN)
+        axis.send_keys(Keys.ESCAPE)  # not (yet) in the list: close it and try again
+        return False
+
+    wait(driver, timeout).until(chosen)
+    wait(driver).until(lambda d: select(d)[1].text.strip() == value)
+
+
 def test_the_chart_view_plots_accuracy_against_ratio_by_method(tiny_comparison, tracking_uri, browser, shots):
     """docs/tracking.md's recipe: the fine-tuning runs of a comparison, all shown, in the chart
     view; a scatter chart of test_accuracy against the param compare.ratio has one point per
-    method and ratio, at the accuracy each run logged."""
+    method and ratio, each run's own, at the ratio and accuracy that run logged."""
+    import time
+
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
 
     finetuned = tiny_comparison["finetuned"]
     assert len({(r.data.params["prune.method"], r.data.params["compare.ratio"]) for r in finetuned}) == 20
@@ -264,48 +310,62 @@ def test_the_chart_view_plots_accuracy_against_ratio_by_method(tiny_comparison, 
     search = wait(browser).until(lambda d: d.find_element(By.CSS_SELECTOR, "input[data-testid=search-box]"))
     close_assistant(browser)
     search.send_keys("attributes.run_name LIKE 'finetune-%'", Keys.ENTER)
-    # Expand `main`: the steps are its children (the chart view's table is the narrow one).
     # The search takes a while on a busy machine: the count (the 20 runs and their parent, main) says when it has answered.
     wait(browser, 120).until(lambda d: re.search(r"\b21 matching runs", d.find_element(By.TAG_NAME, "body").text))
 
-    def expand(d):
-        buttons = d.find_elements(By.CSS_SELECTOR, "[role=gridcell] button")
-        if buttons:
-            buttons[0].click()  # stale while the grid redraws: `wait` tries again
-        return bool(buttons)
+    # Expand `main`: the steps are its children (the chart view's table is the narrow one).
+    # A click while the grid still redraws may be lost: clicked again after a pause, never twice at once.
+    finetune_rows = "//*[@role='gridcell']//*[starts-with(normalize-space(.), 'finetune-')]"
+    clicked = [0.0]
 
-    wait(browser).until(expand)
-    wait(browser, 60).until(lambda d: d.find_elements(By.XPATH, "//*[@role='gridcell']//*[starts-with(normalize-space(.), 'finetune-')]"))
+    def expanded(d):
+        if d.find_elements(By.XPATH, finetune_rows):
+            return True
+        buttons = d.find_elements(By.CSS_SELECTOR, "[role=gridcell] button")
+        if buttons and time.monotonic() - clicked[0] > 5:
+            buttons[0].click()  # stale while the grid redraws: `wait` tries again
+            clicked[0] = time.monotonic()
+        return False
+
+    wait(browser, 60).until(expanded)
     # The chart view draws the first 10 runs unless told otherwise.
     browser.find_element(By.CSS_SELECTOR, "[data-testid=experiment-view-runs-visibility-column-header]").click()
-    wait(browser).until(lambda d: d.find_element(By.XPATH, "//*[@role='menuitemradio'][normalize-space()='Show all runs']")).click()
+    wait(browser).until(EC.element_to_be_clickable((By.XPATH, "//*[@role='menuitemradio'][normalize-space()='Show all runs']"))).click()
     browser.find_element(By.CSS_SELECTOR, "[data-testid=experiment-view-compare-runs-add-chart]").click()
     wait(browser).until(lambda d: d.find_element(By.CSS_SELECTOR, "[data-testid=experiment-view-compare-runs-chart-type-scatter]")).click()
-    axes = wait(browser).until(lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "[role=dialog] input[role=combobox]")
-                                          if i.is_displayed()] or False)
-    for axis, value in zip(axes, ("compare.ratio", "test_accuracy")):
-        # The select's own box lies over its input: focus it as a click would.
-        def option(d, axis=axis, value=value):
-            found = [e for e in d.find_elements(By.CSS_SELECTOR, "[class*='select-item-option-content']")
-                     if e.is_displayed() and e.text.strip() == value]
-            if not found:  # the list not open yet (the dialog still loading its metrics): open it again
-                d.execute_script("arguments[0].focus(); arguments[0].dispatchEvent(new MouseEvent('mousedown', "
-                                 "{bubbles: true}))", axis)
-                axis.send_keys(Keys.CONTROL, "a")
-                axis.send_keys(value)
-            return found or False
-
-        wait(browser, 60).until(option)[0].click()
+    # Its selects, once drawn: the X axis, then the Y axis.
+    wait(browser).until(lambda d: len([i for i in d.find_elements(By.CSS_SELECTOR, "[role=dialog] input[role=combobox]")
+                                       if i.is_displayed()]) == 2)
+    choose(browser, 0, "compare.ratio")
+    choose(browser, 1, "test_accuracy")
     browser.find_element(By.CSS_SELECTOR, "[data-testid=experiment-view-compare-runs-chart-modal-confirm]").click()
-    # A chart is drawn once it is scrolled into view.
-    area = browser.find_element(By.CSS_SELECTOR, "[data-testid=experiment-view-compare-runs-chart-area]")
-    for top in range(0, 8000, 400):
-        browser.execute_script("arguments[0].scrollTop = arguments[1]; arguments[0].parentElement.scrollTop = arguments[1]",
-                               area, top)
-    plotted = ("return Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p => p.layout && p.layout.xaxis"
-               " && ((p.layout.xaxis.title || {}).text || '').includes('compare.ratio')).map(p => p.data.map(t => [t.x, t.y]))")
-    points = wait(browser, 60).until(lambda d: [xy for plot in d.execute_script(plotted) for trace in plot
-                                            for xy in zip(*trace)] or False)
-    browser.save_screenshot(str(shots / "5-comparison-chart.png"))
-    logged = sorted((float(r.data.params["compare.ratio"]), r.data.metrics["test_accuracy"]) for r in finetuned)
-    assert sorted((float(x), float(y)) for x, y in points) == pytest.approx(logged)
+    wait(browser).until(lambda d: not [e for e in d.find_elements(By.CSS_SELECTOR, "[role=dialog]") if e.is_displayed()])
+
+    # The view draws only the charts scrolled into view, and the new one follows the 150-odd charts
+    # of the metrics: *Search metric charts* for the param leaves it alone on top. Its points carry
+    # their run's name.
+    charts_search = browser.find_element(By.CSS_SELECTOR, "[data-testid=experiment-view-compare-runs-chart-area] "
+                                                          "input[placeholder='Search metric charts']")
+    charts_search.send_keys("compare.ratio")
+    plotted = """
+return Array.from(document.querySelectorAll('[data-testid=experiment-view-compare-runs-chart-area] .js-plotly-plot'))
+  .filter(p => p.layout && p.layout.xaxis && ((p.layout.xaxis.title || {}).text || '').includes('compare.ratio'))
+  .flatMap(p => p.data.flatMap(t => (t.x || []).map((x, i) => [(t.customdata || [])[i], x, t.y[i]])));"""
+    logged = {r.info.run_name: (float(r.data.params["compare.ratio"]), r.data.metrics["test_accuracy"]) for r in finetuned}
+
+    found = []
+
+    def points(d):
+        found[:] = d.execute_script(plotted) or []
+        return list(found) if len(found) >= len(logged) else False
+
+    try:
+        points = wait(browser, 60).until(points)
+    except TimeoutException:
+        browser.save_screenshot(str(shots / "6-comparison-chart.png"))
+        pytest.fail(f"the chart plots {len(found)} points, not one for each of the {len(logged)} runs: {found}")
+    browser.save_screenshot(str(shots / "6-comparison-chart.png"))
+    shown = {run[1]: (float(x), float(y)) for run, x, y in points}  # a point's run: [its id, its name]
+    assert len(points) == len(logged) and shown.keys() == logged.keys()
+    for run, (ratio, accuracy) in logged.items():
+        assert shown[run] == pytest.approx((ratio, accuracy)), run
