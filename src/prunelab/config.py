@@ -1,5 +1,5 @@
 """Study configuration: frozen dataclasses whose fields carry their own help.
-(Over 400 lines: the settings and the one parse that checks every value, since a
+(Over 450 lines: the settings and the one parse that checks every value, since a
 value's type is read off its setting, are one job.)
 
 A study preset (YAML shipped in the package, prunelab/presets) is the single source of defaults;
