@@ -13,7 +13,7 @@ from torch import nn
 from bench import Row
 from prunelab import config, data, studies
 from prunelab.tracking import connection, run as tracking_run
-from prunelab.studies import common
+from prunelab.studies import stages
 from prunelab.data import fashionmnist
 from prunelab.data.base import ImageData
 from prunelab.models.simple_cnn import SimpleCNN
@@ -132,7 +132,7 @@ def tracking_rows() -> list[Row]:
             fit(model, d, cfg.train, seed=0, on_epoch=on_epoch)
             training = time.perf_counter() - train_start - spent
             t = time.perf_counter()
-            common.log_model(run, model, d, "model", step=cfg.train.epochs, final=True)
+            stages.log_model(run, model, d, "model", step=cfg.train.epochs, final=True)
             model_logging = time.perf_counter() - t
             t = time.perf_counter()
             context.__exit__(None, None, None)

@@ -1,6 +1,4 @@
 """Study configuration: frozen dataclasses whose fields carry their own help.
-(Over 450 lines: the settings and the one parse that checks every value, since a
-value's type is read off its setting, are one job.)
 
 A study preset (YAML shipped in the package, prunelab/presets) is the single source of defaults;
 command-line overrides are `section.field=value` strings. The settings every
@@ -26,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-import yaml
-
 from prunelab import files, hardware, paths
 from prunelab.errors import ConfigError, one_line, shown
+from prunelab.settings_text import parse_settings
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -47,7 +44,6 @@ PRESET_SUFFIXES = (".yaml", ".yml")  # a --study ending so is a file; anything e
 # a value at most a path (PATH_MAX). Anything larger is a mistake, or an attack on memory.
 MAX_PRESET_BYTES = 64 * 1024
 MAX_VALUE_BYTES = 4096
-MAX_NESTING = 8  # a preset is sections of values and lists: deeper is not settings (and YAML's composer recurses)
 
 
 def setting(text: str, default: Any) -> Any:
@@ -330,59 +326,6 @@ def _leaves(raw: dict):
             yield from _leaves(value)
         elif value is not None:
             yield value
-
-
-class _SettingsLoader(yaml.SafeLoader):
-    """YAML's safe loader, less what settings never need and an attacker would use:
-    anchors and aliases (a few hundred bytes of nested aliases expand to gigabytes)
-    and nesting deeper than MAX_NESTING (the composer recurses once per level)."""
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if event.anchor is not None:  # `&name` on a node, or a `*name` alias
-            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed in "
-                                              "settings: write the value out", event.start_mark)
-        self.depth = getattr(self, "depth", 0) + 1
-        try:
-            if self.depth > MAX_NESTING:
-                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels",
-                                                  event.start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-
-def parse_settings(text: str | bytes, source: str, limit: int) -> Any:
-    """The value of a preset's text or of one override's value: at most `limit` bytes,
-    UTF-8, one YAML document, no anchors or aliases; any problem is one line naming `source`."""
-    size = len(text.encode("utf-8", "replace") if isinstance(text, str) else text)
-    if size > limit:
-        raise ConfigError(f"{source} is larger than {limit} bytes: settings are a few lines of text; check it")
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{source} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
-    loader = None
-    try:
-        loader = _SettingsLoader(text)  # refuses control characters already
-        return loader.get_single_data()
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(exc)}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """What YAML found wrong and where, in one short line (its own message spans several)."""
-    problem = getattr(exc, "problem", None)
-    mark = getattr(exc, "problem_mark", None)
-    if problem is None:
-        return one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 160)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    context = getattr(exc, "context", None)
-    return one_line(f"{context + ', ' if context else ''}{problem}{where}", 200)
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:

@@ -56,7 +56,8 @@ def test_pruning_removes_block_internal_channels_only(study, client):
     assert logged == {f"filters_left.layer{s}.{i}.conv1" for s in (1, 2, 3) for i in range(3)}
     filters = history(prune_id, "filters")
     assert filters[0] == 3 * sum(STAGE_WIDTHS) and len(filters) >= 2
-    assert all(a - b == STEP for a, b in zip(filters, filters[1:]))
+    drops = [a - b for a, b in zip(filters, filters[1:])]
+    assert all(d == STEP for d in drops[:-1]) and 1 <= drops[-1] <= STEP
 
     pruned = loading.load_model(prune_id)  # the weights-only checkpoint, rebuilt from its spec
     assert sum(pruned.spec()["mid_widths"]) == filters[-1] < filters[0]
@@ -68,7 +69,10 @@ def test_pruning_removes_block_internal_channels_only(study, client):
         assert block.conv2.out_channels == block.bn2.num_features == width, name  # the residual width
 
     assert history(prune_id, "params")[-1] == models.count_params(pruned)
-    assert history(prune_id, "params")[-1] / history(prune_id, "params")[0] <= cfg.prune.target
+    # The last step stops within one filter of the target: a layer3 filter is its conv1 row, its
+    # two BatchNorm numbers and its conv2 column, 2 * 64 * 3 * 3 + 2 = 1,154 parameters, the most any filter holds.
+    params = history(prune_id, "params")
+    assert cfg.prune.target * params[0] - 1_154 < params[-1] <= cfg.prune.target * params[0]
     images = data.get(cfg.data)
     accuracy = evaluate(pruned, images.test_x, images.test_y, images.normalise)["accuracy"]
     assert accuracy == pytest.approx(history(prune_id, "test_accuracy")[-1], abs=1e-6)

@@ -8,6 +8,8 @@ before any work is done.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from prunelab.errors import ConfigError
@@ -70,6 +72,27 @@ def plan_uniform_step(scores: dict[str, torch.Tensor], n: int, round_to: int = 1
 
 # How a step shares its filters among the layers (`prune.scope`).
 SCOPES = {"global": plan_step, "uniform": plan_uniform_step}
+
+
+def fewest_to_reach(plan_of: Callable[[int], Plan], n: int, left_after: Callable[[Plan], float],
+                    target: float) -> Plan:
+    """The plan of a step of `n` filters or, where fewer already bring what remains down to
+    `target`, of the fewest that do: the last step stops at the target instead of passing it by
+    up to a whole step (16 filters of a thin ResNet20 layer are 1.5x its size at 16x).
+    `left_after(plan)` is the fraction a plan would leave. A step's plans grow with its count
+    (each takes the next lowest-ranked filters on top of the last), so what they leave falls
+    with it and bisection finds the fewest in log2(n) trials."""
+    plan = plan_of(n)
+    if n == 1 or left_after(plan) > target:
+        return plan
+    fewest, most = 1, n  # `most` filters reach the target
+    while fewest < most:
+        middle = (fewest + most) // 2
+        if left_after(plan_of(middle)) <= target:
+            most = middle
+        else:
+            fewest = middle + 1
+    return plan_of(most)
 
 
 def without(scores: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ from prunelab.data.base import ImageData
 from prunelab.errors import ConfigError, PrunelabError
 from prunelab.models import base
 from prunelab.pruning import criteria
-from prunelab.studies import common, filter_pruning
+from prunelab.studies import common, filter_pruning, stages
 from prunelab.tracking import query
 from prunelab.tracking.run import Run
 from prunelab.train import evaluate
@@ -150,7 +150,7 @@ def check_methods(cfg: StudyConfig) -> None:
     if unknown:
         raise ConfigError(f"unknown criterion {unknown[0]!r} in compare.methods: choose from "
                           f"{', '.join(sorted(criteria.CRITERIA))}")
-    if cfg.compare.distill and common.distilling(cfg.finetune):
+    if cfg.compare.distill and stages.distilling(cfg.finetune):
         raise ConfigError("finetune.distill_temperature distils every fine-tuning already, so compare.distill has no "
                           "plain variant to compare with: set finetune.distill_temperature=0 or compare.distill=[]")
 
@@ -193,15 +193,15 @@ def variant(method: str, distilled: bool) -> str:
 def train(cfg: StudyConfig, trial: int) -> str:
     """Train the network, or evaluate the pretrained one (`compare.weights`): the unpruned reference."""
     if not cfg.compare.weights:
-        return common.train(cfg, trial, UNPRUNED)
+        return stages.train(cfg, trial, UNPRUNED)
     data = common.load_data(cfg)
     model = common.load_model(cfg.compare.weights, cfg, data)
     with common.stage_run(cfg, trial, "train", f"pretrained-t{trial}", UNPRUNED,
                           params={"input_model": cfg.compare.weights}, data=data) as run:
-        common.log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
+        stages.log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
         test = evaluate(model, data.test_x, data.test_y, data.normalise)
         run.log_metrics({"fraction_remaining": 1.0, "test_loss": test["loss"], "test_accuracy": test["accuracy"]}, step=0)
-        common.log_model(run, model, data, paths.MODEL, step=0, final=True, carry=common.UNCHANGED_BY_TRAINING)
+        stages.log_model(run, model, data, paths.MODEL, step=0, final=True, carry=stages.UNCHANGED_BY_TRAINING)
         return run.run_id
 
 
@@ -210,8 +210,8 @@ def prune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
 
 
 def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
-    kd = "-kd" if common.distilling(cfg.finetune) else ""
-    return _rename(common.finetune(cfg, trial, model_ref, cfg.prune.method), f"finetune-{_point(cfg)}{kd}-t{trial}")
+    kd = "-kd" if stages.distilling(cfg.finetune) else ""
+    return _rename(stages.finetune(cfg, trial, model_ref, cfg.prune.method), f"finetune-{_point(cfg)}{kd}-t{trial}")
 
 
 # --------------------------------------------------------------------------- report

@@ -3,7 +3,7 @@
 | entry point | does | reads | logs |
 |---|---|---|---|
 | `train` | trains the model from scratch | the data | per epoch (step = epoch) train/test loss and accuracy; `params`, `macs`; `summary_before.txt`; the model |
-| `prune` | ranks filters with `prune.method`, removes the lowest `prune.filters_per_step` across layers (`prune.scope=uniform`: the same share of each layer), repeats until `prune.target` remains (fine-tuning `prune.finetune_epochs_between` epochs between steps; `prune.schedule=one_shot`: ranks once, before the first step) | a train run (or trains one itself when none is given) | per round (step = round) `params`, `macs`, `fraction_remaining`, `filters`, `filters_left.<layer>`, test loss/accuracy, `latency_ms`; `model_round_<k>` (right after round k's removal) and the final model |
+| `prune` | ranks filters with `prune.method`, removes the lowest `prune.filters_per_step` across layers (`prune.scope=uniform`: the same share of each layer), repeats until `prune.target` remains, the last step taking only as many as reach it (fine-tuning `prune.finetune_epochs_between` epochs between steps; `prune.schedule=one_shot`: ranks once, before the first step) | a train run (or trains one itself when none is given) | per round (step = round) `params`, `macs`, `fraction_remaining`, `filters`, `filters_left.<layer>`, test loss/accuracy, `latency_ms`; `model_round_<k>` (right after round k's removal) and the final model |
 | `finetune` | trains the pruned model `finetune.epochs` more | a prune run | step 0 = the pruned model, then per epoch as `train`; the final model |
 
 `main` chains train -> prune -> finetune per trial and registers each trial's
@@ -25,6 +25,7 @@ docs/models.md), whose prunable layers Torch-Pruning's dependency graph finds
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ from prunelab.data.base import ImageData, batches
 from prunelab.errors import ConfigError, ModelError, first_line
 from prunelab.models import base
 from prunelab.pruning import criteria, schedule, structure, surgery
-from prunelab.studies import common
+from prunelab.studies import common, stages
 from prunelab.train import evaluate, fit
 
 TARGET_KINDS = ("params", "filters", "macs")
@@ -53,7 +54,8 @@ class PruneConfig:
                           "l2 (Li et al. 2017), fpgm (He et al. 2019), bn_scale (Liu et al. 2017: |gamma| of the "
                           "BatchNorm after each conv), hessian (LeCun et al. 1990, Optimal Brain Damage: w^2 times the "
                           "per-image Fisher, on the ranking images) or random (the control)", "taylor")
-    filters_per_step: int = setting("filters removed per pruning step", 1)
+    filters_per_step: int = setting("filters removed per pruning step (the last takes only as many as reach "
+                                    "prune.target)", 1)
     target: float = setting("stop when this fraction of the target quantity remains, in (0, 1)", 0.6)
     target_kind: str = setting("what the target counts: params, filters or macs (the multiply-accumulates of "
                                "one image)", "params")
@@ -107,11 +109,11 @@ def method(cfg: StudyConfig) -> str:
 
 
 def train(cfg: StudyConfig, trial: int = 0) -> str:
-    return common.train(cfg, trial, method(cfg))
+    return stages.train(cfg, trial, method(cfg))
 
 
 def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
-    return common.finetune(cfg, trial, model_ref, method(cfg))
+    return stages.finetune(cfg, trial, model_ref, method(cfg))
 
 
 # --------------------------------------------------------------------------- prune
@@ -175,7 +177,7 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
                           params={"input_model": model_ref or "trained in this run"}, data=data,
                           model_ref=model_ref) as run:
         if not model_ref:
-            common.train_model(run, model, data, cfg.train, seed, prefix="pretrain_")
+            stages.train_model(run, model, data, cfg.train, seed, prefix="pretrain_")
         params0, filters0 = models.count_params(model), sum(layers.widths().values())
         size0 = measure.size(model, data.input_shape)
         macs0 = size0.macs
@@ -183,12 +185,24 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         rank_x = data.train_x[: pc.rank_images or None]
         rank_y = data.train_y[: pc.rank_images or None]
 
+        def amount(network: nn.Module) -> int:
+            """What `prune.target` counts in `network` (params or MACs; filters are counted from the widths)."""
+            if pc.target_kind == "macs":
+                return measure.size(network, data.input_shape).macs
+            return models.count_params(network)
+
         def remaining() -> float:
             if pc.target_kind == "filters":
                 return sum(layers.widths().values()) / filters0
-            if pc.target_kind == "macs":
-                return measure.size(model, data.input_shape).macs / macs0
-            return models.count_params(model) / params0
+            return amount(model) / (macs0 if pc.target_kind == "macs" else params0)
+
+        def left_after(plan: schedule.Plan) -> float:
+            """What would remain after `plan`, tried on a copy (the model itself is not touched)."""
+            if pc.target_kind == "filters":
+                return (sum(layers.widths().values()) - sum(map(len, plan.values()))) / filters0
+            trial = copy.deepcopy(model)
+            surgery.remove_filters(trial, plan, example)
+            return amount(trial) / (macs0 if pc.target_kind == "macs" else params0)
 
         def log_round(k: int) -> None:
             size = measure.size(model, data.input_shape)
@@ -207,7 +221,7 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         began = time.monotonic()
         log_round(0)
         # Distillation's teacher between steps: the network before its first step.
-        teacher = copy.deepcopy(model) if pc.finetune_epochs_between and common.distilling(cfg.finetune) else None
+        teacher = copy.deepcopy(model) if pc.finetune_epochs_between and stages.distilling(cfg.finetune) else None
         remover = surgery.FilterRemover(model, example)  # traces the network once for every step
         plan_step, widths0, scores = schedule.SCOPES[pc.scope], layers.widths(), None
         k = 0
@@ -219,18 +233,20 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
                 ranked = batches(rank_x, rank_y, rb, data.normalise) if criterion.needs_data else None
                 scores = criterion(model, layers.convs, ranked, total=(len(rank_y) + rb - 1) // rb,
                                    outputs=layers.feature_maps, coupled=layers.filters)
-            plan = plan_step(scores, pc.filters_per_step, pc.round_to, widths0=widths0)
+            # The last step takes only as many filters as bring the network to the target.
+            plan = schedule.fewest_to_reach(functools.partial(plan_step, scores, round_to=pc.round_to, widths0=widths0),
+                                            pc.filters_per_step, left_after, pc.target)
             remover.remove(plan)
             scores = schedule.without(scores, plan)  # what a one-shot schedule's next step plans from
             log_round(k)
             done = remaining() <= pc.target
             if not done and k % pc.log_models_every == 0:
                 # The network right after this round's removal: the state step k's metrics describe.
-                common.log_model(run, model, data, paths.round_model(k), step=k, weights_only=True)
+                stages.log_model(run, model, data, paths.round_model(k), step=k, weights_only=True)
             if not done and pc.finetune_epochs_between:
-                between = common.with_epochs(cfg.finetune, pc.finetune_epochs_between)
+                between = stages.with_epochs(cfg.finetune, pc.finetune_epochs_between)
                 last = fit(model, data, between, seed + 1000 * k, desc=f"finetune round {k}",
-                           augment=common.augmentation(data), teacher=teacher)[-1]
+                           augment=stages.augmentation(data), teacher=teacher)[-1]
                 # Step k's accuracy after retraining, beside its accuracy right after the removal;
                 # it describes the retrained network, not model_round_k.
                 run.log_metrics({"retrained_test_loss": last.test_loss, "retrained_test_accuracy": last.test_accuracy},
@@ -238,7 +254,7 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
         size = measure.size(model, data.input_shape)
         run.log_text(size.summary, paths.SUMMARY_AFTER)
         run.log_metrics({"rounds": k, "macs_fraction": size.macs / size0.macs}, step=k)
-        common.log_model(run, model, data, paths.MODEL, step=k, final=True)
+        stages.log_model(run, model, data, paths.MODEL, step=k, final=True)
         return run.run_id
 
 

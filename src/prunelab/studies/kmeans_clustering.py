@@ -48,7 +48,7 @@ from prunelab.data.base import ImageData
 from prunelab.errors import ConfigError
 from prunelab.models import base
 from prunelab.pruning import clustering, merging
-from prunelab.studies import common
+from prunelab.studies import common, stages
 from prunelab.train import evaluate
 
 TAG_SWEEP = "sweep"    # stage | layer | merge (absent on the parent run)
@@ -93,11 +93,11 @@ class KMeansConfig:
 
 
 def train(cfg: StudyConfig, trial: int = 0) -> str:
-    return common.train(cfg, trial, METHOD)
+    return stages.train(cfg, trial, METHOD)
 
 
 def finetune(cfg: StudyConfig, trial: int, model_ref: str) -> str:
-    return common.finetune(cfg, trial, model_ref, METHOD)
+    return stages.finetune(cfg, trial, model_ref, METHOD)
 
 
 def sweep_points(model: nn.Module, cfg: StudyConfig) -> list[tuple[str, str, int, list[str]]]:

@@ -47,7 +47,7 @@ from prunelab.data.base import ImageData
 from prunelab.errors import ConfigError, ModelError, shown
 from prunelab.models import base
 from prunelab.pruning import masks
-from prunelab.studies import common
+from prunelab.studies import common, stages
 from prunelab.studies.common import check_fits
 from prunelab.train import early_stop, fit_iterations
 
@@ -131,7 +131,7 @@ def _train_round(run: Run, cfg: StudyConfig, data: ImageData, model: nn.Module, 
 
     if snapshot_at == start:
         snapshot.update({n: t.detach().clone() for n, t in model.state_dict().items()})
-    augment = common.augmentation(data)
+    augment = stages.augmentation(data)
     history = fit_iterations(model, data, cfg.train, lc.iterations, lc.eval_every, seed, start=start,
                              on_eval=lambda r: run.log_metrics(r.metrics(), step=r.iteration, flush=False),
                              desc=f"round {k}", after_step=after_step, augment=augment)
@@ -156,7 +156,7 @@ def _log_trained(run: Run, cfg: StudyConfig, data: ImageData, model: nn.Module, 
     """The trained round's weights-only checkpoint (the next round reads it); in the last
     round also a model for users, holding the ticket a trial delivers."""
     if k == cfg.lottery.rounds:
-        common.log_model(run, model, data, paths.MODEL, step=cfg.lottery.iterations, final=True,
+        stages.log_model(run, model, data, paths.MODEL, step=cfg.lottery.iterations, final=True,
                          carry=("params", "fraction_remaining"))
     else:
         run.log_file(checkpoints.save(model, tmp / paths.CHECKPOINT))

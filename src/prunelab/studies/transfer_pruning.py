@@ -36,7 +36,7 @@ from prunelab.config import StudyConfig, TrainConfig, check_range, setting
 from prunelab.errors import ConfigError
 from prunelab.models import base, factory
 from prunelab.pruning import criteria
-from prunelab.studies import common, filter_pruning
+from prunelab.studies import common, filter_pruning, stages
 from prunelab.studies.filter_pruning import PruneConfig
 
 
@@ -86,7 +86,7 @@ def train(cfg: StudyConfig, trial: int = 0) -> str:
     model.to(data.device)
     with common.stage_run(cfg, trial, "train", f"train-t{trial}", filter_pruning.method(cfg),
                           params={"weights_source": source}, data=data) as run:
-        common.log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
+        stages.log_size(run, model, data.input_shape, step=0, summary_file=paths.SUMMARY_BEFORE)
         run.log_metrics({"skipped_images": data.skipped, "fraction_remaining": 1.0}, step=0)
         if cfg.prune.latency_repeats:
             latency = measure.latency_ms(model, data.input_shape, repeats=cfg.prune.latency_repeats,
@@ -100,8 +100,8 @@ def train(cfg: StudyConfig, trial: int = 0) -> str:
         transfer.train_head(model, data, cfg.train, seed, tc.feature_batch_size, on_epoch=on_epoch)
         run.log_metrics({"transfer_seconds": time.perf_counter() - start}, step=cfg.train.epochs)
         transfer.backbone(model).set_features_trainable(True)  # the next stages prune and retrain the features
-        common.log_model(run, model, data, paths.MODEL, step=cfg.train.epochs, final=True,
-                         carry=common.UNCHANGED_BY_TRAINING)
+        stages.log_model(run, model, data, paths.MODEL, step=cfg.train.epochs, final=True,
+                         carry=stages.UNCHANGED_BY_TRAINING)
         return run.run_id
 
 
