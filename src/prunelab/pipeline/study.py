@@ -143,7 +143,10 @@ def run_trial(args: StudyArgs, cfg: StudyConfig, trial: int, parent_id: str, tra
         torch.set_num_threads(threads or torch.get_num_threads())
     kind = studies.get(cfg.kind)
     run_ids: list[str] = []
-    for step in kind.chain_of(cfg):
+    chain = kind.chain_of(cfg)
+    for number, step in enumerate(chain, 1):
+        # Which step is running, also in a log: a comparison's steps all open runs named alike.
+        print(f"prunelab: trial {trial}, step {number}/{len(chain)}: {step.label}", flush=True)
         model_ref = run_ids[step.source] if step.source is not None else None
         step_cfg = studies.step_config(cfg, step.overrides)
         params, key = step_params(args, step, trial, model_ref, step_settings(kind, step_cfg))

@@ -215,7 +215,7 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
                                                            warmup=min(5, pc.latency_repeats))
             metrics.update({f"filters_left.{n}": w for n, w in widths.items()})
             run.log_metrics(metrics, step=k)
-            progress.line(f"round {k}: {remaining():.1%} of the {pc.target_kind} left (target {pc.target:.0%}), "
+            progress.line(f"round {k}: {remaining():.1%} of the {pc.target_kind} left (target {100 * pc.target:g}%), "
                           f"test accuracy {test['accuracy']:.4f}", began)
 
         began = time.monotonic()
