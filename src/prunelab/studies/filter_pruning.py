@@ -43,7 +43,15 @@ from prunelab.pruning import criteria, schedule, structure, surgery
 from prunelab.studies import common, stages
 from prunelab.train import evaluate, fit
 
-TARGET_KINDS = ("params", "filters", "macs")
+# What `prune.target` counts in a network: (network, the names of the layers pruning thins,
+# the shape of one input) -> amount. The one place a target kind is read: the smallest
+# reachable fraction, what remains after a step and what a planned step would leave.
+AMOUNTS = {
+    "params": lambda network, layers, shape: models.count_params(network),
+    "filters": lambda network, layers, shape: sum(m.out_channels for n, m in network.named_modules() if n in layers),
+    "macs": lambda network, layers, shape: measure.size(network, shape).macs,
+}
+TARGET_KINDS = tuple(AMOUNTS)
 # prune.schedule: whether the criterion ranks again before every step.
 SCHEDULES = {"iterative": True, "one_shot": False}
 
@@ -144,14 +152,8 @@ def thinnest(model: nn.Module, example: torch.Tensor, pc: PruneConfig) -> tuple[
     except Exception as exc:  # whatever the thinned network raises
         raise ModelError(f"the model no longer runs once its layers are thinned ({first_line(exc)[:120]}): name the "
                          "layer that must keep its filters in prune.ignored_layers") from None
-    if pc.target_kind == "filters":
-        smallest = sum(least.values()) / sum(widths.values())
-    elif pc.target_kind == "macs":
-        shape = tuple(example.shape[1:])
-        smallest = measure.size(slim, shape).macs / measure.size(model, shape).macs
-    else:
-        smallest = models.count_params(slim) / models.count_params(model)
-    return layers, smallest
+    amount, shape = AMOUNTS[pc.target_kind], tuple(example.shape[1:])
+    return layers, amount(slim, widths, shape) / amount(model, widths, shape)
 
 
 def check_prunable(cfg: StudyConfig, model: nn.Module, data: ImageData) -> None:
@@ -178,31 +180,25 @@ def prune(cfg: StudyConfig, trial: int = 0, model_ref: str | None = None) -> str
                           model_ref=model_ref) as run:
         if not model_ref:
             stages.train_model(run, model, data, cfg.train, seed, prefix="pretrain_")
-        params0, filters0 = models.count_params(model), sum(layers.widths().values())
+        params0 = models.count_params(model)
         size0 = measure.size(model, data.input_shape)
-        macs0 = size0.macs
         run.log_text(size0.summary, paths.SUMMARY_BEFORE)
         rank_x = data.train_x[: pc.rank_images or None]
         rank_y = data.train_y[: pc.rank_images or None]
 
         def amount(network: nn.Module) -> int:
-            """What `prune.target` counts in `network` (params or MACs; filters are counted from the widths)."""
-            if pc.target_kind == "macs":
-                return measure.size(network, data.input_shape).macs
-            return models.count_params(network)
+            return AMOUNTS[pc.target_kind](network, layers.convs, data.input_shape)
+
+        amount0 = amount(model)
 
         def remaining() -> float:
-            if pc.target_kind == "filters":
-                return sum(layers.widths().values()) / filters0
-            return amount(model) / (macs0 if pc.target_kind == "macs" else params0)
+            return amount(model) / amount0
 
         def left_after(plan: schedule.Plan) -> float:
             """What would remain after `plan`, tried on a copy (the model itself is not touched)."""
-            if pc.target_kind == "filters":
-                return (sum(layers.widths().values()) - sum(map(len, plan.values()))) / filters0
             trial = copy.deepcopy(model)
             surgery.remove_filters(trial, plan, example)
-            return amount(trial) / (macs0 if pc.target_kind == "macs" else params0)
+            return amount(trial) / amount0
 
         def log_round(k: int) -> None:
             size = measure.size(model, data.input_shape)
